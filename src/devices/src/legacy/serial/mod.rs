@@ -1,0 +1,117 @@
+//! 16550A-compatible UART (COM1 at 0x3f8, IRQ 4) on top of vm-superio's model.
+
+use crate::bus::BusDevice;
+use crate::EventFdTrigger;
+use std::io::Write;
+
+/// COM1 port base.
+pub const COM1_BASE: u64 = 0x3f8;
+/// Number of UART registers.
+pub const PORT_SIZE: u64 = 8;
+/// ISA IRQ of COM1.
+pub const COM1_IRQ: u32 = 4;
+
+type Uart = vm_superio::Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>;
+
+/// A UART whose transmitted bytes go to `out` and whose receive FIFO the host fills.
+pub struct Serial {
+    uart: Uart,
+}
+
+impl Serial {
+    /// A UART that raises its interrupt through `irq` and writes what the guest sends to `out`.
+    pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            uart: vm_superio::Serial::new(irq, out),
+        }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fitted in the receive FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        match self.uart.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(vm_superio::serial::Error::FullFifo) => 0,
+            Err(e) => {
+                tracing::warn!("serial: cannot queue guest input: {e}");
+                0
+            }
+        }
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn input_capacity(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // The UART has byte-wide registers only; wider accesses read as open bus.
+        if data.len() != 1 || offset >= PORT_SIZE {
+            data.fill(0xff);
+            return;
+        }
+        data[0] = self.uart.read(offset as u8);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() != 1 || offset >= PORT_SIZE {
+            return;
+        }
+        if let Err(e) = self.uart.write(offset as u8, data[0]) {
+            // A closed or full output sink must not stop the guest; the byte is dropped.
+            tracing::warn!("serial: output lost: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmits_and_receives() {
+        let sink = Sink::default();
+        let irq = EventFdTrigger::new().unwrap();
+        let irq_read = irq.try_clone().unwrap();
+        let mut s = Serial::new(irq, Box::new(sink.clone()));
+        // Enable the received-data interrupt (IER bit 0).
+        s.write(1, &[1]);
+        for b in b"hi" {
+            s.write(0, &[*b]);
+        }
+        assert_eq!(&sink.0.lock().unwrap()[..], b"hi");
+        assert_eq!(s.enqueue_input(b"ok"), 2);
+        assert_eq!(irq_read.0.read().unwrap(), 1);
+        let mut lsr = [0u8];
+        s.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1, "data ready");
+        let mut c = [0u8];
+        s.read(0, &mut c);
+        assert_eq!(c[0], b'o');
+    }
+
+    #[test]
+    fn wide_access_is_ignored() {
+        let sink = Sink::default();
+        let mut s = Serial::new(EventFdTrigger::new().unwrap(), Box::new(sink.clone()));
+        s.write(0, &[b'a', b'b']);
+        let mut w = [0u8; 2];
+        s.read(0, &mut w);
+        assert_eq!(w, [0xff, 0xff]);
+        assert!(sink.0.lock().unwrap().is_empty());
+    }
+}

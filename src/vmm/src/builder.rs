@@ -1,0 +1,173 @@
+//! Turning a [`VmConfig`] into a VM ready to run: checked inputs, memory, kernel, platform
+//! tables, legacy devices and configured vCPUs.
+
+use crate::boot::{self, BootInputs, BootSetup};
+use crate::config::VmConfig;
+use crate::memory::{self, GuestMemoryMmap};
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vm::Vm;
+use crate::Error;
+use devices::bus::Bus;
+use devices::legacy::{i8042, power, serial, PowerDevice, Serial, I8042};
+use devices::EventFdTrigger;
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::AtomicU8;
+use std::sync::{Arc, Mutex};
+use vm_memory::{Bytes, GuestAddress};
+
+/// A VM with everything in place, its vCPUs not yet started.
+pub(crate) struct Machine {
+    // Keeps the KVM VM (and with it every vCPU and irqfd) alive.
+    pub _vm: Vm,
+    // Guest RAM must outlive the KVM memory slots that point into it.
+    pub _memory: GuestMemoryMmap,
+    pub vcpus: Vec<Vcpu>,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub serial: Arc<Mutex<Serial>>,
+    pub reset_evt: EventFdTrigger,
+    pub power_evt: EventFdTrigger,
+    pub power_value: Arc<AtomicU8>,
+    pub boot: BootSetup,
+}
+
+fn open(what: &'static str, path: &Path) -> Result<File, Error> {
+    let file = File::open(path).map_err(|err| Error::OpenFile {
+        what,
+        path: path.to_owned(),
+        err,
+    })?;
+    match file.metadata() {
+        Ok(m) if m.is_dir() => Err(Error::OpenFile {
+            what,
+            path: path.to_owned(),
+            err: std::io::Error::other("it is a directory"),
+        }),
+        _ => Ok(file),
+    }
+}
+
+/// Total RAM of the host in MiB, from /proc/meminfo.
+fn host_memory_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+pub(crate) fn validate(config: &VmConfig) -> Result<(), Error> {
+    let min_mib = arch::layout::MIN_MEMORY >> 20;
+    if config.mem_mib < min_mib {
+        return Err(Error::InvalidConfig(format!(
+            "memory size {} MiB is too small: a guest needs at least {min_mib} MiB",
+            config.mem_mib
+        )));
+    }
+    if let Some(host) = host_memory_mib() {
+        if config.mem_mib > host {
+            return Err(Error::InvalidConfig(format!(
+                "memory size {} MiB is more than this host's {host} MiB of RAM",
+                config.mem_mib
+            )));
+        }
+    }
+    if config.vcpus == 0 {
+        return Err(Error::InvalidConfig(
+            "vCPU count 0 is invalid: a VM needs at least 1 vCPU".into(),
+        ));
+    }
+    if config.vcpus > u32::from(arch::mptable::MAX_CPUS) {
+        return Err(Error::InvalidConfig(format!(
+            "vCPU count {} is more than vireo supports ({})",
+            config.vcpus,
+            arch::mptable::MAX_CPUS
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
+    validate(config)?;
+    let mut kernel = open("kernel image", &config.kernel)?;
+    let mut initrd = match &config.initrd {
+        Some(p) => Some((p.as_path(), open("initrd", p)?)),
+        None => None,
+    };
+    let vm = Vm::new()?;
+    if config.vcpus > vm.max_vcpus() {
+        return Err(Error::InvalidConfig(format!(
+            "vCPU count {} is more than this host's KVM allows ({})",
+            config.vcpus,
+            vm.max_vcpus()
+        )));
+    }
+    let mem_size = config.mem_mib << 20;
+    let memory = memory::create(mem_size)?;
+    vm.register_memory(&memory)?;
+    vm.setup_irqchip()?;
+
+    let boot = boot::load(
+        &memory,
+        BootInputs {
+            kernel_path: &config.kernel,
+            kernel: &mut kernel,
+            initrd: initrd.as_mut().map(|(p, f)| (*p, f)),
+            cmdline: &config.cmdline,
+            mem_size,
+        },
+    )?;
+    let mptable = arch::mptable::build(config.vcpus).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    memory
+        .write_slice(&mptable, GuestAddress(arch::mptable::MPTABLE_START))
+        .map_err(|_| Error::Boot(boot::Error::GuestMemory("the MP table")))?;
+
+    // Legacy devices.
+    let serial_irq = EventFdTrigger::new().map_err(Error::EventFd)?;
+    vm.register_irqfd(&serial_irq.0, serial::COM1_IRQ)?;
+    let serial = Arc::new(Mutex::new(Serial::new(
+        serial_irq,
+        crate::console::output(&config.serial)?,
+    )));
+    let reset_evt = EventFdTrigger::new().map_err(Error::EventFd)?;
+    let power_evt = EventFdTrigger::new().map_err(Error::EventFd)?;
+    let power_value = Arc::new(AtomicU8::new(0));
+    let mut pio = Bus::new();
+    pio.insert(serial.clone(), serial::COM1_BASE, serial::PORT_SIZE)?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(
+            reset_evt.try_clone().map_err(Error::EventFd)?,
+        ))),
+        i8042::I8042_BASE,
+        i8042::PORT_SIZE,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(PowerDevice::new(
+            power_evt.try_clone().map_err(Error::EventFd)?,
+            power_value.clone(),
+        ))),
+        power::POWER_PORT,
+        power::PORT_SIZE,
+    )?;
+
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for index in 0..config.vcpus {
+        let vcpu = Vcpu::new(&vm, index)?;
+        let entry = (index == 0).then_some((boot.mode, boot.entry));
+        vcpu.configure(&vm, config.vcpus, entry)?;
+        vcpus.push(vcpu);
+    }
+
+    Ok(Machine {
+        _vm: vm,
+        _memory: memory,
+        vcpus,
+        pio: Arc::new(pio),
+        mmio: Arc::new(Bus::new()),
+        serial,
+        reset_evt,
+        power_evt,
+        power_value,
+        boot,
+    })
+}

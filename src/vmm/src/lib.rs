@@ -1,0 +1,251 @@
+//! vireo's virtual machine monitor: builds a VM from a [`VmConfig`] and runs it to the end.
+//!
+//! One thread per vCPU runs KVM_RUN; the calling thread waits for the VM to end (guest reset
+//! or power-off, a vCPU failure, a signal, or the console's quit key) and tears it down.
+
+pub mod boot;
+mod builder;
+pub mod config;
+pub mod console;
+pub mod memory;
+pub mod vstate;
+
+pub use config::{SerialConfig, VmConfig, DEFAULT_CMDLINE};
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vstate::vcpu::VcpuStop;
+
+/// Errors building or running a VM.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A configuration value is out of range.
+    #[error("{0}")]
+    InvalidConfig(String),
+    /// An input file cannot be opened.
+    #[error("cannot open {what} {path}: {err}")]
+    OpenFile {
+        /// What the file is for.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        err: std::io::Error,
+    },
+    /// KVM VM setup.
+    #[error(transparent)]
+    Vm(#[from] vstate::vm::Error),
+    /// vCPU setup.
+    #[error(transparent)]
+    Vcpu(#[from] vstate::vcpu::Error),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    /// Kernel, initrd or command line.
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    /// Placing a device.
+    #[error("cannot place a device: {0}")]
+    Bus(#[from] devices::bus::Error),
+    /// The console.
+    #[error(transparent)]
+    Console(#[from] console::Error),
+    /// Creating an eventfd.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// Setting up the main event loop or signal handling.
+    #[error("cannot set up the VMM event loop: {0}")]
+    EventLoop(std::io::Error),
+    /// Starting a vCPU thread.
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// How a VM ended. Each maps to a documented process exit code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off (power port, or a KVM shutdown event). Carries the byte written.
+    PowerOff(u8),
+    /// The guest reset the machine (i8042 reset, or a KVM reset event).
+    Reset,
+    /// The guest triple-faulted; carries the register dump.
+    TripleFault(String),
+    /// KVM reported an internal error; carries the details and registers.
+    InternalError(String),
+    /// KVM failed to enter the guest; carries the details and registers.
+    FailedEntry(String),
+    /// A vCPU failed in some other way.
+    VcpuError(String),
+    /// vireo received SIGINT or SIGTERM.
+    Signal(i32),
+    /// The user typed the console's quit key (Ctrl-A x).
+    ConsoleQuit,
+}
+
+impl ExitReason {
+    /// The process exit code for this ending (see the README's table).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::PowerOff(_) | ExitReason::Reset => 0,
+            ExitReason::TripleFault(_) => 3,
+            ExitReason::InternalError(_) => 4,
+            ExitReason::FailedEntry(_) => 5,
+            ExitReason::VcpuError(_) => 6,
+            ExitReason::Signal(sig) => 128 + sig,
+            ExitReason::ConsoleQuit => 130,
+        }
+    }
+}
+
+/// Process exit code for errors found before the guest ran (bad input, host setup).
+pub const EXIT_CODE_ERROR: i32 = 1;
+
+const TOKEN_RESET: u64 = 0;
+const TOKEN_POWER: u64 = 1;
+const TOKEN_VCPU: u64 = 2;
+const TOKEN_QUIT: u64 = 3;
+/// Signal pipes use this plus the signal number.
+const TOKEN_SIGNAL_BASE: u64 = 100;
+
+/// How long teardown waits for vCPU threads to leave KVM_RUN.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a vCPU thread that has not stopped is signalled again: a kick that lands just
+/// before the thread enters KVM_RUN is lost, so it is repeated.
+const VCPU_KICK_INTERVAL: Duration = Duration::from_millis(5);
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Checks a configuration without touching KVM (sizes, counts); [`run`] does this too.
+pub fn validate(config: &VmConfig) -> Result<(), Error> {
+    builder::validate(config)
+}
+
+/// Builds the VM described by `config`, runs it until it ends and returns how it ended.
+pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
+    let mut machine = builder::build(config)?;
+    tracing::info!(
+        "booting {} kernel at {:#x} with {} vCPU(s), {} MiB",
+        machine.boot.format,
+        machine.boot.entry,
+        config.vcpus,
+        config.mem_mib
+    );
+
+    let epoll = Epoll::new().map_err(Error::EventLoop)?;
+    let add = |fd: i32, token: u64| {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(Error::EventLoop)
+    };
+    // One pipe per signal so the event loop knows which one arrived.
+    let mut signal_pipes = Vec::new();
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let (rx, tx) = UnixStream::pair().map_err(Error::EventLoop)?;
+        signal_hook::low_level::pipe::register(sig, tx).map_err(Error::EventLoop)?;
+        add(rx.as_raw_fd(), TOKEN_SIGNAL_BASE + sig as u64)?;
+        signal_pipes.push(rx);
+    }
+    let vcpu_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+    let quit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+    add(machine.reset_evt.0.as_raw_fd(), TOKEN_RESET)?;
+    add(machine.power_evt.0.as_raw_fd(), TOKEN_POWER)?;
+    add(vcpu_evt.as_raw_fd(), TOKEN_VCPU)?;
+    add(quit_evt.as_raw_fd(), TOKEN_QUIT)?;
+
+    register_signal_handler(SIGRTMIN(), kick_handler)
+        .map_err(|e| Error::EventLoop(std::io::Error::from_raw_os_error(e.errno())))?;
+    let console = console::attach(
+        &config.serial,
+        machine.serial.clone(),
+        quit_evt.try_clone().map_err(Error::EventFd)?,
+    )?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let first_stop: Arc<Mutex<Option<VcpuStop>>> = Arc::new(Mutex::new(None));
+    let mut threads = Vec::new();
+    for mut vcpu in machine.vcpus.drain(..) {
+        let (pio, mmio, stop) = (machine.pio.clone(), machine.mmio.clone(), stop.clone());
+        let first_stop = first_stop.clone();
+        let evt = vcpu_evt.try_clone().map_err(Error::EventFd)?;
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{}", vcpu.index()))
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let why = vcpu.run(&pio, &mmio, &stop);
+                if why != VcpuStop::Requested {
+                    devices::bus::lock(&first_stop).get_or_insert(why);
+                    let _ = evt.write(1);
+                }
+            })
+            .map_err(Error::Thread)?;
+        threads.push(handle);
+    }
+
+    let reason = wait_for_end(&epoll, &machine, &first_stop);
+    drop(signal_pipes);
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            let _ = t.kill(SIGRTMIN());
+        }
+        std::thread::sleep(VCPU_KICK_INTERVAL);
+    }
+    for t in threads.into_iter().filter(|t| t.is_finished()) {
+        let _ = t.join();
+    }
+    drop(console);
+    Ok(reason)
+}
+
+fn wait_for_end(
+    epoll: &Epoll,
+    machine: &builder::Machine,
+    first_stop: &Mutex<Option<VcpuStop>>,
+) -> ExitReason {
+    let mut events = [EpollEvent::default(); 8];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return ExitReason::VcpuError(format!("VMM event loop failed: {e}")),
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                TOKEN_RESET => return ExitReason::Reset,
+                TOKEN_POWER => {
+                    return ExitReason::PowerOff(machine.power_value.load(Ordering::SeqCst))
+                }
+                TOKEN_VCPU => {
+                    let why = devices::bus::lock(first_stop).take();
+                    return match why {
+                        Some(VcpuStop::TripleFault(s)) => ExitReason::TripleFault(s),
+                        Some(VcpuStop::InternalError(s)) => ExitReason::InternalError(s),
+                        Some(VcpuStop::FailedEntry(s)) => ExitReason::FailedEntry(s),
+                        Some(VcpuStop::SystemEvent { poweroff: true }) => ExitReason::PowerOff(0),
+                        Some(VcpuStop::SystemEvent { poweroff: false }) => ExitReason::Reset,
+                        Some(VcpuStop::Error(s)) => ExitReason::VcpuError(s),
+                        Some(VcpuStop::Requested) | None => continue,
+                    };
+                }
+                TOKEN_QUIT => return ExitReason::ConsoleQuit,
+                token if token > TOKEN_SIGNAL_BASE => {
+                    return ExitReason::Signal((token - TOKEN_SIGNAL_BASE) as i32)
+                }
+                _ => {}
+            }
+        }
+    }
+}

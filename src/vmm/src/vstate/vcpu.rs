@@ -1,0 +1,265 @@
+//! A vCPU: its boot configuration and the loop that runs it on its own thread.
+
+use super::vm::Vm;
+use arch::regs::EntryMode;
+use devices::bus::Bus;
+use kvm_bindings::{kvm_msr_entry, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use thiserror::Error;
+
+/// Errors configuring a vCPU.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A KVM ioctl used during setup failed.
+    #[error("cannot configure vCPU {index}: {what}: {err}")]
+    Setup {
+        /// vCPU index.
+        index: u32,
+        /// Which step.
+        what: &'static str,
+        /// Cause.
+        err: kvm_ioctls::Error,
+    },
+    /// KVM refused one of the boot MSRs.
+    #[error("cannot configure vCPU {index}: KVM accepted only {set} of {total} boot MSRs")]
+    Msrs {
+        /// vCPU index.
+        index: u32,
+        /// How many KVM took.
+        set: usize,
+        /// How many were offered.
+        total: usize,
+    },
+}
+
+/// Why a vCPU stopped running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The VMM asked it to stop.
+    Requested,
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault(String),
+    /// KVM could not handle something the guest did (usually an instruction its emulator does
+    /// not support).
+    InternalError(String),
+    /// KVM could not enter the guest (invalid guest state).
+    FailedEntry(String),
+    /// The guest asked KVM for a reset or shutdown through a system event.
+    SystemEvent {
+        /// True for power-off, false for reset.
+        poweroff: bool,
+    },
+    /// Any other failure: an unexpected exit or a failing ioctl.
+    Error(String),
+}
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_EXTINT: u32 = 0x7;
+const APIC_MODE_NMI: u32 = 0x4;
+
+/// A vCPU, created and configured, not yet running.
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` in `vm`.
+    pub fn new(vm: &Vm, index: u32) -> Result<Self, super::vm::Error> {
+        Ok(Self {
+            index,
+            fd: vm.create_vcpu(index)?,
+        })
+    }
+
+    fn setup_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+        let index = self.index;
+        move |err| Error::Setup { index, what, err }
+    }
+
+    /// Gives the vCPU its CPUID, MSRs, FPU state and LAPIC wiring; the bootstrap processor
+    /// (`boot` is Some) also gets the entry registers of its boot protocol. Application
+    /// processors keep KVM's wait-for-SIPI state.
+    pub fn configure(
+        &self,
+        vm: &Vm,
+        cpu_count: u32,
+        boot: Option<(EntryMode, u64)>,
+    ) -> Result<(), Error> {
+        let mut cpuid = vm.supported_cpuid().clone();
+        arch::cpuid::normalize(&mut cpuid, self.index, cpu_count);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.setup_err("KVM_SET_CPUID2"))?;
+
+        let entries: Vec<kvm_msr_entry> = arch::msr::boot_msrs()
+            .into_iter()
+            .map(|(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).expect("boot MSR list fits a KVM MSR array");
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(self.setup_err("KVM_SET_MSRS"))?;
+        if set != entries.len() {
+            return Err(Error::Msrs {
+                index: self.index,
+                set,
+                total: entries.len(),
+            });
+        }
+
+        self.fd
+            .set_fpu(&arch::regs::boot_fpu())
+            .map_err(self.setup_err("KVM_SET_FPU"))?;
+
+        // LINT0 carries the 8259's ExtINT and LINT1 the NMI, as on a PC in virtual-wire mode.
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(self.setup_err("KVM_GET_LAPIC"))?;
+        for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+            let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i] as u8);
+            let v = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+            for (i, b) in v.to_le_bytes().iter().enumerate() {
+                lapic.regs[reg + i] = *b as _;
+            }
+        }
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(self.setup_err("KVM_SET_LAPIC"))?;
+
+        if let Some((mode, entry)) = boot {
+            let mut sregs = self
+                .fd
+                .get_sregs()
+                .map_err(self.setup_err("KVM_GET_SREGS"))?;
+            arch::regs::boot_sregs(mode, &mut sregs);
+            self.fd
+                .set_sregs(&sregs)
+                .map_err(self.setup_err("KVM_SET_SREGS"))?;
+            self.fd
+                .set_regs(&arch::regs::boot_regs(mode, entry))
+                .map_err(self.setup_err("KVM_SET_REGS"))?;
+        }
+        Ok(())
+    }
+
+    /// Runs the guest until it stops or `stop` is set (the caller then interrupts KVM_RUN
+    /// with a signal). Port I/O goes to `pio`; MMIO to `mmio`.
+    pub fn run(&mut self, pio: &Bus, mmio: &Bus, stop: &AtomicBool) -> VcpuStop {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return VcpuStop::Requested;
+            }
+            match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !pio.read(u64::from(port), data) {
+                        tracing::trace!("vcpu{}: unhandled port read {port:#x}", self.index);
+                    }
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if !pio.write(u64::from(port), data) {
+                        tracing::trace!("vcpu{}: unhandled port write {port:#x}", self.index);
+                    }
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !mmio.read(addr, data) {
+                        tracing::debug!("vcpu{}: unhandled MMIO read {addr:#x}", self.index);
+                    }
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if !mmio.write(addr, data) {
+                        tracing::debug!("vcpu{}: unhandled MMIO write {addr:#x}", self.index);
+                    }
+                }
+                Ok(VcpuExit::Shutdown) => return VcpuStop::TripleFault(self.describe()),
+                Ok(VcpuExit::InternalError) => {
+                    let internal = {
+                        // SAFETY: after KVM_EXIT_INTERNAL_ERROR, KVM has filled the
+                        // `internal` member of the kvm_run union.
+                        let i = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+                        let n = (i.ndata as usize).min(i.data.len());
+                        format!("suberror {} data {:x?}", i.suberror, &i.data[..n])
+                    };
+                    return VcpuStop::InternalError(format!("{internal}\n{}", self.describe()));
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    return VcpuStop::FailedEntry(format!(
+                        "hardware entry failure reason {reason:#x} on host CPU {cpu}\n{}",
+                        self.describe()
+                    ))
+                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    return match kind {
+                        kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
+                            VcpuStop::SystemEvent { poweroff: true }
+                        }
+                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                            VcpuStop::SystemEvent { poweroff: false }
+                        }
+                        other => VcpuStop::Error(format!(
+                            "vCPU {}: unhandled system event {other}",
+                            self.index
+                        )),
+                    }
+                }
+                // The in-kernel irqchip handles HLT; a stray exit is harmless.
+                Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => {}
+                Ok(other) => {
+                    let what = format!("{other:?}");
+                    return VcpuStop::Error(format!(
+                        "vCPU {}: unexpected exit {what}\n{}",
+                        self.index,
+                        self.describe()
+                    ));
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Err(e) => {
+                    return VcpuStop::Error(format!("vCPU {}: KVM_RUN failed: {e}", self.index))
+                }
+            }
+        }
+    }
+
+    /// The guest's registers, for error reports.
+    pub fn describe(&self) -> String {
+        let mut s = format!("vCPU {} registers:", self.index);
+        match self.fd.get_regs() {
+            Ok(r) => {
+                let _ = write!(
+                    s,
+                    "\n  rip={:#018x} rsp={:#018x} rflags={:#x}\n  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n  rsi={:#018x} rdi={:#018x} rbp={:#018x}\n  r8={:#018x} r9={:#018x} r10={:#018x} r11={:#018x}\n  r12={:#018x} r13={:#018x} r14={:#018x} r15={:#018x}",
+                    r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp,
+                    r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15
+                );
+            }
+            Err(e) => {
+                let _ = write!(s, " unavailable ({e})");
+            }
+        }
+        if let Ok(sr) = self.fd.get_sregs() {
+            let _ = write!(
+                s,
+                "\n  cs={:#x} (base {:#x}, l={} db={}) ss={:#x}\n  cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}\n  gdt={:#x}/{:#x} idt={:#x}/{:#x}",
+                sr.cs.selector, sr.cs.base, sr.cs.l, sr.cs.db, sr.ss.selector, sr.cr0, sr.cr2,
+                sr.cr3, sr.cr4, sr.efer, sr.gdt.base, sr.gdt.limit, sr.idt.base, sr.idt.limit
+            );
+        }
+        s
+    }
+
+    /// This vCPU's index (and APIC ID).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+}

@@ -1,0 +1,171 @@
+//! A KVM virtual machine: memory slots, the in-kernel interrupt controllers and irqfds.
+
+use crate::memory::GuestMemoryMmap;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VmFd};
+use std::io;
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Where KVM puts the three pages of its real-mode TSS; must be outside RAM and below 4 GiB.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// PIT flag: the speaker port dummy, so guest probes of port 0x61 stay in the kernel.
+const KVM_PIT_SPEAKER_DUMMY: u32 = 1;
+
+/// Errors creating or setting up the VM.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// /dev/kvm is absent.
+    #[error("/dev/kvm does not exist: this host has no KVM (load the kvm_intel or kvm_amd module, or enable nested virtualisation)")]
+    KvmMissing,
+    /// /dev/kvm exists but this user may not open it.
+    #[error("permission denied opening /dev/kvm: run as a user in the kvm group or as root")]
+    KvmPermission,
+    /// Any other failure opening /dev/kvm.
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(io::Error),
+    /// The host's KVM is too old or unusual.
+    #[error("KVM API version {0} is not supported (need 12)")]
+    KvmApiVersion(i32),
+    /// KVM_CREATE_VM failed.
+    #[error("cannot create a KVM VM: {0}")]
+    CreateVm(kvm_ioctls::Error),
+    /// KVM_GET_SUPPORTED_CPUID failed.
+    #[error("cannot read the CPUID KVM supports: {0}")]
+    SupportedCpuid(kvm_ioctls::Error),
+    /// KVM_SET_USER_MEMORY_REGION failed.
+    #[error("cannot give guest memory slot {slot} ({size} bytes at {addr:#x}) to KVM: {err}")]
+    MemorySlot {
+        /// Slot number.
+        slot: u32,
+        /// Guest physical address.
+        addr: u64,
+        /// Size in bytes.
+        size: u64,
+        /// Cause.
+        err: kvm_ioctls::Error,
+    },
+    /// KVM_SET_TSS_ADDR failed.
+    #[error("cannot set the KVM TSS address: {0}")]
+    TssAddress(kvm_ioctls::Error),
+    /// KVM_CREATE_IRQCHIP failed.
+    #[error("cannot create the in-kernel interrupt controllers: {0}")]
+    IrqChip(kvm_ioctls::Error),
+    /// KVM_CREATE_PIT2 failed.
+    #[error("cannot create the in-kernel PIT: {0}")]
+    Pit(kvm_ioctls::Error),
+    /// KVM_IRQFD failed.
+    #[error("cannot route an eventfd to GSI {gsi}: {err}")]
+    Irqfd {
+        /// The interrupt line.
+        gsi: u32,
+        /// Cause.
+        err: kvm_ioctls::Error,
+    },
+    /// KVM_CREATE_VCPU failed.
+    #[error("cannot create vCPU {index}: {err}")]
+    CreateVcpu {
+        /// vCPU index.
+        index: u32,
+        /// Cause.
+        err: kvm_ioctls::Error,
+    },
+}
+
+/// One KVM VM.
+pub struct Vm {
+    fd: VmFd,
+    supported_cpuid: CpuId,
+    max_vcpus: u32,
+}
+
+impl Vm {
+    /// Opens /dev/kvm and creates an empty VM.
+    pub fn new() -> Result<Self, Error> {
+        let kvm = Kvm::new().map_err(|e| match e.errno() {
+            libc::ENOENT | libc::ENODEV | libc::ENXIO => Error::KvmMissing,
+            libc::EACCES | libc::EPERM => Error::KvmPermission,
+            _ => Error::KvmOpen(io::Error::from_raw_os_error(e.errno())),
+        })?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(Error::KvmApiVersion(version));
+        }
+        let fd = kvm.create_vm().map_err(Error::CreateVm)?;
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::SupportedCpuid)?;
+        let max_vcpus = kvm.get_max_vcpus() as u32;
+        Ok(Self {
+            fd,
+            supported_cpuid,
+            max_vcpus,
+        })
+    }
+
+    /// The most vCPUs this host's KVM allows in one VM.
+    pub fn max_vcpus(&self) -> u32 {
+        self.max_vcpus
+    }
+
+    /// CPUID leaves KVM can present to a guest.
+    pub fn supported_cpuid(&self) -> &CpuId {
+        &self.supported_cpuid
+    }
+
+    /// Hands every region of `mem` to KVM as a memory slot.
+    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), Error> {
+        for (slot, region) in mem.iter().enumerate() {
+            let slot = slot as u32;
+            let addr = region.start_addr().0;
+            let size = region.len();
+            let host = region.as_ptr() as u64;
+            let desc = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: addr,
+                memory_size: size,
+                userspace_addr: host,
+            };
+            // SAFETY: the mapping at `host` is `size` bytes long and is owned by `mem`, which
+            // the caller keeps alive for as long as the VM exists.
+            unsafe { self.fd.set_user_memory_region(desc) }.map_err(|err| Error::MemorySlot {
+                slot,
+                addr,
+                size,
+                err,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Creates the in-kernel LAPICs, IOAPIC, 8259 PICs and PIT. Must precede vCPU creation so
+    /// application processors start in the wait-for-SIPI state.
+    pub fn setup_irqchip(&self) -> Result<(), Error> {
+        self.fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(Error::TssAddress)?;
+        self.fd.create_irq_chip().map_err(Error::IrqChip)?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd.create_pit2(pit).map_err(Error::Pit)?;
+        Ok(())
+    }
+
+    /// Makes every write to `evt` raise interrupt line `gsi`, without a trip through vireo.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), Error> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|err| Error::Irqfd { gsi, err })
+    }
+
+    /// Creates vCPU `index` (its APIC ID is the same number).
+    pub fn create_vcpu(&self, index: u32) -> Result<kvm_ioctls::VcpuFd, Error> {
+        self.fd
+            .create_vcpu(u64::from(index))
+            .map_err(|err| Error::CreateVcpu { index, err })
+    }
+}
