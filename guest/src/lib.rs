@@ -1,0 +1,231 @@
+//! vireo's test guest.
+//!
+//! A freestanding kernel that boots through PVH, the Linux 64-bit protocol from an ELF, or a
+//! bzImage; reports what it was given on COM1; starts the other CPUs; optionally echoes a line
+//! of serial input taken by interrupt; and ends as the command line asks.
+//!
+//! Lines starting with `@` are for the test suite (`@key field=value ...`); the rest is a banner
+//! for people. Command-line options it understands:
+//! * `vireo.end=poweroff|reset|triplefault|badfetch|hang` — how to end (default poweroff);
+//! * `vireo.input` — wait (up to 10 s) for one line on the serial port and echo it back.
+//!
+//! Runs entirely at CPL0, which on some hosts means in KVM's instruction emulator: keep the
+//! instruction count small and integer-only.
+
+#![no_std]
+
+pub mod apic;
+pub mod boot;
+mod entry;
+pub mod io;
+pub mod mp;
+pub mod smp;
+
+use boot::BootInfo;
+use io::{getc, put_dec, put_hex, puts};
+
+extern "Rust" {
+    /// Which image this is ("elf", "pvh" or "bzimage"), defined by each binary.
+    static VIREO_GUEST_IMAGE: &'static [u8];
+}
+
+fn fnv1a(addr: u64, len: u64) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for i in 0..len {
+        h ^= u32::from(io::peek::<u8>(addr + i));
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+fn field(name: &[u8], v: u64, hex: bool) {
+    puts(b" ");
+    puts(name);
+    puts(b"=");
+    if hex {
+        put_hex(v)
+    } else {
+        put_dec(v)
+    }
+}
+
+/// Reads one line of serial input, woken by the UART's interrupt through the IOAPIC.
+fn read_line(bsp: u8, buf: &mut [u8]) -> Option<usize> {
+    apic::load_idt();
+    apic::route_irq(4, apic::SERIAL_VECTOR, bsp);
+    io::outb(0x3f8 + 4, 0x0b); // MCR: DTR, RTS, OUT2 (the IRQ gate on a PC)
+    io::outb(0x3f8 + 1, 0x01); // IER: received data available
+    puts(b"@input ready\n");
+    apic::start_watchdog(10_000);
+    let mut n = 0;
+    loop {
+        while let Some(c) = getc() {
+            if c == b'\n' || c == b'\r' {
+                apic::stop_watchdog();
+                return Some(n);
+            }
+            if n < buf.len() {
+                buf[n] = c;
+                n += 1;
+            }
+        }
+        if apic::timer_irqs() > 0 {
+            return None;
+        }
+        // SAFETY: wait for the next interrupt; the handlers only bump counters.
+        unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
+    }
+}
+
+fn end(how: &[u8]) -> ! {
+    puts(b"@end ");
+    puts(how);
+    puts(b"\n");
+    match how {
+        b"reset" => io::outb(0x64, 0xfe),
+        b"triplefault" => {
+            let zero = [0u8; 10];
+            // SAFETY: deliberately loads an empty IDT and raises #UD, which cannot be delivered.
+            unsafe { core::arch::asm!("lidt [{0}]", "ud2", in(reg) &zero, options(noreturn)) }
+        }
+        b"badfetch" => {
+            // SAFETY: deliberately jumps into the MMIO hole, where there is no memory to fetch.
+            unsafe { core::arch::asm!("jmp {0}", in(reg) 0xd000_0000u64, options(noreturn)) }
+        }
+        b"hang" => {}
+        _ => io::outb(0x501, 0),
+    }
+    loop {
+        // SAFETY: park the CPU.
+        unsafe { core::arch::asm!("cli; hlt", options(nomem, nostack)) };
+    }
+}
+
+/// The guest proper, once in long mode with a stack.
+pub fn main(info: BootInfo) -> ! {
+    io::serial_init();
+    // SAFETY: every binary defines the symbol.
+    let image = unsafe { VIREO_GUEST_IMAGE };
+    puts(b"\nvireo test guest: ");
+    puts(image);
+    puts(b" image, ");
+    puts(info.protocol);
+    puts(b" boot\n@boot image=");
+    puts(image);
+    puts(b" protocol=");
+    puts(info.protocol);
+    puts(b"\n");
+    if let Some(p) = info.problem {
+        puts(b"@error ");
+        puts(p);
+        puts(b"\n");
+    }
+
+    let mut ram = 0;
+    for (i, &(addr, size, kind)) in info.memmap[..info.memmap_len].iter().enumerate() {
+        puts(b"@mem");
+        field(b"index", i as u64, false);
+        field(b"addr", addr, true);
+        field(b"size", size, true);
+        field(b"type", u64::from(kind), false);
+        puts(b"\n");
+        if kind == 1 {
+            ram += size;
+        }
+    }
+    puts(b"@memtotal");
+    field(b"ram", ram, false);
+    field(b"entries", info.memmap_len as u64, false);
+    puts(b"\n");
+
+    let (cl_addr, cl_len) = info.cmdline;
+    puts(b"@cmdline ");
+    // SAFETY: the VMM wrote `cl_len` bytes at `cl_addr`.
+    let cmdline = unsafe { core::slice::from_raw_parts(cl_addr as *const u8, cl_len) };
+    io::puts(cmdline);
+    puts(b"\n");
+
+    match info.initrd {
+        Some((addr, size)) => {
+            puts(b"@initrd");
+            field(b"addr", addr, true);
+            field(b"size", size, false);
+            field(b"fnv1a", u64::from(fnv1a(addr, size)), true);
+            puts(b"\n");
+        }
+        None => puts(b"@initrd none\n"),
+    }
+
+    let mut online = 1;
+    let mut listed = 1;
+    match mp::find_cpus() {
+        Ok(cpus) => {
+            listed = cpus.count;
+            let bsp_id = apic::apic_id();
+            puts(b"@cpus");
+            field(b"listed", cpus.count as u64, false);
+            field(b"bsp", u64::from(cpus.bsp), false);
+            puts(b"\n");
+            let cpuid_id = core::arch::x86_64::__cpuid(1).ebx >> 24;
+            puts(b"@cpu apic=");
+            put_dec(u64::from(bsp_id));
+            puts(b" cpuid_apic=");
+            put_dec(u64::from(cpuid_id));
+            puts(b" bsp\n");
+            apic::init_bsp();
+            online += smp::start_aps(&cpus.apic_ids[..cpus.count], cpus.bsp);
+
+            if info.has_option(b"vireo.input") {
+                let mut buf = [0u8; 128];
+                match read_line(cpus.bsp, &mut buf) {
+                    Some(n) => {
+                        puts(b"@input line=");
+                        puts(&buf[..n]);
+                        field(b"irqs", u64::from(apic::serial_irqs()), false);
+                        puts(b"\n");
+                    }
+                    None => puts(b"@input timeout\n"),
+                }
+            }
+        }
+        Err(e) => {
+            puts(b"@error ");
+            puts(e);
+            puts(b"\n");
+        }
+    }
+
+    puts(b"\n  Hello from vireo!\n  booted   ");
+    puts(image);
+    puts(b" image via ");
+    puts(if info.protocol == b"pvh" { b"PVH" as &[u8] } else { b"the Linux 64-bit boot protocol" });
+    puts(b"\n  memory   ");
+    put_dec(ram >> 20);
+    puts(b" MiB usable in ");
+    put_dec(info.memmap_len as u64);
+    puts(b" ranges\n  cpus     ");
+    put_dec(online as u64);
+    puts(b" of ");
+    put_dec(listed as u64);
+    puts(b" running\n  cmdline  ");
+    puts(cmdline);
+    puts(b"\n  initrd   ");
+    match info.initrd {
+        Some((_, size)) => {
+            put_dec(size);
+            puts(b" bytes\n\n");
+        }
+        None => puts(b"none\n\n"),
+    }
+    puts(b"@cpus");
+    field(b"online", online as u64, false);
+    puts(b"\n");
+
+    end(info.option_value(b"vireo.end").unwrap_or(b"poweroff"))
+}
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    puts(b"@error guest panic\n");
+    end(b"poweroff")
+}
