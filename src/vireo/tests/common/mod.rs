@@ -1,0 +1,235 @@
+//! Shared helpers for vireo's end-to-end tests: building the test guest, running the vireo
+//! binary with a deadline, and reading the guest's `@` report lines.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The image kinds the test guest is built as.
+pub const KINDS: [&str; 3] = ["elf", "pvh", "bzimage"];
+
+/// How long any single VM may run in a test before it counts as hung.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Builds the test guest (once per test binary) and returns the path of image `kind`.
+pub fn guest(kind: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let guest_dir = workspace_root().join("guest");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // The guest has its own target and flags (guest/.cargo/config.toml, read from its
+        // directory); nothing from the outer build may leak into it.
+        let out = Command::new(cargo)
+            .current_dir(&guest_dir)
+            .args(["build", "--release", "--quiet"])
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_BUILD_TARGET")
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_BUILD_RUSTFLAGS")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .output()
+            .expect("run cargo to build the test guest");
+        assert!(
+            out.status.success(),
+            "building the test guest failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        guest_dir.join("target/x86_64-unknown-none/release")
+    });
+    dir.join(format!("vireo-guest-{kind}"))
+}
+
+/// A scratch directory unique to one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vireo-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// What a finished vireo run left behind.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+
+    /// Report lines (`@key ...`) with the `@` and line endings removed.
+    pub fn reports(&self) -> Vec<String> {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').strip_prefix('@'))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The first report line for `key`, without the key.
+    pub fn report(&self, key: &str) -> Option<String> {
+        self.reports().into_iter().find_map(|l| {
+            let (k, rest) = l.split_once(' ').unwrap_or((l.as_str(), ""));
+            (k == key).then(|| rest.to_owned())
+        })
+    }
+
+    /// All report lines for `key`.
+    pub fn all(&self, key: &str) -> Vec<String> {
+        self.reports()
+            .into_iter()
+            .filter_map(|l| l.strip_prefix(&format!("{key} ")).map(str::to_owned))
+            .collect()
+    }
+}
+
+/// `field=value` from a report line.
+pub fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    line.split(' ')
+        .find_map(|t| t.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
+}
+
+pub fn vireo() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vireo"));
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Waits for `child` with the test deadline, collecting its output.
+pub fn finish(mut child: Child) -> Run {
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let o = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let e = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("vireo did not finish within {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Run {
+        status,
+        stdout: String::from_utf8_lossy(&o.join().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&e.join().unwrap()).into_owned(),
+    }
+}
+
+/// Runs `vireo run` with `args` to completion.
+pub fn run(args: &[&str]) -> Run {
+    let mut c = vireo();
+    c.arg("run").args(args);
+    finish(c.spawn().expect("start vireo"))
+}
+
+/// Runs `vireo` (no implied subcommand) with `args` to completion.
+pub fn run_raw(args: &[&str]) -> Run {
+    let mut c = vireo();
+    c.args(args);
+    finish(c.spawn().expect("start vireo"))
+}
+
+/// Starts vireo with piped stdin and returns it with a channel of its stdout lines.
+pub fn spawn_interactive(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let mut c = vireo();
+    c.arg("run").args(args).stdin(Stdio::piped());
+    let mut child = c.spawn().expect("start vireo");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line.trim_end_matches('\r').to_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Waits for a line equal to `want` (collecting the lines seen), or panics at the deadline.
+pub fn wait_line(rx: &mpsc::Receiver<String>, want: &str, seen: &mut Vec<String>) {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let hit = l == want;
+                seen.push(l);
+                if hit {
+                    return;
+                }
+            }
+            Err(_) => panic!("no line {want:?} from the guest; saw {seen:#?}"),
+        }
+    }
+}
+
+/// Waits for `child` to exit within the deadline.
+pub fn wait_exit(child: &mut Child) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("vireo did not exit within {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// FNV-1a, as the test guest computes it over the initrd.
+pub fn fnv1a(data: &[u8]) -> u32 {
+    data.iter().fold(0x811c_9dc5u32, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn write_file(path: &Path, data: &[u8]) {
+    std::fs::File::create(path)
+        .and_then(|mut f| f.write_all(data))
+        .unwrap();
+}
