@@ -1,0 +1,244 @@
+//! Every bad input gets one clear line on stderr naming the thing and the reason, and a
+//! non-zero exit; never a panic.
+
+mod common;
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+/// Asserts a setup failure: exit 1, and stderr is one `vireo: error:` line containing all of
+/// `needles`.
+fn assert_rejected(r: &Run, needles: &[&str]) {
+    assert_eq!(r.code(), 1, "exit code; stderr: {}", r.stderr);
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {:?}", r.stderr);
+    assert!(lines[0].starts_with("vireo: error: "), "{:?}", lines[0]);
+    for n in needles {
+        assert!(lines[0].contains(n), "{:?} should mention {n:?}", lines[0]);
+    }
+    assert!(!r.stderr.contains("panicked"));
+    assert!(r.stdout.is_empty(), "the guest never ran: {}", r.stdout);
+}
+
+fn elf() -> String {
+    guest("elf").to_str().unwrap().to_owned()
+}
+
+#[test]
+fn missing_kernel() {
+    let r = run(&["--kernel", "/nonexistent/vmlinux"]);
+    assert_rejected(&r, &["kernel image", "/nonexistent/vmlinux", "No such file"]);
+}
+
+#[test]
+fn kernel_is_a_directory() {
+    let dir = scratch("kernel-dir");
+    let r = run(&["--kernel", dir.to_str().unwrap()]);
+    assert_rejected(&r, &["kernel image", dir.to_str().unwrap(), "directory"]);
+}
+
+#[test]
+fn unreadable_kernel() {
+    let dir = scratch("kernel-unreadable");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let k = dir.join("vmlinux");
+    std::fs::copy(guest("elf"), &k).unwrap();
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o000)).unwrap();
+    // Root reads anything, so drop to nobody for this one.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_vireo"))
+        .args(["run", "--kernel", k.to_str().unwrap()])
+        .output()
+        .expect("setpriv (util-linux) runs vireo as nobody");
+    let r = Run {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    };
+    assert_rejected(&r, &["kernel image", k.to_str().unwrap(), "Permission denied"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn file_that_is_no_kernel() {
+    let dir = scratch("not-a-kernel");
+    let junk = dir.join("junk.bin");
+    write_file(&junk, &pattern(65536, 9));
+    let r = run(&["--kernel", junk.to_str().unwrap()]);
+    assert_rejected(&r, &[junk.to_str().unwrap(), "not a kernel"]);
+    let empty = dir.join("empty");
+    write_file(&empty, b"");
+    let r = run(&["--kernel", empty.to_str().unwrap()]);
+    assert_rejected(&r, &[empty.to_str().unwrap(), "not a kernel"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn user_space_elf_is_no_kernel() {
+    let r = run(&["--kernel", "/bin/true"]);
+    assert_rejected(&r, &["/bin/true", "not a loadable x86_64 ELF kernel"]);
+}
+
+#[test]
+fn truncated_elf() {
+    let dir = scratch("truncated-elf");
+    let k = dir.join("vmlinux");
+    let data = std::fs::read(guest("elf")).unwrap();
+    write_file(&k, &data[..200]);
+    let r = run(&["--kernel", k.to_str().unwrap()]);
+    assert_rejected(&r, &[k.to_str().unwrap(), "ELF"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bzimage_without_64bit_entry() {
+    let dir = scratch("bzimage-32");
+    let k = dir.join("bzImage");
+    let mut data = std::fs::read(guest("bzimage")).unwrap();
+    data[0x236] = 0; // xloadflags: clear XLF_KERNEL_64
+    write_file(&k, &data);
+    let r = run(&["--kernel", k.to_str().unwrap()]);
+    assert_rejected(&r, &[k.to_str().unwrap(), "no 64-bit entry point", "2.15"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn missing_initrd() {
+    let r = run(&["--kernel", &elf(), "--initrd", "/nonexistent/initrd.img"]);
+    assert_rejected(&r, &["initrd", "/nonexistent/initrd.img", "No such file"]);
+}
+
+#[test]
+fn initrd_that_does_not_fit() {
+    let dir = scratch("initrd-too-big");
+    let initrd = dir.join("initrd.img");
+    let f = std::fs::File::create(&initrd).unwrap();
+    f.set_len(200 << 20).unwrap(); // sparse: costs no disk
+    for kind in KINDS {
+        let k = guest(kind);
+        let r = run(&[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "128",
+            "--initrd",
+            initrd.to_str().unwrap(),
+        ]);
+        assert_rejected(&r, &["initrd", initrd.to_str().unwrap(), "209715200 bytes", "--memory"]);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn command_line_longer_than_the_protocol_allows() {
+    // vmlinux and PVH: Linux's x86 COMMAND_LINE_SIZE (2048 with the NUL).
+    for kind in ["elf", "pvh"] {
+        let k = guest(kind);
+        let ok = "a".repeat(2047);
+        let r = run(&["--kernel", k.to_str().unwrap(), "--cmdline", &ok]);
+        assert_eq!(r.code(), 0, "{kind}: 2047 bytes fit: {}", r.stderr);
+        assert_eq!(r.report("cmdline").as_deref(), Some(ok.as_str()));
+        let long = "a".repeat(2048);
+        let r = run(&["--kernel", k.to_str().unwrap(), "--cmdline", &long]);
+        assert_rejected(&r, &["command line is 2048 bytes", "at most 2047"]);
+    }
+    // bzImage: whatever its setup header's cmdline_size says (the test guest says 1023).
+    let k = guest("bzimage");
+    let ok = "b".repeat(1023);
+    let r = run(&["--kernel", k.to_str().unwrap(), "--cmdline", &ok]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(r.report("cmdline").as_deref(), Some(ok.as_str()));
+    let r = run(&["--kernel", k.to_str().unwrap(), "--cmdline", &"b".repeat(1024)]);
+    assert_rejected(&r, &["command line is 1024 bytes", "at most 1023"]);
+}
+
+#[test]
+fn memory_zero_or_beyond_the_host() {
+    let r = run(&["--kernel", &elf(), "--memory", "0"]);
+    assert_rejected(&r, &["memory size 0 MiB", "too small"]);
+    let r = run(&["--kernel", &elf(), "--memory", "1"]);
+    assert_rejected(&r, &["memory size 1 MiB", "too small"]);
+    let r = run(&["--kernel", &elf(), "--memory", "100000000"]);
+    assert_rejected(&r, &["memory size 100000000 MiB", "more than this host"]);
+}
+
+#[test]
+fn kernel_larger_than_memory() {
+    // The bzImage's init_size is honoured: a guest too small for it is refused up front.
+    let dir = scratch("kernel-too-big");
+    let k = dir.join("bzImage");
+    let mut data = std::fs::read(guest("bzimage")).unwrap();
+    data[0x260..0x264].copy_from_slice(&(64u32 << 20).to_le_bytes()); // init_size = 64 MiB
+    write_file(&k, &data);
+    let r = run(&["--kernel", k.to_str().unwrap(), "--memory", "32"]);
+    assert_rejected(&r, &[k.to_str().unwrap(), "raise --memory"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn cpus_zero_or_above_the_maximum() {
+    let r = run(&["--kernel", &elf(), "--cpus", "0"]);
+    assert_rejected(&r, &["vCPU count 0"]);
+    let r = run(&["--kernel", &elf(), "--cpus", "255"]);
+    assert_rejected(&r, &["vCPU count 255", "254"]);
+}
+
+#[test]
+fn malformed_flags_are_usage_errors() {
+    let r = run(&["--kernel", &elf(), "--memory", "lots"]);
+    assert_eq!(r.code(), 2);
+    assert!(r.stderr.contains("invalid value 'lots' for '--memory <MIB>'"), "{}", r.stderr);
+    let r = run(&["--kernel", &elf(), "--serial", "tcp:1234"]);
+    assert_eq!(r.code(), 2);
+    assert!(r.stderr.contains("stdio, file:PATH or none"), "{}", r.stderr);
+    let r = run(&["--memory", "128"]);
+    assert_eq!(r.code(), 2);
+    assert!(r.stderr.contains("--kernel"), "{}", r.stderr);
+}
+
+#[test]
+fn serial_file_that_cannot_be_created() {
+    let r = run(&["--kernel", &elf(), "--serial", "file:/nonexistent/dir/console.log"]);
+    assert_rejected(&r, &["serial output file", "/nonexistent/dir/console.log"]);
+}
+
+#[test]
+fn kvm_device_missing() {
+    // A private mount namespace with an empty /dev: this process alone sees no /dev/kvm.
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount -t tmpfs none /dev && exec \"$0\" run --kernel \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_vireo"))
+        .arg(guest("elf"))
+        .output()
+        .expect("unshare (util-linux) runs vireo without /dev/kvm");
+    let r = Run {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    };
+    assert_rejected(&r, &["/dev/kvm does not exist"]);
+}
+
+#[test]
+fn kvm_device_not_permitted() {
+    let dir = scratch("kvm-perm");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let k = dir.join("vmlinux");
+    std::fs::copy(guest("elf"), &k).unwrap();
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_vireo"))
+        .args(["run", "--kernel", k.to_str().unwrap()])
+        .output()
+        .expect("setpriv (util-linux) runs vireo as nobody");
+    let r = Run {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    };
+    assert_rejected(&r, &["permission denied opening /dev/kvm"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
