@@ -1,0 +1,213 @@
+//! Real Linux guests: a distribution bzImage and the ELF vmlinux inside it, booted to a
+//! busybox shell on the serial console.
+//!
+//! A Linux kernel needs hardware virtualisation; where /proc/cpuinfo shows neither vmx nor svm
+//! these tests are reported as ignored, with that reason (see build.rs). Where it does, they
+//! need a kernel and a static busybox: `VIREO_LINUX_KERNEL` (a bzImage; default: the newest
+//! /boot/vmlinuz-*) and `VIREO_BUSYBOX` (default: /bin/busybox). `.ci/run` fetches both from
+//! Debian on such hosts. A missing kernel or busybox fails the test: it never passes silently.
+
+mod common;
+use common::*;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn linux_kernel() -> PathBuf {
+    if let Ok(p) = std::env::var("VIREO_LINUX_KERNEL") {
+        return PathBuf::from(p);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .collect();
+    found.sort();
+    found.pop().expect(
+        "no Linux kernel: set VIREO_LINUX_KERNEL to a bzImage or install one in /boot \
+         (Debian: linux-image-amd64)",
+    )
+}
+
+fn busybox() -> PathBuf {
+    let p = PathBuf::from(std::env::var("VIREO_BUSYBOX").unwrap_or_else(|_| "/bin/busybox".into()));
+    assert!(
+        p.exists(),
+        "no static busybox at {}: set VIREO_BUSYBOX or install busybox-static",
+        p.display()
+    );
+    p
+}
+
+/// Appends one entry to a newc-format cpio archive.
+fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+    static INO: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let ino = INO.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let fields = [
+        ino,
+        mode,
+        0,
+        0,
+        1,
+        0,
+        data.len() as u32,
+        0,
+        0,
+        rdev.0,
+        rdev.1,
+        name.len() as u32 + 1,
+        0,
+    ];
+    out.extend_from_slice(b"070701");
+    for f in fields {
+        out.extend_from_slice(format!("{f:08x}").as_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+    out.extend_from_slice(data);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+}
+
+/// An initramfs holding busybox and an /init that reports and then runs `then`.
+fn initramfs(dir: &Path, then: &str) -> PathBuf {
+    let init = format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox --install -s /bin\n\
+         export PATH=/bin\n\
+         mount -t proc proc /proc\n\
+         echo \"VIREO-LINUX cpus=$(grep -c ^processor /proc/cpuinfo)\"\n\
+         echo \"VIREO-LINUX memtotal=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)\"\n\
+         echo \"VIREO-LINUX cmdline=$(cat /proc/cmdline)\"\n\
+         {then}\n"
+    );
+    let mut a = Vec::new();
+    cpio_entry(&mut a, "bin", 0o040755, (0, 0), &[]);
+    cpio_entry(&mut a, "dev", 0o040755, (0, 0), &[]);
+    cpio_entry(&mut a, "dev/console", 0o020600, (5, 1), &[]);
+    cpio_entry(&mut a, "proc", 0o040755, (0, 0), &[]);
+    cpio_entry(&mut a, "bin/busybox", 0o100755, (0, 0), &std::fs::read(busybox()).unwrap());
+    cpio_entry(&mut a, "init", 0o100755, (0, 0), init.as_bytes());
+    cpio_entry(&mut a, "TRAILER!!!", 0, (0, 0), &[]);
+    let path = dir.join("initramfs.cpio");
+    write_file(&path, &a);
+    path
+}
+
+/// The ELF vmlinux inside a bzImage: the setup header's payload_offset/payload_length locate
+/// the compressed kernel, which the host's decompressor unpacks.
+fn extract_vmlinux(bzimage: &Path, dir: &Path) -> PathBuf {
+    let data = std::fs::read(bzimage).unwrap();
+    let setup_sects = match data[0x1f1] {
+        0 => 4,
+        n => n as usize,
+    };
+    let le32 = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().unwrap()) as usize;
+    let start = (setup_sects + 1) * 512 + le32(0x248);
+    let payload = &data[start..start + le32(0x24c)];
+    let (tool, args): (&str, &[&str]) = match payload {
+        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => ("xz", &["-dc", "--single-stream"]),
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => ("zstd", &["-dcq"]),
+        [0x1f, 0x8b, ..] => ("gzip", &["-dcq"]),
+        _ => panic!("{}: payload compression not recognised", bzimage.display()),
+    };
+    let mut child = Command::new(tool)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{tool} is needed to unpack the kernel: {e}"));
+    let mut stdin = child.stdin.take().unwrap();
+    let owned = payload.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&owned);
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    assert!(out.stdout.starts_with(b"\x7fELF"), "{tool} did not yield an ELF vmlinux");
+    let path = dir.join("vmlinux");
+    write_file(&path, &out.stdout);
+    path
+}
+
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off rdinit=/init";
+
+fn check_report(seen: &[String], cpus: u32, mem_mib: u64) {
+    let find = |key: &str| {
+        seen.iter()
+            .find_map(|l| l.strip_prefix(&format!("VIREO-LINUX {key}=")))
+            .unwrap_or_else(|| panic!("no {key} report from Linux; console:\n{}", seen.join("\n")))
+            .to_owned()
+    };
+    assert_eq!(find("cpus"), cpus.to_string());
+    let memtotal_kib: u64 = find("memtotal").parse().unwrap();
+    assert!(memtotal_kib > (mem_mib << 10) / 2 && memtotal_kib <= mem_mib << 10);
+    assert_eq!(find("cmdline"), CMDLINE);
+}
+
+#[test]
+#[cfg_attr(
+    not(vireo_hw_virt),
+    ignore = "skipped: no vmx or svm in /proc/cpuinfo, so a Linux kernel cannot boot on this host"
+)]
+fn linux_bzimage_boots_to_a_shell() {
+    let dir = scratch("linux-bzimage");
+    let kernel = linux_kernel();
+    let initrd = initramfs(&dir, "echo VIREO-LINUX-SHELL\nexec sh");
+    let (mut child, rx) = spawn_interactive(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        CMDLINE,
+        "--cpus",
+        "2",
+        "--memory",
+        "512",
+    ]);
+    let mut seen = Vec::new();
+    wait_line(&rx, "VIREO-LINUX-SHELL", &mut seen);
+    check_report(&seen, 2, 512);
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"echo $((6 * 7))-from-the-shell\n").unwrap();
+    wait_line(&rx, "42-from-the-shell", &mut seen);
+    stdin.write_all(b"reboot -f\n").unwrap();
+    assert_eq!(wait_exit(&mut child).code(), Some(0), "a guest reboot ends vireo with 0");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[cfg_attr(
+    not(vireo_hw_virt),
+    ignore = "skipped: no vmx or svm in /proc/cpuinfo, so a Linux kernel cannot boot on this host"
+)]
+fn linux_vmlinux_boots() {
+    let dir = scratch("linux-vmlinux");
+    let vmlinux = extract_vmlinux(&linux_kernel(), &dir);
+    let initrd = initramfs(&dir, "echo VIREO-LINUX-DONE\nreboot -f");
+    let (mut child, rx) = spawn_interactive(&[
+        "--kernel",
+        vmlinux.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        CMDLINE,
+        "--memory",
+        "256",
+    ]);
+    let mut seen = Vec::new();
+    wait_line(&rx, "VIREO-LINUX-DONE", &mut seen);
+    check_report(&seen, 1, 256);
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    let _ = std::fs::remove_dir_all(dir);
+}
