@@ -10,11 +10,26 @@ global_asm!(
     .globl pvh_start32
 pvh_start32:
     cli
-    movl %ebx, %edi                    /* hvm_start_info */
-    /* Identity-map 4 GiB with 2 MiB pages: PML4[0] -> PDPT, PDPT[0..4] -> 4 page directories. */
+    movl %ebx, %edi                    /* hvm_start_info (cpuid clobbers ebx) */
+    /* Identity-map 4 GiB: PML4[0] -> PDPT. With 1 GiB pages (CPUID 0x80000001 EDX bit 26)
+     * the PDPT maps it in four entries; otherwise four page directories of 2 MiB pages do.
+     * Every instruction here may be emulated, so the short path matters. */
     movl $(boot_pdpt + 3), %eax
     movl %eax, boot_pml4
+    movl $0x80000001, %eax
+    cpuid
+    btl $26, %edx
+    jnc 5f
     movl $boot_pdpt, %edx
+    movl $0x83, %eax
+    movl $4, %ecx
+6:  movl %eax, (%edx)
+    addl $8, %edx
+    addl $0x40000000, %eax
+    decl %ecx
+    jnz 6b
+    jmp 7f
+5:  movl $boot_pdpt, %edx
     movl $(boot_pd + 3), %eax
     movl $4, %ecx
 1:  movl %eax, (%edx)
@@ -30,6 +45,7 @@ pvh_start32:
     addl $0x200000, %eax
     decl %ecx
     jnz 2b
+7:
     movl $boot_pml4, %eax
     movl %eax, %cr3
     movl %cr4, %eax

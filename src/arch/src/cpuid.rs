@@ -64,7 +64,8 @@ pub fn normalize(cpuid: &mut CpuId, cpu_index: u32, cpu_count: u32) {
                 // Cores per package - 1, and threads sharing this cache - 1: private L1/L2,
                 // shared last level.
                 let sharing = if cache_level >= 3 { cpu_count - 1 } else { 0 };
-                e.eax = (e.eax & 0x3ff) | ((cpu_count - 1).min(63) << 26) | ((sharing & 0xfff) << 14);
+                e.eax =
+                    (e.eax & 0x3ff) | ((cpu_count - 1).min(63) << 26) | ((sharing & 0xfff) << 14);
             }
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
                 e.edx = apic_id;
@@ -197,9 +198,6 @@ mod tests {
 
     #[test]
     fn id_bits_rounds_up() {
-        assert_eq!(
-            [1, 2, 3, 4, 5, 254].map(id_bits),
-            [0, 1, 2, 2, 3, 8]
-        );
+        assert_eq!([1, 2, 3, 4, 5, 254].map(id_bits), [0, 1, 2, 2, 3, 8]);
     }
 }

@@ -35,7 +35,7 @@ pub fn boot_gdt(long_mode: bool) -> [u64; 4] {
 
 /// Decodes a GDT entry into the segment register state KVM expects for `selector`.
 pub fn kvm_segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     // With 4 KiB granularity the effective limit covers the whole last page.
@@ -68,7 +68,10 @@ mod tests {
     #[test]
     fn code64_decodes_as_long_mode() {
         let seg = kvm_segment_from_gdt(CODE64, CODE_SELECTOR);
-        assert_eq!((seg.l, seg.db, seg.present, seg.s, seg.type_), (1, 0, 1, 1, 0xb));
+        assert_eq!(
+            (seg.l, seg.db, seg.present, seg.s, seg.type_),
+            (1, 0, 1, 1, 0xb)
+        );
         assert_eq!(seg.limit, 0xffff_ffff);
         assert_eq!(seg.base, 0);
     }

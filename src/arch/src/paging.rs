@@ -37,7 +37,7 @@ mod tests {
         let pml4e = find(PML4_START)?[((va >> 39) & 0x1ff) as usize];
         let pdpte = find(pml4e & !0xfff)?[((va >> 30) & 0x1ff) as usize];
         let pde = find(pdpte & !0xfff)?[((va >> 21) & 0x1ff) as usize];
-        (pde & 1 == 1 && pde & PAGE_SIZE_2M != 0).then(|| (pde & !0x1f_ffff) | (va & 0x1f_ffff))
+        (pde & 1 == 1 && pde & PAGE_SIZE_2M != 0).then_some((pde & !0x1f_ffff) | (va & 0x1f_ffff))
     }
 
     #[test]

@@ -2,8 +2,7 @@
 
 use crate::gdt::{self, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
 use crate::layout::{
-    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PML4_START, PVH_INFO_START,
-    ZERO_PAGE_START,
+    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PML4_START, PVH_INFO_START, ZERO_PAGE_START,
 };
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 

@@ -135,8 +135,10 @@ mod tests {
     #[test]
     fn routes_by_range_and_rejects_overlap() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Echo(0x10))), 0x3f8, 8).unwrap();
-        bus.insert(Arc::new(Mutex::new(Echo(0x20))), 0x60, 5).unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(0x10))), 0x3f8, 8)
+            .unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(0x20))), 0x60, 5)
+            .unwrap();
         assert_eq!(
             bus.insert(Arc::new(Mutex::new(Echo(0))), 0x3fc, 8),
             Err(Error::Overlap {
@@ -153,7 +155,10 @@ mod tests {
         assert!(!bus.read(0x65, &mut b));
         assert_eq!(b[0], 0xff);
         let mut w = [0u8; 2];
-        assert!(!bus.read(0x3ff, &mut w), "straddling access must not reach a device");
+        assert!(
+            !bus.read(0x3ff, &mut w),
+            "straddling access must not reach a device"
+        );
         assert!(bus.write(0x60, &[0x7]));
         assert!(bus.read(0x60, &mut b));
         assert_eq!(b[0], 0x7);

@@ -110,7 +110,9 @@ fn report(reason: &ExitReason) {
         ExitReason::FailedEntry(detail) => {
             eprintln!("vireo: KVM failed to enter the guest (exit code {code}): {detail}")
         }
-        ExitReason::VcpuError(detail) => eprintln!("vireo: vCPU failure (exit code {code}): {detail}"),
+        ExitReason::VcpuError(detail) => {
+            eprintln!("vireo: vCPU failure (exit code {code}): {detail}")
+        }
         ExitReason::Signal(sig) => eprintln!("vireo: stopped by signal {sig} (exit code {code})"),
         ExitReason::ConsoleQuit => eprintln!("vireo: quit from the console (exit code {code})"),
     }

@@ -27,7 +27,10 @@ fn elf() -> String {
 #[test]
 fn missing_kernel() {
     let r = run(&["--kernel", "/nonexistent/vmlinux"]);
-    assert_rejected(&r, &["kernel image", "/nonexistent/vmlinux", "No such file"]);
+    assert_rejected(
+        &r,
+        &["kernel image", "/nonexistent/vmlinux", "No such file"],
+    );
 }
 
 #[test]
@@ -56,7 +59,10 @@ fn unreadable_kernel() {
         stdout: String::from_utf8_lossy(&out.stdout).into(),
         stderr: String::from_utf8_lossy(&out.stderr).into(),
     };
-    assert_rejected(&r, &["kernel image", k.to_str().unwrap(), "Permission denied"]);
+    assert_rejected(
+        &r,
+        &["kernel image", k.to_str().unwrap(), "Permission denied"],
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -125,7 +131,15 @@ fn initrd_that_does_not_fit() {
             "--initrd",
             initrd.to_str().unwrap(),
         ]);
-        assert_rejected(&r, &["initrd", initrd.to_str().unwrap(), "209715200 bytes", "--memory"]);
+        assert_rejected(
+            &r,
+            &[
+                "initrd",
+                initrd.to_str().unwrap(),
+                "209715200 bytes",
+                "--memory",
+            ],
+        );
     }
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -149,7 +163,12 @@ fn command_line_longer_than_the_protocol_allows() {
     let r = run(&["--kernel", k.to_str().unwrap(), "--cmdline", &ok]);
     assert_eq!(r.code(), 0, "{}", r.stderr);
     assert_eq!(r.report("cmdline").as_deref(), Some(ok.as_str()));
-    let r = run(&["--kernel", k.to_str().unwrap(), "--cmdline", &"b".repeat(1024)]);
+    let r = run(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--cmdline",
+        &"b".repeat(1024),
+    ]);
     assert_rejected(&r, &["command line is 1024 bytes", "at most 1023"]);
 }
 
@@ -188,10 +207,19 @@ fn cpus_zero_or_above_the_maximum() {
 fn malformed_flags_are_usage_errors() {
     let r = run(&["--kernel", &elf(), "--memory", "lots"]);
     assert_eq!(r.code(), 2);
-    assert!(r.stderr.contains("invalid value 'lots' for '--memory <MIB>'"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("invalid value 'lots' for '--memory <MIB>'"),
+        "{}",
+        r.stderr
+    );
     let r = run(&["--kernel", &elf(), "--serial", "tcp:1234"]);
     assert_eq!(r.code(), 2);
-    assert!(r.stderr.contains("stdio, file:PATH or none"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("stdio, file:PATH or none"),
+        "{}",
+        r.stderr
+    );
     let r = run(&["--memory", "128"]);
     assert_eq!(r.code(), 2);
     assert!(r.stderr.contains("--kernel"), "{}", r.stderr);
@@ -199,7 +227,12 @@ fn malformed_flags_are_usage_errors() {
 
 #[test]
 fn serial_file_that_cannot_be_created() {
-    let r = run(&["--kernel", &elf(), "--serial", "file:/nonexistent/dir/console.log"]);
+    let r = run(&[
+        "--kernel",
+        &elf(),
+        "--serial",
+        "file:/nonexistent/dir/console.log",
+    ]);
     assert_rejected(&r, &["serial output file", "/nonexistent/dir/console.log"]);
 }
 

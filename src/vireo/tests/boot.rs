@@ -15,7 +15,10 @@ fn expected_protocol(kind: &str) -> &'static str {
 
 /// Boots `kind` and checks everything the guest reports against what vireo was given.
 fn boot_and_check(kind: &str, cpus: u32, mem_mib: u64, initrd: Option<&[u8]>) {
-    let dir = scratch(&format!("boot-{kind}-{cpus}-{mem_mib}-{}", initrd.is_some()));
+    let dir = scratch(&format!(
+        "boot-{kind}-{cpus}-{mem_mib}-{}",
+        initrd.is_some()
+    ));
     let kernel = guest(kind);
     let cmdline = format!("console=ttyS0 vireo.test={kind}  two-spaces punct=a,b:c/d \"q\"");
     let cpus_s = cpus.to_string();
@@ -36,7 +39,13 @@ fn boot_and_check(kind: &str, cpus: u32, mem_mib: u64, initrd: Option<&[u8]>) {
         args.extend(["--initrd", initrd_path.to_str().unwrap()]);
     }
     let r = run(&args);
-    assert_eq!(r.code(), 0, "exit code; stderr: {}\nstdout: {}", r.stderr, r.stdout);
+    assert_eq!(
+        r.code(),
+        0,
+        "exit code; stderr: {}\nstdout: {}",
+        r.stderr,
+        r.stdout
+    );
 
     let boot = r.report("boot").expect("boot line");
     assert_eq!(field(&boot, "image"), Some(kind));
@@ -46,7 +55,10 @@ fn boot_and_check(kind: &str, cpus: u32, mem_mib: u64, initrd: Option<&[u8]>) {
     // Memory map: everything below the MMIO gap, minus the EBDA/BIOS hole, plus RAM above 4 GiB.
     let mem = mem_mib << 20;
     let total = r.report("memtotal").unwrap();
-    assert_eq!(field(&total, "ram").unwrap().parse::<u64>().unwrap(), mem - RESERVED_LOW);
+    assert_eq!(
+        field(&total, "ram").unwrap().parse::<u64>().unwrap(),
+        mem - RESERVED_LOW
+    );
     let ranges = r.all("mem");
     let ends: Vec<u64> = ranges
         .iter()
@@ -61,7 +73,11 @@ fn boot_and_check(kind: &str, cpus: u32, mem_mib: u64, initrd: Option<&[u8]>) {
     if mem <= gap {
         assert_eq!(*ends.last().unwrap(), mem, "{ranges:?}");
     } else {
-        assert_eq!(ends, vec![0x9_fc00, gap, (4 << 30) + mem - gap], "{ranges:?}");
+        assert_eq!(
+            ends,
+            vec![0x9_fc00, gap, (4 << 30) + mem - gap],
+            "{ranges:?}"
+        );
     }
 
     assert_eq!(r.report("cmdline").as_deref(), Some(cmdline.as_str()));

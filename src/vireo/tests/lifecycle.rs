@@ -35,7 +35,11 @@ fn triple_fault_exits_3_with_registers() {
     let r = end_with("elf", "triplefault");
     assert_eq!(r.code(), 3, "{}", r.stderr);
     assert!(r.stderr.contains("triple fault"), "{}", r.stderr);
-    assert!(r.stderr.contains("rip=0x"), "registers are reported: {}", r.stderr);
+    assert!(
+        r.stderr.contains("rip=0x"),
+        "registers are reported: {}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -96,7 +100,10 @@ fn stdin_reaches_the_guest_through_the_uart_interrupt() {
         .find(|l| l.starts_with("@input line="))
         .unwrap_or_else(|| panic!("no echo: {seen:#?}"));
     assert_eq!(field(line, "line"), Some("ping"), "{line}");
-    assert!(line.starts_with("@input line=ping from the host irqs="), "{line}");
+    assert!(
+        line.starts_with("@input line=ping from the host irqs="),
+        "{line}"
+    );
     let irqs: u32 = field(line, "irqs").unwrap().parse().unwrap();
     assert!(irqs >= 1, "input arrived by interrupt: {line}");
 }
@@ -111,7 +118,10 @@ fn serial_to_file() {
     assert_eq!(r.code(), 0, "{}", r.stderr);
     assert!(!r.stdout.contains("@boot"), "nothing on stdout");
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("@boot image=bzimage protocol=linux64\r\n"), "{text}");
+    assert!(
+        text.contains("@boot image=bzimage protocol=linux64\r\n"),
+        "{text}"
+    );
     assert!(text.contains("Hello from vireo!"), "{text}");
     assert!(text.contains("@end poweroff"), "{text}");
     let _ = std::fs::remove_dir_all(dir);
@@ -133,7 +143,8 @@ fn default_is_the_friendly_demo() {
     assert!(r.stdout.contains("Hello from vireo!"));
     assert!(r.stdout.contains("cpus     2 of 2 running"), "{}", r.stdout);
     assert!(
-        r.stdout.contains("cmdline  console=ttyS0 reboot=k panic=1 pci=off"),
+        r.stdout
+            .contains("cmdline  console=ttyS0 reboot=k panic=1 pci=off"),
         "{}",
         r.stdout
     );

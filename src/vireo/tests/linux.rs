@@ -69,11 +69,11 @@ fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, rdev: (u32, u32), data: 
     }
     out.extend_from_slice(name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
     out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -95,7 +95,13 @@ fn initramfs(dir: &Path, then: &str) -> PathBuf {
     cpio_entry(&mut a, "dev", 0o040755, (0, 0), &[]);
     cpio_entry(&mut a, "dev/console", 0o020600, (5, 1), &[]);
     cpio_entry(&mut a, "proc", 0o040755, (0, 0), &[]);
-    cpio_entry(&mut a, "bin/busybox", 0o100755, (0, 0), &std::fs::read(busybox()).unwrap());
+    cpio_entry(
+        &mut a,
+        "bin/busybox",
+        0o100755,
+        (0, 0),
+        &std::fs::read(busybox()).unwrap(),
+    );
     cpio_entry(&mut a, "init", 0o100755, (0, 0), init.as_bytes());
     cpio_entry(&mut a, "TRAILER!!!", 0, (0, 0), &[]);
     let path = dir.join("initramfs.cpio");
@@ -133,7 +139,10 @@ fn extract_vmlinux(bzimage: &Path, dir: &Path) -> PathBuf {
     });
     let out = child.wait_with_output().unwrap();
     feeder.join().unwrap();
-    assert!(out.stdout.starts_with(b"\x7fELF"), "{tool} did not yield an ELF vmlinux");
+    assert!(
+        out.stdout.starts_with(b"\x7fELF"),
+        "{tool} did not yield an ELF vmlinux"
+    );
     let path = dir.join("vmlinux");
     write_file(&path, &out.stdout);
     path
@@ -179,10 +188,16 @@ fn linux_bzimage_boots_to_a_shell() {
     wait_line(&rx, "VIREO-LINUX-SHELL", &mut seen);
     check_report(&seen, 2, 512);
     let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"echo $((6 * 7))-from-the-shell\n").unwrap();
+    stdin
+        .write_all(b"echo $((6 * 7))-from-the-shell\n")
+        .unwrap();
     wait_line(&rx, "42-from-the-shell", &mut seen);
     stdin.write_all(b"reboot -f\n").unwrap();
-    assert_eq!(wait_exit(&mut child).code(), Some(0), "a guest reboot ends vireo with 0");
+    assert_eq!(
+        wait_exit(&mut child).code(),
+        Some(0),
+        "a guest reboot ends vireo with 0"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

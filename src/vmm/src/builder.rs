@@ -95,6 +95,7 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
         None => None,
     };
     let vm = Vm::new()?;
+    tracing::debug!("KVM VM created");
     if config.vcpus > vm.max_vcpus() {
         return Err(Error::InvalidConfig(format!(
             "vCPU count {} is more than this host's KVM allows ({})",
@@ -106,6 +107,7 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
     let memory = memory::create(mem_size)?;
     vm.register_memory(&memory)?;
     vm.setup_irqchip()?;
+    tracing::debug!("guest memory and interrupt controllers ready");
 
     let boot = boot::load(
         &memory,
@@ -117,7 +119,9 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
             mem_size,
         },
     )?;
-    let mptable = arch::mptable::build(config.vcpus).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    tracing::debug!("kernel loaded");
+    let mptable =
+        arch::mptable::build(config.vcpus).map_err(|e| Error::InvalidConfig(e.to_string()))?;
     memory
         .write_slice(&mptable, GuestAddress(arch::mptable::MPTABLE_START))
         .map_err(|_| Error::Boot(boot::Error::GuestMemory("the MP table")))?;
@@ -158,6 +162,7 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
         vcpus.push(vcpu);
     }
 
+    tracing::debug!("vCPUs configured");
     Ok(Machine {
         _vm: vm,
         _memory: memory,

@@ -38,7 +38,10 @@ static SAVED_TERMIOS: Mutex<Option<Termios>> = Mutex::new(None);
 /// Puts the terminal back as it was before vireo attached to it. Safe to call more than once
 /// and from a panic hook.
 pub fn restore_terminal() {
-    let saved = SAVED_TERMIOS.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let saved = SAVED_TERMIOS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
     if let Some(t) = saved {
         let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSANOW, &t);
     }
@@ -78,7 +81,11 @@ pub fn output(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, Error> {
 
 /// Starts feeding host input to the guest (for [`SerialConfig::Stdio`]); `quit` is signalled
 /// when the user types the escape sequence.
-pub fn attach(cfg: &SerialConfig, serial: Arc<Mutex<Serial>>, quit: EventFd) -> Result<Console, Error> {
+pub fn attach(
+    cfg: &SerialConfig,
+    serial: Arc<Mutex<Serial>>,
+    quit: EventFd,
+) -> Result<Console, Error> {
     if *cfg != SerialConfig::Stdio {
         return Ok(Console { raw_mode: false });
     }
@@ -141,4 +148,3 @@ fn input_loop(serial: Arc<Mutex<Serial>>, quit: EventFd, interactive: bool) {
         }
     }
 }
-

@@ -12,9 +12,9 @@ pub mod vstate;
 
 pub use config::{SerialConfig, VmConfig, DEFAULT_CMDLINE};
 
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -175,7 +175,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     let stop = Arc::new(AtomicBool::new(false));
     let first_stop: Arc<Mutex<Option<VcpuStop>>> = Arc::new(Mutex::new(None));
     let mut threads = Vec::new();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     for mut vcpu in machine.vcpus.drain(..) {
+        let done = done_tx.clone();
         let (pio, mmio, stop) = (machine.pio.clone(), machine.mmio.clone(), stop.clone());
         let first_stop = first_stop.clone();
         let evt = vcpu_evt.try_clone().map_err(Error::EventFd)?;
@@ -188,25 +190,38 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
                     devices::bus::lock(&first_stop).get_or_insert(why);
                     let _ = evt.write(1);
                 }
+                let _ = done.send(());
             })
             .map_err(Error::Thread)?;
         threads.push(handle);
     }
 
+    tracing::debug!("vCPUs started");
     let reason = wait_for_end(&epoll, &machine, &first_stop);
+    tracing::debug!("VM ended: {reason:?}");
     drop(signal_pipes);
     stop.store(true, Ordering::Release);
     let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
-    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+    let mut running = threads.len();
+    while running > 0 && Instant::now() < deadline {
         for t in threads.iter().filter(|t| !t.is_finished()) {
             let _ = t.kill(SIGRTMIN());
         }
-        std::thread::sleep(VCPU_KICK_INTERVAL);
+        while done_rx.recv_timeout(VCPU_KICK_INTERVAL).is_ok() {
+            running -= 1;
+            if running == 0 {
+                break;
+            }
+        }
+    }
+    if running > 0 {
+        tracing::warn!("{running} vCPU thread(s) did not stop within {VCPU_STOP_TIMEOUT:?}");
     }
     for t in threads.into_iter().filter(|t| t.is_finished()) {
         let _ = t.join();
     }
     drop(console);
+    tracing::debug!("vCPUs stopped");
     Ok(reason)
 }
 

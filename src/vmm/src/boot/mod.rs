@@ -8,9 +8,9 @@
 mod linux;
 mod pvh;
 
+use crate::memory::GuestMemoryMmap;
 use arch::layout::{self, MemoryRegion};
 use arch::regs::EntryMode;
-use crate::memory::GuestMemoryMmap;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use std::fs::File;
@@ -215,8 +215,7 @@ fn load_kernel(
             }
             // A relocatable kernel states where it prefers to run; others run where they
             // were linked (code32_start).
-            let load = if hdr.relocatable_kernel != 0 && hdr.pref_address >= layout::HIMEM_START
-            {
+            let load = if hdr.relocatable_kernel != 0 && hdr.pref_address >= layout::HIMEM_START {
                 hdr.pref_address
             } else {
                 u64::from(hdr.code32_start)
@@ -224,7 +223,11 @@ fn load_kernel(
             let file_len = file
                 .seek(SeekFrom::End(0))
                 .map_err(io_err("kernel image", path))?;
-            let setup_sects = if hdr.setup_sects == 0 { 4 } else { hdr.setup_sects };
+            let setup_sects = if hdr.setup_sects == 0 {
+                4
+            } else {
+                hdr.setup_sects
+            };
             let payload = file_len.saturating_sub((u64::from(setup_sects) + 1) * 512);
             let end = load + payload.max(u64::from(hdr.init_size));
             if load < layout::HIMEM_START || end > ram_end {
@@ -352,12 +355,16 @@ fn load_initrd(
             limit,
         });
     }
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut ReadVolatileFile(file), size as usize)
-        .map_err(|e| Error::Io {
-            what: "initrd",
-            path: path.to_owned(),
-            err: std::io::Error::other(e.to_string()),
-        })?;
+    mem.read_exact_volatile_from(
+        GuestAddress(addr),
+        &mut ReadVolatileFile(file),
+        size as usize,
+    )
+    .map_err(|e| Error::Io {
+        what: "initrd",
+        path: path.to_owned(),
+        err: std::io::Error::other(e.to_string()),
+    })?;
     Ok(InitrdPlacement { addr, size })
 }
 

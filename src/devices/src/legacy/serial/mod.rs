@@ -108,7 +108,7 @@ mod tests {
     fn wide_access_is_ignored() {
         let sink = Sink::default();
         let mut s = Serial::new(EventFdTrigger::new().unwrap(), Box::new(sink.clone()));
-        s.write(0, &[b'a', b'b']);
+        s.write(0, b"ab");
         let mut w = [0u8; 2];
         s.read(0, &mut w);
         assert_eq!(w, [0xff, 0xff]);

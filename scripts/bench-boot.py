@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Boot benchmark: exec to first serial byte, exec to exit, CPU time and peak RSS.
+
+The guest is vireo's test guest (PVH image) with `vireo.firstbyte`: it writes one byte on COM1
+and powers off at once. 128 MiB, 1 vCPU. Every VMM boots the same image in the same run,
+interleaved, and the figures are medians over --runs boots.
+
+Peers: QEMU's microvm machine (qemu-system-x86_64, always), Firecracker ($FIRECRACKER) and
+Cloud Hypervisor ($CLOUD_HYPERVISOR) when those variables name their binaries. Needs GNU time
+(/usr/bin/time, Debian package `time`) and python3.
+
+    scripts/bench-boot.py [--runs N]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGES = os.path.join(ROOT, "guest/target/x86_64-unknown-none/release")
+GUEST = os.path.join(IMAGES, "vireo-guest-pvh")
+GUEST_ELF = os.path.join(IMAGES, "vireo-guest-elf")
+VIREO = os.path.join(ROOT, "target/release/vireo")
+CMDLINE = "vireo.firstbyte"
+
+
+def build():
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "-q"], cwd=os.path.join(ROOT, "guest"), check=True)
+
+
+def vmm_commands(tmp):
+    cmds = {
+        "vireo (PVH)": [VIREO, "run", "--kernel", GUEST, "--memory", "128", "--cpus", "1",
+                        "--serial", "stdio", "--cmdline", CMDLINE],
+        # The same guest as an ELF entered in long mode: no 32-bit start-up code to run.
+        "vireo (ELF 64-bit entry)": [VIREO, "run", "--kernel", GUEST_ELF, "--memory", "128",
+                                     "--cpus", "1", "--serial", "stdio", "--cmdline", CMDLINE],
+        # -cpu host minus arch-capabilities: nested KVM hosts refuse that MSR.
+        "qemu-microvm (PVH)": ["qemu-system-x86_64", "-M",
+                         "microvm,x-option-roms=off,pit=off,pic=off,rtc=off,isa-serial=on",
+                         "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "128", "-smp", "1",
+                         "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+                         "-monitor", "none", "-kernel", GUEST, "-append", CMDLINE,
+                         "-device", "isa-debug-exit,iobase=0x501,iosize=1"],
+    }
+    # The harness's own floor: spawning GNU time and a program that prints one byte.
+    cmds["floor (printf !)"] = ["/usr/bin/printf", "!"]
+    fc = os.environ.get("FIRECRACKER")
+    if fc:
+        cfg = os.path.join(tmp, "fc.json")
+        with open(cfg, "w") as f:
+            json.dump({"boot-source": {"kernel_image_path": GUEST, "boot_args": CMDLINE},
+                       "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+                       "drives": []}, f)
+        cmds["firecracker"] = [fc, "--no-api", "--config-file", cfg, "--level", "Error"]
+    ch = os.environ.get("CLOUD_HYPERVISOR")
+    if ch:
+        cmds["cloud-hypervisor"] = [ch, "--kernel", GUEST, "--cmdline", CMDLINE,
+                                    "--memory", "size=128M", "--cpus", "boot=1",
+                                    "--serial", "tty", "--console", "off"]
+    return cmds
+
+
+def one_boot(cmd, tmp):
+    # GNU time is the parent that reports CPU time and peak RSS: a child forked from this
+    # Python process would carry Python's own RSS into its ru_maxrss across exec.
+    usage = os.path.join(tmp, "usage")
+    t0 = time.perf_counter()
+    p = subprocess.Popen(["/usr/bin/time", "-f", "%U %S %M", "-o", usage] + cmd,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL)
+    first = None
+    data = b""
+    while True:
+        chunk = os.read(p.stdout.fileno(), 4096)
+        if first is None and chunk:
+            first = time.perf_counter()
+        if not chunk:
+            break
+        data += chunk
+    _, status, ru = os.wait4(p.pid, 0)
+    end = time.perf_counter()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if b"!" not in data:
+        raise RuntimeError(f"{cmd[0]}: no byte from the guest (exit {p.returncode})")
+    with open(usage) as f:
+        maxrss_kib = f.read().split()[-1]
+    return {
+        "first_ms": (first - t0) * 1e3,
+        "exit_ms": (end - t0) * 1e3,
+        # wait4 on GNU time covers the VMM it reaped (plus time's own ~0.5 ms).
+        "cpu_ms": (ru.ru_utime + ru.ru_stime) * 1e3,
+        "rss_mib": int(maxrss_kib) / 1024,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--no-build", action="store_true")
+    args = ap.parse_args()
+    if not args.no_build:
+        build()
+    with tempfile.TemporaryDirectory() as tmp:
+        cmds = vmm_commands(tmp)
+        results = {name: [] for name in cmds}
+        for _ in range(args.runs):
+            for name, cmd in cmds.items():
+                results[name].append(one_boot(cmd, tmp))
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in results.items()}
+    print(f"boot to first serial byte, 128 MiB, 1 vCPU; medians of {args.runs} runs\n")
+    print("| VMM | first byte (ms) | exit (ms) | CPU (ms) | peak RSS (MiB) |")
+    print("|---|---:|---:|---:|---:|")
+    for n, m in med.items():
+        print(f"| {n} | {m['first_ms']:.1f} | {m['exit_ms']:.1f} | {m['cpu_ms']:.1f} | {m['rss_mib']:.2f} |")
+    peers = [n for n in med if not n.startswith(("vireo", "floor"))]
+    if peers:
+        best = min(peers, key=lambda n: med[n]["first_ms"])
+        for mine in (n for n in med if n.startswith("vireo")):
+            v = med[mine]
+            print(f"\n{mine} / {best} (fastest peer here): first byte "
+                  f"{v['first_ms'] / med[best]['first_ms']:.2f}x, "
+                  f"exit {v['exit_ms'] / med[best]['exit_ms']:.2f}x, "
+                  f"CPU {v['cpu_ms'] / max(med[best]['cpu_ms'], 1e-9):.2f}x, "
+                  f"peak RSS {v['rss_mib'] / med[best]['rss_mib']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
