@@ -54,11 +54,7 @@ fn unreadable_kernel() {
         .args(["run", "--kernel", k.to_str().unwrap()])
         .output()
         .expect("setpriv (util-linux) runs vireo as nobody");
-    let r = Run {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-    };
+    let r = Run::from(out);
     assert_rejected(
         &r,
         &["kernel image", k.to_str().unwrap(), "Permission denied"],
@@ -246,11 +242,7 @@ fn kvm_device_missing() {
         .arg(guest("elf"))
         .output()
         .expect("unshare (util-linux) runs vireo without /dev/kvm");
-    let r = Run {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-    };
+    let r = Run::from(out);
     assert_rejected(&r, &["/dev/kvm does not exist"]);
 }
 
@@ -267,11 +259,48 @@ fn kvm_device_not_permitted() {
         .args(["run", "--kernel", k.to_str().unwrap()])
         .output()
         .expect("setpriv (util-linux) runs vireo as nobody");
-    let r = Run {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-    };
+    let r = Run::from(out);
     assert_rejected(&r, &["permission denied opening /dev/kvm"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn initrd_never_overlaps_the_kernels_bss() {
+    // The ELF test guest's bss (page tables, stacks) lies in a segment with no file contents.
+    // In a 2 MiB guest an initrd of 0xf0000 bytes would fit only on top of it: refused. One
+    // that fits below the end of RAM and above the bss boots with its bytes intact.
+    let dir = scratch("initrd-bss");
+    let big = dir.join("big.img");
+    write_file(&big, &pattern(0xf0000, 11));
+    for kind in ["elf", "pvh"] {
+        let k = guest(kind);
+        let r = run(&[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "2",
+            "--initrd",
+            big.to_str().unwrap(),
+        ]);
+        assert_rejected(&r, &["initrd", "983040 bytes"]);
+    }
+    let small = pattern(0xc0000, 12);
+    let ok = dir.join("ok.img");
+    write_file(&ok, &small);
+    let k = guest("pvh");
+    let r = run(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "2",
+        "--initrd",
+        ok.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let line = r.report("initrd").unwrap();
+    assert_eq!(
+        field(&line, "fnv1a").unwrap(),
+        format!("{:#x}", fnv1a(&small))
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -280,11 +280,35 @@ fn load_kernel(
             };
             Ok(LoadedKernel {
                 setup,
-                end: result.kernel_end,
+                end: result.kernel_end.max(elf_memory_end(file).unwrap_or(0)),
                 header: None,
             })
         }
     }
+}
+
+/// Most program headers read when sizing an ELF kernel; a kernel has a handful.
+const MAX_ELF_PHDRS: u16 = 64;
+
+/// One past the highest byte any PT_LOAD segment occupies in memory, counting zero-filled
+/// memory (bss): linux-loader's `kernel_end` skips segments with no file contents, and an
+/// initrd placed over a kernel's bss would be wiped when the kernel clears it.
+fn elf_memory_end(file: &mut File) -> Option<u64> {
+    use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr, PT_LOAD};
+    use vm_memory::ByteValued;
+    let mut ehdr = Elf64_Ehdr::default();
+    file.seek(SeekFrom::Start(0)).ok()?;
+    file.read_exact(ehdr.as_mut_slice()).ok()?;
+    file.seek(SeekFrom::Start(ehdr.e_phoff)).ok()?;
+    let mut end = 0u64;
+    for _ in 0..ehdr.e_phnum.min(MAX_ELF_PHDRS) {
+        let mut phdr = Elf64_Phdr::default();
+        file.read_exact(phdr.as_mut_slice()).ok()?;
+        if phdr.p_type == PT_LOAD {
+            end = end.max(phdr.p_paddr.checked_add(phdr.p_memsz)?);
+        }
+    }
+    Some(end)
 }
 
 fn write_cmdline(

@@ -2,7 +2,7 @@
 
 use crate::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use std::io;
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -10,6 +10,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Where KVM puts the three pages of its real-mode TSS; must be outside RAM and below 4 GiB.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// CPUID.1:ECX bit for the TSC-deadline timer mode of the LAPIC.
+const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// PIT flag: the speaker port dummy, so guest probes of port 0x61 stay in the kernel.
 const KVM_PIT_SPEAKER_DUMMY: u32 = 1;
 
@@ -93,9 +95,18 @@ impl Vm {
             return Err(Error::KvmApiVersion(version));
         }
         let fd = kvm.create_vm().map_err(Error::CreateVm)?;
-        let supported_cpuid = kvm
+        let mut supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::SupportedCpuid)?;
+        // KVM emulates the TSC-deadline timer in its in-kernel LAPIC but leaves the bit out of
+        // the supported set; Linux prefers that timer when it sees it.
+        if kvm.check_extension(Cap::TscDeadlineTimer) {
+            for e in supported_cpuid.as_mut_slice().iter_mut() {
+                if e.function == 1 {
+                    e.ecx |= CPUID_1_ECX_TSC_DEADLINE;
+                }
+            }
+        }
         let max_vcpus = kvm.get_max_vcpus() as u32;
         Ok(Self {
             fd,

@@ -16,6 +16,9 @@ type Uart = vm_superio::Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box
 /// A UART whose transmitted bytes go to `out` and whose receive FIFO the host fills.
 pub struct Serial {
     uart: Uart,
+    /// Set after the first failed write to the output, so a closed sink is reported once
+    /// rather than once per guest byte.
+    output_failed: bool,
 }
 
 impl Serial {
@@ -23,6 +26,7 @@ impl Serial {
     pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
         Self {
             uart: vm_superio::Serial::new(irq, out),
+            output_failed: false,
         }
     }
 
@@ -60,7 +64,10 @@ impl BusDevice for Serial {
         }
         if let Err(e) = self.uart.write(offset as u8, data[0]) {
             // A closed or full output sink must not stop the guest; the byte is dropped.
-            tracing::warn!("serial: output lost: {e}");
+            if !self.output_failed {
+                self.output_failed = true;
+                tracing::warn!("serial: guest output is being lost: {e}");
+            }
         }
     }
 }
