@@ -19,6 +19,8 @@ pub struct BootInfo {
     pub initrd: Option<(u64, u64)>,
     /// A protocol-level check failed; the text says which.
     pub problem: Option<&'static [u8]>,
+    /// ACPI RSDP address the protocol passed (0: none given).
+    pub rsdp: u64,
 }
 
 fn cstr_len(addr: u64) -> usize {
@@ -41,6 +43,7 @@ impl BootInfo {
             cmdline: (0, 0),
             initrd: None,
             problem: None,
+            rsdp: 0,
         }
     }
 
@@ -54,6 +57,7 @@ impl BootInfo {
         } else if peek::<u8>(bp + 0x210) == 0 {
             info.problem = Some(b"boot_params.hdr.type_of_loader is 0");
         }
+        info.rsdp = peek(bp + 0x70);
         let entries = (peek::<u8>(bp + 0x1e8) as usize).min(MAX_MEMMAP);
         for i in 0..entries {
             let e = bp + 0x2d0 + 20 * i as u64;
@@ -77,6 +81,7 @@ impl BootInfo {
             info.problem = Some(b"hvm_start_info.magic is wrong");
             return info;
         }
+        info.rsdp = peek(si + 32);
         let entries = (peek::<u32>(si + 48) as usize).min(MAX_MEMMAP);
         let memmap: u64 = peek(si + 40);
         for i in 0..entries {

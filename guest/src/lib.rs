@@ -6,7 +6,8 @@
 //!
 //! Lines starting with `@` are for the test suite (`@key field=value ...`); the rest is a banner
 //! for people. Command-line options it understands:
-//! * `vireo.end=poweroff|reset|triplefault|badfetch|hang` — how to end (default poweroff);
+//! * `vireo.end=poweroff|reset|acpi-off|acpi-reset|triplefault|badfetch|hang` — how to end
+//!   (default poweroff: the 0x501 port; acpi-off and acpi-reset use the FADT's registers);
 //! * `vireo.input` — wait (up to 10 s) for one line on the serial port and echo it back;
 //! * `vireo.firstbyte` — write one byte and power off at once (the boot benchmark).
 //!
@@ -15,6 +16,7 @@
 
 #![no_std]
 
+pub mod acpi;
 pub mod apic;
 pub mod boot;
 mod entry;
@@ -78,7 +80,7 @@ fn read_line(bsp: u8, buf: &mut [u8]) -> Option<usize> {
     }
 }
 
-fn end(how: &[u8]) -> ! {
+fn end(how: &[u8], acpi: Option<&acpi::Acpi>) -> ! {
     puts(b"@end ");
     puts(how);
     puts(b"\n");
@@ -94,6 +96,16 @@ fn end(how: &[u8]) -> ! {
             unsafe { core::arch::asm!("jmp {0}", in(reg) 0xd000_0000u64, options(noreturn)) }
         }
         b"hang" => {}
+        b"acpi-off" => match acpi {
+            Some(a) if a.sleep_port != 0 => {
+                io::outb(a.sleep_port, (a.s5.unwrap_or(0) << 2) | 0x20); // SLP_TYP | SLP_EN
+            }
+            _ => puts(b"@error no ACPI sleep control register\n"),
+        },
+        b"acpi-reset" => match acpi {
+            Some(a) if a.reset_port != 0 => io::outb(a.reset_port, a.reset_value),
+            _ => puts(b"@error no ACPI reset register\n"),
+        },
         _ => io::outb(0x501, 0),
     }
     loop {
@@ -164,6 +176,29 @@ pub fn main(info: BootInfo) -> ! {
         None => puts(b"@initrd none\n"),
     }
 
+    let acpi = match acpi::read(info.rsdp) {
+        Ok(a) => {
+            puts(b"@acpi");
+            field(b"rsdp", a.rsdp, true);
+            field(b"from_boot_data", u64::from(info.rsdp != 0), false);
+            field(b"tables", u64::from(a.tables), false);
+            field(b"cpus", u64::from(a.cpus), false);
+            field(b"ioapics", u64::from(a.ioapics), false);
+            field(b"hw_reduced", u64::from(a.hw_reduced), false);
+            field(b"s5", a.s5.map_or(0xff, u64::from), false);
+            field(b"sleep_port", u64::from(a.sleep_port), true);
+            field(b"reset_port", u64::from(a.reset_port), true);
+            puts(b"\n");
+            Some(a)
+        }
+        Err(e) => {
+            puts(b"@acpi none ");
+            puts(e);
+            puts(b"\n");
+            None
+        }
+    };
+
     let mut online = 1;
     let mut listed = 1;
     match mp::find_cpus() {
@@ -233,11 +268,14 @@ pub fn main(info: BootInfo) -> ! {
     field(b"online", online as u64, false);
     puts(b"\n");
 
-    end(info.option_value(b"vireo.end").unwrap_or(b"poweroff"))
+    end(
+        info.option_value(b"vireo.end").unwrap_or(b"poweroff"),
+        acpi.as_ref(),
+    )
 }
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
     puts(b"@error guest panic\n");
-    end(b"poweroff")
+    end(b"poweroff", None)
 }

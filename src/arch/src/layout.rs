@@ -8,6 +8,7 @@
 //! 0x0000_9000  PML4, 0xa000 PDPT, 0xb000..0xf000 four page directories (identity map of 4 GiB)
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA: MP floating pointer and configuration table
+//! 0x000e_0000  ACPI: RSDP, XSDT, FADT, MADT, DSDT
 //! 0x0010_0000  kernel (HIMEM_START); initrd at the top of low RAM
 //! 0xc000_0000  32-bit MMIO gap (IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000) up to 4 GiB
 //! 0x1_0000_0000 RAM above the gap when the guest has more than 3 GiB
@@ -46,6 +47,9 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Extended BIOS data area; holds the MP table. RAM below it is usable by the guest.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables (RSDP first, where an ACPI-aware guest scans for it: the BIOS area
+/// 0xe0000-0xfffff, reserved in the memory map).
+pub const ACPI_START: u64 = 0xe0000;
 /// First byte above the legacy BIOS/VGA area; kernels load here or above.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole.

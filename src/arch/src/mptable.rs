@@ -46,7 +46,7 @@ fn checksum(bytes: &[u8]) -> u8 {
 
 /// Builds the MP floating pointer followed by the configuration table for `num_cpus` vCPUs
 /// (APIC IDs 0..n, the first the bootstrap processor), one ISA bus, one IOAPIC with every ISA
-/// IRQ routed to the pin of the same number, and LINT0/LINT1 wired as ExtINT/NMI.
+/// IRQ routed to its IOAPIC pin (IRQ 0 to pin 2), and LINT0/LINT1 wired as ExtINT/NMI.
 /// The result is written at [`MPTABLE_START`].
 pub fn build(num_cpus: u32) -> Result<Vec<u8>, Error> {
     if num_cpus == 0 || num_cpus > u32::from(MAX_CPUS) {
@@ -69,14 +69,31 @@ pub fn build(num_cpus: u32) -> Result<Vec<u8>, Error> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 1;
-    for irq in 0..IOAPIC_PINS {
-        // Pin 0 carries the 8259's output in virtual-wire mode; the rest are plain ISA IRQs.
-        let kind = if irq == 0 {
-            INT_TYPE_EXTINT
-        } else {
-            INT_TYPE_INT
-        };
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, kind, 0, 0, 0, irq, ioapic_id, irq]);
+    // The 8259's output reaches pin 0 (ExtINT); ISA IRQ 0 (the PIT) is wired to pin 2, as on a
+    // PC and as KVM routes GSI 0; every other IRQ goes to the pin of its number.
+    entries.extend_from_slice(&[
+        ENTRY_IO_INTERRUPT,
+        INT_TYPE_EXTINT,
+        0,
+        0,
+        0,
+        0,
+        ioapic_id,
+        0,
+    ]);
+    entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, 0, ioapic_id, 2]);
+    count += 2;
+    for irq in (1..IOAPIC_PINS).filter(|&i| i != 2) {
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
         count += 1;
     }
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, 0, 0, 0xff, 0]);

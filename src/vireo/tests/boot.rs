@@ -98,6 +98,20 @@ fn boot_and_check(kind: &str, cpus: u32, mem_mib: u64, initrd: Option<&[u8]>) {
         None => assert_eq!(r.report("initrd").as_deref(), Some("none")),
     }
 
+    // ACPI: the RSDP comes through the boot protocol; the MADT lists the same CPUs.
+    let acpi = r.report("acpi").expect("acpi line");
+    assert_eq!(field(&acpi, "rsdp"), Some("0xe0000"), "{acpi}");
+    assert_eq!(field(&acpi, "from_boot_data"), Some("1"), "{acpi}");
+    assert_eq!(
+        field(&acpi, "tables"),
+        Some("3"),
+        "FADT, MADT, DSDT: {acpi}"
+    );
+    assert_eq!(field(&acpi, "cpus"), Some(cpus_s.as_str()), "{acpi}");
+    assert_eq!(field(&acpi, "ioapics"), Some("1"), "{acpi}");
+    assert_eq!(field(&acpi, "hw_reduced"), Some("1"), "{acpi}");
+    assert_eq!(field(&acpi, "s5"), Some("5"), "{acpi}");
+
     let listed = r.report("cpus").unwrap();
     assert_eq!(field(&listed, "listed"), Some(cpus_s.as_str()));
     let cpu_lines = r.all("cpu");

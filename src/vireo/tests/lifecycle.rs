@@ -31,6 +31,20 @@ fn guest_poweroff_exits_zero() {
 }
 
 #[test]
+fn acpi_poweroff_and_reset_exit_zero() {
+    // What Linux does for `poweroff` (enter S5 through the FADT's sleep control register) and
+    // for an ACPI reboot (the FADT's reset register).
+    for kind in KINDS {
+        for how in ["acpi-off", "acpi-reset"] {
+            let r = end_with(kind, how);
+            assert_eq!(r.report("end").as_deref(), Some(how));
+            assert!(r.report("error").is_none(), "{kind} {how}: {}", r.stdout);
+            assert_eq!(r.code(), 0, "{kind} {how}: {}", r.stderr);
+        }
+    }
+}
+
+#[test]
 fn triple_fault_exits_3_with_registers() {
     let r = end_with("elf", "triplefault");
     assert_eq!(r.code(), 3, "{}", r.stderr);

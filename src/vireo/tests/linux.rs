@@ -209,7 +209,8 @@ fn linux_bzimage_boots_to_a_shell() {
 fn linux_vmlinux_boots() {
     let dir = scratch("linux-vmlinux");
     let vmlinux = extract_vmlinux(&linux_kernel(), &dir);
-    let initrd = initramfs(&dir, "echo VIREO-LINUX-DONE\nreboot -f");
+    // poweroff: Linux enters S5 through the FADT's sleep control register.
+    let initrd = initramfs(&dir, "echo VIREO-LINUX-DONE\npoweroff -f");
     let (mut child, rx) = spawn_interactive(&[
         "--kernel",
         vmlinux.to_str().unwrap(),
@@ -223,6 +224,10 @@ fn linux_vmlinux_boots() {
     let mut seen = Vec::new();
     wait_line(&rx, "VIREO-LINUX-DONE", &mut seen);
     check_report(&seen, 1, 256);
-    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    assert_eq!(
+        wait_exit(&mut child).code(),
+        Some(0),
+        "ACPI power-off ends vireo with 0"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -8,7 +8,7 @@ use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
 use crate::Error;
 use devices::bus::Bus;
-use devices::legacy::{i8042, power, serial, PowerDevice, Serial, I8042};
+use devices::legacy::{i8042, power, serial, AcpiPmDevice, PowerDevice, Serial, I8042};
 use devices::EventFdTrigger;
 use std::fs::File;
 use std::path::Path;
@@ -125,6 +125,12 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
     memory
         .write_slice(&mptable, GuestAddress(arch::mptable::MPTABLE_START))
         .map_err(|_| Error::Boot(boot::Error::GuestMemory("the MP table")))?;
+    memory
+        .write_slice(
+            &crate::acpi::build(config.vcpus),
+            GuestAddress(arch::layout::ACPI_START),
+        )
+        .map_err(|_| Error::Boot(boot::Error::GuestMemory("the ACPI tables")))?;
 
     // Legacy devices.
     let serial_irq = EventFdTrigger::new().map_err(Error::EventFd)?;
@@ -152,6 +158,14 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
         ))),
         power::POWER_PORT,
         power::PORT_SIZE,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(AcpiPmDevice::new(
+            power_evt.try_clone().map_err(Error::EventFd)?,
+            reset_evt.try_clone().map_err(Error::EventFd)?,
+        ))),
+        power::acpi::ACPI_PM_BASE,
+        power::acpi::PORT_SIZE,
     )?;
 
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);

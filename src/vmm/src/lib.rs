@@ -3,6 +3,7 @@
 //! One thread per vCPU runs KVM_RUN; the calling thread waits for the VM to end (guest reset
 //! or power-off, a vCPU failure, a signal, or the console's quit key) and tears it down.
 
+pub mod acpi;
 pub mod boot;
 mod builder;
 pub mod config;

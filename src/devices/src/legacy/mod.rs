@@ -5,5 +5,5 @@ pub mod power;
 pub mod serial;
 
 pub use i8042::I8042;
-pub use power::PowerDevice;
+pub use power::{AcpiPmDevice, PowerDevice};
 pub use serial::Serial;

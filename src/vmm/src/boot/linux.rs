@@ -28,6 +28,7 @@ pub(super) fn write_zero_page(
     if let Some(h) = header {
         params.hdr = h;
     }
+    params.acpi_rsdp_addr = layout::ACPI_START;
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;

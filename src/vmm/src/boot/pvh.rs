@@ -37,6 +37,7 @@ pub(super) fn write_start_info(
         cmdline_paddr: layout::CMDLINE_START,
         memmap_paddr: layout::PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: layout::ACPI_START,
         ..Default::default()
     };
     let mut params = BootParams::new(&info, GuestAddress(layout::PVH_INFO_START));

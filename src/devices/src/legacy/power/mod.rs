@@ -5,6 +5,10 @@
 //! with the other (QEMU derives its exit status from the byte; vireo treats every write as a
 //! clean power-off and logs the byte).
 
+pub mod acpi;
+
+pub use acpi::AcpiPmDevice;
+
 use crate::bus::BusDevice;
 use crate::EventFdTrigger;
 use std::sync::atomic::{AtomicU8, Ordering};

@@ -1,0 +1,206 @@
+//! ACPI tables for a hardware-reduced ACPI platform: how modern guests (Linux with ACPI, as
+//! Firecracker and Cloud Hypervisor boot it) find their CPUs, their interrupt controller, the
+//! serial port, and how to power off and reset.
+//!
+//! ```text
+//! RSDP (ACPI_START) → XSDT → FADT → DSDT (\_SB.COM1, \_S5_)
+//!                          → MADT (one local APIC per vCPU, the IOAPIC)
+//! ```
+//! The MP table stays as well, for guests booted with `acpi=off` or without ACPI support.
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
+use arch::layout::{ACPI_START, APIC_START, HIMEM_START, IOAPIC_START};
+use devices::legacy::power::acpi as pm;
+use devices::legacy::serial;
+
+const OEM_ID: [u8; 6] = *b"VIREO ";
+const OEM_TABLE_ID: [u8; 8] = *b"VIREOVM ";
+const OEM_REVISION: u32 = 1;
+const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_MSI_NOT_SUPPORTED: u16 = 1 << 3;
+const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+/// DSDT revision 2 and up means 64-bit AML integers.
+const DSDT_REVISION: u8 = 6;
+
+fn aml_bytes(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+fn dsdt() -> Vec<u8> {
+    let port = serial::COM1_BASE as u16;
+    let io = aml::IO::new(port, port, 1, serial::PORT_SIZE as u8);
+    let irq = aml::Interrupt::new(true, true, false, false, serial::COM1_IRQ);
+    let com1_resources = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let hid = aml::EISAName::new("PNP0501");
+    let hid_name = aml::Name::new("_HID".into(), &hid);
+    let uid_name = aml::Name::new("_UID".into(), &aml::ZERO);
+    let crs_name = aml::Name::new("_CRS".into(), &com1_resources);
+    let com1 = aml::Device::new("COM1".into(), vec![&hid_name, &uid_name, &crs_name]);
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1]);
+    // \_S5_: the SLP_TYP values (a, b) for soft-off, as the sleep control register expects.
+    let s5_type = pm::S5_SLEEP_TYPE;
+    let s5_package = aml::Package::new(vec![&s5_type, &s5_type, &0u8, &0u8]);
+    let s5 = aml::Name::new("_S5_".into(), &s5_package);
+    let mut table = Sdt::new(
+        *b"DSDT",
+        36,
+        DSDT_REVISION,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    );
+    table.append_slice(&aml_bytes(&sb));
+    table.append_slice(&aml_bytes(&s5));
+    table.as_slice().to_vec()
+}
+
+fn io_register(port: u64) -> GAS {
+    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    f.sleep_control_reg = io_register(pm::ACPI_PM_BASE + pm::SLEEP_CONTROL);
+    f.sleep_status_reg = io_register(pm::ACPI_PM_BASE + pm::SLEEP_STATUS);
+    f.reset_reg = io_register(pm::ACPI_PM_BASE + pm::RESET);
+    f.reset_value = pm::RESET_VALUE;
+    // No VGA, no MSI (there is no PCI) and no CMOS RTC: a guest must not probe for them.
+    f.iapc_boot_arch =
+        (IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED | IAPC_CMOS_RTC_NOT_PRESENT).into();
+    f.hypervisor_vendor_identity = u64::from_le_bytes(*b"VIREO\0\0\0").into();
+    aml_bytes(&f.finalize())
+}
+
+fn madt(cpus: u32) -> Vec<u8> {
+    let mut m = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(APIC_START as u32),
+    );
+    for cpu in 0..cpus {
+        m.add_structure(ProcessorLocalApic::new(
+            cpu as u8,
+            cpu as u8,
+            EnabledStatus::Enabled,
+        ));
+    }
+    // Same IOAPIC ID as in the MP table; GSIs 0-23 map to its pins.
+    m.add_structure(IoApic::new(cpus as u8, IOAPIC_START as u32, 0));
+    aml_bytes(&m)
+}
+
+fn align(v: usize) -> usize {
+    (v + 15) & !15
+}
+
+/// The ACPI tables for `cpus` vCPUs as one image to write at [`ACPI_START`], which is where
+/// the RSDP sits.
+pub fn build(cpus: u32) -> Vec<u8> {
+    let mut image = vec![0u8; align(Rsdp::len())];
+    let place = |image: &mut Vec<u8>, table: &[u8]| -> u64 {
+        let offset = image.len();
+        image.extend_from_slice(table);
+        image.resize(align(image.len()), 0);
+        ACPI_START + offset as u64
+    };
+    let dsdt_addr = place(&mut image, &dsdt());
+    let fadt_addr = place(&mut image, &fadt(dsdt_addr));
+    let madt_addr = place(&mut image, &madt(cpus));
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt_addr = place(&mut image, &aml_bytes(&xsdt));
+    let rsdp = aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
+    image[..rsdp.len()].copy_from_slice(&rsdp);
+    debug_assert!(ACPI_START + image.len() as u64 <= HIMEM_START);
+    image
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    fn table_at(image: &[u8], addr: u64) -> &[u8] {
+        let off = (addr - ACPI_START) as usize;
+        let len = u32::from_le_bytes(image[off + 4..off + 8].try_into().unwrap()) as usize;
+        &image[off..off + len]
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn tables_link_up_with_valid_checksums() {
+        for cpus in [1u32, 2, 254] {
+            let image = build(cpus);
+            assert!(ACPI_START + image.len() as u64 <= HIMEM_START);
+            assert_eq!(&image[..8], b"RSD PTR ");
+            assert_eq!(sum(&image[..20]), 0);
+            assert_eq!(sum(&image[..36]), 0);
+            let xsdt = table_at(&image, u64_at(&image, 24));
+            assert_eq!(&xsdt[..4], b"XSDT");
+            assert_eq!(sum(xsdt), 0);
+            let entries: Vec<u64> = (36..xsdt.len())
+                .step_by(8)
+                .map(|o| u64_at(xsdt, o))
+                .collect();
+            assert_eq!(entries.len(), 2);
+            let fadt = table_at(&image, entries[0]);
+            assert_eq!(&fadt[..4], b"FACP");
+            assert_eq!(sum(fadt), 0);
+            let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+            assert_ne!(flags & (1 << 20), 0, "hardware-reduced");
+            assert_eq!(u64_at(fadt, 244 + 4), pm::ACPI_PM_BASE + pm::SLEEP_CONTROL);
+            assert_eq!(u64_at(fadt, 116 + 4), pm::ACPI_PM_BASE + pm::RESET);
+            assert_eq!(
+                u16::from_le_bytes([fadt[109], fadt[110]]),
+                0x2c,
+                "IAPC_BOOT_ARCH"
+            );
+            let dsdt = table_at(&image, u64_at(fadt, 140));
+            assert_eq!(&dsdt[..4], b"DSDT");
+            assert_eq!(sum(dsdt), 0);
+            let s5 = dsdt
+                .windows(4)
+                .position(|w| w == b"_S5_")
+                .expect("_S5_ in the DSDT");
+            assert_eq!(dsdt[s5 + 4], 0x12, "_S5_ is a package");
+            let madt = table_at(&image, entries[1]);
+            assert_eq!(&madt[..4], b"APIC");
+            assert_eq!(sum(madt), 0);
+            let mut off = 44;
+            let mut lapics = 0;
+            let mut ioapics = 0;
+            while off < madt.len() {
+                match madt[off] {
+                    0 => lapics += 1,
+                    1 => ioapics += 1,
+                    t => panic!("unexpected MADT entry {t}"),
+                }
+                off += madt[off + 1] as usize;
+            }
+            assert_eq!((lapics, ioapics), (cpus, 1));
+        }
+    }
+}
