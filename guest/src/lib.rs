@@ -204,17 +204,11 @@ pub fn main(info: BootInfo) -> ! {
     match mp::find_cpus() {
         Ok(cpus) => {
             listed = cpus.count;
-            let bsp_id = apic::apic_id();
             puts(b"@cpus");
             field(b"listed", cpus.count as u64, false);
             field(b"bsp", u64::from(cpus.bsp), false);
             puts(b"\n");
-            let cpuid_id = core::arch::x86_64::__cpuid(1).ebx >> 24;
-            puts(b"@cpu apic=");
-            put_dec(u64::from(bsp_id));
-            puts(b" cpuid_apic=");
-            put_dec(u64::from(cpuid_id));
-            puts(b" bsp\n");
+            smp::report_cpu(b"bsp");
             apic::init_bsp();
             online += smp::start_aps(&cpus.apic_ids[..cpus.count], cpus.bsp);
 

@@ -86,16 +86,22 @@ extern "C" {
 
 static AP_DONE: AtomicU32 = AtomicU32::new(0);
 
+/// Reports this CPU's APIC ID as its local APIC and CPUID leaf 1 see it.
+pub fn report_cpu(role: &[u8]) {
+    let cpuid_id = core::arch::x86_64::__cpuid(1).ebx >> 24;
+    puts(b"@cpu apic=");
+    put_dec(u64::from(apic::apic_id()));
+    puts(b" cpuid_apic=");
+    put_dec(u64::from(cpuid_id));
+    puts(b" ");
+    puts(role);
+    puts(b"\n");
+}
+
 /// Runs on each AP once it reaches long mode: reports its identity and halts for good. APs
 /// start one at a time, so they share one stack.
 extern "C" fn ap_main() -> ! {
-    let lapic_id = apic::apic_id();
-    let cpuid_id = core::arch::x86_64::__cpuid(1).ebx >> 24;
-    puts(b"@cpu apic=");
-    put_dec(u64::from(lapic_id));
-    puts(b" cpuid_apic=");
-    put_dec(u64::from(cpuid_id));
-    puts(b" started\n");
+    report_cpu(b"started");
     AP_DONE.store(1, Ordering::SeqCst);
     loop {
         // SAFETY: halting with interrupts off parks this CPU.

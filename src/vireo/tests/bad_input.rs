@@ -4,6 +4,7 @@
 mod common;
 use common::*;
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::process::Command;
 
 /// Asserts a setup failure: exit 1, and stderr is one `vireo: error:` line containing all of
@@ -40,21 +41,26 @@ fn kernel_is_a_directory() {
     assert_rejected(&r, &["kernel image", dir.to_str().unwrap(), "directory"]);
 }
 
-#[test]
-fn unreadable_kernel() {
-    let dir = scratch("kernel-unreadable");
+/// Runs vireo as the unprivileged user `nobody` on a copy of the ELF guest with file mode
+/// `mode`: root can read any file and open /dev/kvm, so these checks need another user.
+fn run_as_nobody(name: &str, mode: u32) -> (Run, PathBuf, PathBuf) {
+    let dir = scratch(name);
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let k = dir.join("vmlinux");
     std::fs::copy(guest("elf"), &k).unwrap();
-    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o000)).unwrap();
-    // Root reads anything, so drop to nobody for this one.
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(mode)).unwrap();
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(env!("CARGO_BIN_EXE_vireo"))
         .args(["run", "--kernel", k.to_str().unwrap()])
         .output()
         .expect("setpriv (util-linux) runs vireo as nobody");
-    let r = Run::from(out);
+    (Run::from(out), k, dir)
+}
+
+#[test]
+fn unreadable_kernel() {
+    let (r, k, dir) = run_as_nobody("kernel-unreadable", 0o000);
     assert_rejected(
         &r,
         &["kernel image", k.to_str().unwrap(), "Permission denied"],
@@ -248,18 +254,7 @@ fn kvm_device_missing() {
 
 #[test]
 fn kvm_device_not_permitted() {
-    let dir = scratch("kvm-perm");
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let k = dir.join("vmlinux");
-    std::fs::copy(guest("elf"), &k).unwrap();
-    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_vireo"))
-        .args(["run", "--kernel", k.to_str().unwrap()])
-        .output()
-        .expect("setpriv (util-linux) runs vireo as nobody");
-    let r = Run::from(out);
+    let (r, _, dir) = run_as_nobody("kvm-perm", 0o644);
     assert_rejected(&r, &["permission denied opening /dev/kvm"]);
     let _ = std::fs::remove_dir_all(dir);
 }
