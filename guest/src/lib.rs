@@ -62,6 +62,10 @@ fn read_line(bsp: u8, buf: &mut [u8]) -> Option<usize> {
     apic::start_watchdog(10_000);
     let mut n = 0;
     loop {
+        // Halt first: input that arrived since IER was set has already raised the interrupt,
+        // which is pending until interrupts are enabled, so the wake-up is never missed.
+        // SAFETY: wait for the next interrupt; the handlers only bump counters.
+        unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
         while let Some(c) = getc() {
             if c == b'\n' || c == b'\r' {
                 apic::stop_watchdog();
@@ -75,8 +79,6 @@ fn read_line(bsp: u8, buf: &mut [u8]) -> Option<usize> {
         if apic::timer_irqs() > 0 {
             return None;
         }
-        // SAFETY: wait for the next interrupt; the handlers only bump counters.
-        unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
     }
 }
 
