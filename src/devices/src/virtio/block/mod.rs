@@ -1,0 +1,241 @@
+//! virtio-blk (virtio 1.2, 5.2) backed by a host file: read, write, flush, GET_ID, DISCARD and
+//! WRITE_ZEROES, read-only enforcement, seg_max/size_max, one request queue.
+
+pub mod disk;
+pub mod request;
+#[cfg(test)]
+mod tests;
+
+use super::worker::{QueueHandler, Worker};
+use super::{features, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice};
+use disk::Disk;
+use request::{Limits, Request, ID_BYTES};
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use thiserror::Error;
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::DescriptorChain;
+use vm_memory::Bytes;
+
+/// Request queue size.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest data segment the device accepts (and advertises as size_max).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Most data segments per request: what fits in the queue next to header and status.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Most ranges per DISCARD / WRITE_ZEROES request.
+pub const MAX_RANGES: u32 = 16;
+/// Most sectors per DISCARD / WRITE_ZEROES range (1 GiB).
+pub const MAX_RANGE_SECTORS: u32 = 1 << 21;
+
+/// A drive as the user configured it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Disk image.
+    pub path: PathBuf,
+    /// ID returned by GET_ID (at most 20 bytes).
+    pub id: String,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
+/// Errors creating a block device.
+#[derive(Debug, Error)]
+pub enum BlockError {
+    /// The image cannot be opened.
+    #[error("cannot open drive image {path}: {err}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// Cause.
+        err: std::io::Error,
+    },
+    /// The image is not a regular file or block device.
+    #[error("drive image {0} is a directory")]
+    Directory(PathBuf),
+    /// The ID does not fit GET_ID's 20 bytes.
+    #[error("drive id '{0}' is longer than 20 bytes")]
+    IdTooLong(String),
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    config: BlockConfig,
+    disk: Option<Disk>,
+    features: u64,
+    config_space: Vec<u8>,
+    worker: Option<Worker>,
+    // Worker hands the disk back when stopped.
+    returned: std::sync::Arc<std::sync::Mutex<Option<Disk>>>,
+}
+
+fn feature(bit: u32) -> u64 {
+    1 << bit
+}
+
+impl Block {
+    /// Opens the image of `config`.
+    pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        if config.id.len() > ID_BYTES {
+            return Err(BlockError::IdTooLong(config.id.clone()));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(&config.path)
+            .map_err(|err| BlockError::Open {
+                path: config.path.clone(),
+                err,
+            })?;
+        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+            return Err(BlockError::Directory(config.path.clone()));
+        }
+        let disk = Disk::new(file).map_err(|err| BlockError::Open {
+            path: config.path.clone(),
+            err,
+        })?;
+        let mut features = features::COMMON
+            | feature(VIRTIO_BLK_F_SIZE_MAX)
+            | feature(VIRTIO_BLK_F_SEG_MAX)
+            | feature(VIRTIO_BLK_F_BLK_SIZE)
+            | feature(VIRTIO_BLK_F_FLUSH);
+        if config.read_only {
+            features |= feature(VIRTIO_BLK_F_RO);
+        } else {
+            features |= feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        let config_space = Self::config_image(disk.sectors());
+        Ok(Self {
+            config,
+            disk: Some(disk),
+            features,
+            config_space,
+            worker: None,
+            returned: Default::default(),
+        })
+    }
+
+    /// struct virtio_blk_config, little-endian.
+    fn config_image(sectors: u64) -> Vec<u8> {
+        let mut c = vec![0u8; 60];
+        c[0..8].copy_from_slice(&sectors.to_le_bytes()); // capacity
+        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes()); // size_max
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes()); // seg_max
+        c[20..24].copy_from_slice(&(disk::SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+        c[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors
+        c[40..44].copy_from_slice(&MAX_RANGES.to_le_bytes()); // max_discard_seg
+        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        c[48..52].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+        c[52..56].copy_from_slice(&MAX_RANGES.to_le_bytes()); // max_write_zeroes_seg
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+
+    /// The drive's configuration.
+    pub fn config(&self) -> &BlockConfig {
+        &self.config
+    }
+
+    fn id_bytes(&self) -> [u8; ID_BYTES] {
+        let mut id = [0u8; ID_BYTES];
+        id[..self.config.id.len()].copy_from_slice(self.config.id.as_bytes());
+        id
+    }
+}
+
+/// The request loop's state, owned by the device thread while the device is active.
+struct Handler {
+    disk: Option<Disk>,
+    read_only: bool,
+    id: [u8; ID_BYTES],
+    limits: Limits,
+    returned: std::sync::Arc<std::sync::Mutex<Option<Disk>>>,
+}
+
+impl QueueHandler for Handler {
+    fn handle(
+        &mut self,
+        _queue: usize,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> u32 {
+        let Some(disk) = self.disk.as_mut() else {
+            return 0;
+        };
+        let request = match Request::parse(chain, mem) {
+            Ok(r) => r,
+            Err((e, status)) => {
+                tracing::warn!("virtio-blk: malformed request: {e:?}");
+                // Fail it with IOERR if it has a writable last byte; otherwise nothing can be
+                // reported and the chain goes back with nothing written.
+                return match status {
+                    Some(addr) if mem.write_obj(VIRTIO_BLK_S_IOERR as u8, addr).is_ok() => 1,
+                    _ => 0,
+                };
+            }
+        };
+        let (status, len) = request.execute(disk, mem, self.read_only, &self.id, &self.limits);
+        if mem.write_obj(status, request.status_addr()).is_err() {
+            return 0;
+        }
+        len
+    }
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        *crate::bus::lock(&self.returned) = self.disk.take();
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_image(&self.config_space, offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let disk = self
+            .disk
+            .take()
+            .or_else(|| crate::bus::lock(&self.returned).take())
+            .ok_or_else(|| {
+                ActivateError::EventLoop("disk is still held by a stopped worker".into())
+            })?;
+        let handler = Handler {
+            disk: Some(disk),
+            read_only: self.config.read_only,
+            id: self.id_bytes(),
+            limits: Limits {
+                seg_max: SEG_MAX,
+                size_max: SIZE_MAX,
+                max_ranges: MAX_RANGES,
+                max_range_sectors: MAX_RANGE_SECTORS,
+            },
+            returned: self.returned.clone(),
+        };
+        self.worker = Some(Worker::spawn("virtio-blk", handler, ctx)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // Stopping the worker drops its handler, which hands the disk back.
+        self.worker = None;
+        if self.disk.is_none() {
+            self.disk = crate::bus::lock(&self.returned).take();
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! virtio-rng / entropy device (virtio 1.2, 5.4): fills the driver's buffers from the host's
+//! getrandom(2).
+
+use super::worker::{QueueHandler, Worker};
+use super::{features, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice};
+use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestMemoryBackend};
+
+/// Request queue size.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most bytes served per request: a guest asking for more gets this many (the driver loops).
+pub const MAX_REQUEST_BYTES: u32 = 64 << 10;
+
+/// The entropy device.
+#[derive(Default)]
+pub struct Rng {
+    worker: Option<Worker>,
+}
+
+impl Rng {
+    /// A new entropy device.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+struct Handler {
+    buf: Vec<u8>,
+}
+
+impl QueueHandler for Handler {
+    fn handle(
+        &mut self,
+        _queue: usize,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> u32 {
+        let mut written: u32 = 0;
+        for desc in chain.writable() {
+            let len = desc.len().min(MAX_REQUEST_BYTES - written);
+            if len == 0 {
+                break;
+            }
+            if !mem.check_range(desc.addr(), len as usize) {
+                tracing::warn!("virtio-rng: buffer outside guest memory");
+                break;
+            }
+            let buf = &mut self.buf[..len as usize];
+            if let Err(e) = getrandom::fill(buf) {
+                tracing::error!("virtio-rng: getrandom failed: {e}");
+                break;
+            }
+            if mem.write_slice(buf, desc.addr()).is_err() {
+                break;
+            }
+            written += len;
+        }
+        written
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        features::COMMON
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let handler = Handler {
+            buf: vec![0; MAX_REQUEST_BYTES as usize],
+        };
+        self.worker = Some(Worker::spawn("virtio-rng", handler, ctx)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+}
