@@ -118,7 +118,7 @@ impl Driver {
         let f = self.device_features();
         let s = self.negotiate(f);
         assert_ne!(s & status::FEATURES_OK, 0);
-        self.setup_queue(16, DESC, AVAIL, USED);
+        self.setup_queue(64, DESC, AVAIL, USED);
         let s = self.driver_ok();
         assert_eq!(
             s & (status::DRIVER_OK | status::DEVICE_NEEDS_RESET),
@@ -191,6 +191,11 @@ impl Driver {
         self.next_desc = 0;
         self.avail_idx = 0;
         self.used_seen = 0;
+    }
+
+    /// Continues allocating descriptors after ones a test wrote by hand.
+    pub fn reset_counters_keep_ring(&mut self) {
+        self.next_desc = 0;
     }
 
     /// Waits until the device reports DEVICE_NEEDS_RESET.

@@ -128,18 +128,25 @@ impl Request {
         mem: &GuestMemoryMmap,
         status_out: &mut Option<GuestAddress>,
     ) -> Result<Request, ParseError> {
+        // The walk is bounded by the queue size (virtio-queue stops loops and overlong chains).
+        let descs: Vec<_> = chain.filter(|d| d.len() > 0).collect();
+        // The status byte is the last byte of the last descriptor, which must be writable.
+        let last = descs.last().ok_or(ParseError::NoStatus)?;
+        if !last.is_write_only() {
+            return Err(ParseError::NoStatus);
+        }
+        let status = GuestAddress(last.addr().0 + u64::from(last.len()) - 1);
+        if !mem.check_range(status, 1) {
+            return Err(ParseError::OutsideMemory(status.0));
+        }
+        *status_out = Some(status);
+
         let mut readable = Vec::new();
         let mut writable: Vec<Segment> = Vec::new();
-        for desc in chain {
-            if desc.len() == 0 {
-                continue;
-            }
+        for desc in &descs {
             let addr = desc.addr();
             if !mem.check_range(addr, desc.len() as usize) {
                 return Err(ParseError::OutsideMemory(addr.0));
-            }
-            if desc.is_write_only() {
-                *status_out = Some(GuestAddress(addr.0 + u64::from(desc.len()) - 1));
             }
             if desc.is_write_only() {
                 writable.push((addr, desc.len()));
@@ -149,11 +156,12 @@ impl Request {
                 return Err(ParseError::ReadableAfterWritable);
             }
         }
-        // The status byte is the last writable byte.
-        let (last_addr, last_len) = writable.pop().ok_or(ParseError::NoStatus)?;
-        let status = GuestAddress(last_addr.0 + u64::from(last_len) - 1);
-        if last_len > 1 {
-            writable.push((last_addr, last_len - 1));
+        // Drop the status byte from the writable data.
+        if let Some(seg) = writable.last_mut() {
+            seg.1 -= 1;
+            if seg.1 == 0 {
+                writable.pop();
+            }
         }
         if total(&readable) < u64::from(HEADER_SIZE) {
             return Err(ParseError::ShortHeader);
