@@ -193,7 +193,7 @@ impl Request {
     fn data_ok(segments: &[Segment], limits: &Limits) -> bool {
         segments.len() as u64 <= u64::from(limits.seg_max)
             && segments.iter().all(|s| s.1 <= limits.size_max)
-            && total(segments) % SECTOR_SIZE == 0
+            && total(segments).is_multiple_of(SECTOR_SIZE)
     }
 
     /// Runs the request against `disk`; returns the status and the number of bytes written to
@@ -274,7 +274,9 @@ impl Request {
     fn ranges(&self, disk: &mut Disk, mem: &GuestMemoryMmap, limits: &Limits) -> u8 {
         let bytes = total(&self.readable);
         let count = bytes / u64::from(RANGE_SIZE);
-        if bytes % u64::from(RANGE_SIZE) != 0 || count == 0 || count > u64::from(limits.max_ranges)
+        if !bytes.is_multiple_of(u64::from(RANGE_SIZE))
+            || count == 0
+            || count > u64::from(limits.max_ranges)
         {
             return VIRTIO_BLK_S_IOERR as u8;
         }

@@ -398,7 +398,7 @@ impl BusDevice for MmioTransport {
             self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             tracing::warn!(
                 "virtio-mmio: {}-byte read at {offset:#x}: registers are 32-bit",
                 data.len()
@@ -421,7 +421,7 @@ impl BusDevice for MmioTransport {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             tracing::warn!("virtio-mmio: unaligned write at {offset:#x}");
             return;
         }
