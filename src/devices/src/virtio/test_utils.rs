@@ -28,7 +28,6 @@ pub fn mem() -> GuestMemoryMmap {
 pub struct Driver {
     pub transport: MmioTransport,
     pub mem: GuestMemoryMmap,
-    pub interrupt: Arc<Interrupt>,
     pub irq: EventFd,
     pub size: u16,
     next_desc: u16,
@@ -46,11 +45,10 @@ impl Driver {
             .iter()
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
-        let transport = MmioTransport::new(device, mem.clone(), interrupt.clone(), evts);
+        let transport = MmioTransport::new(device, mem.clone(), interrupt, evts);
         Self {
             transport,
             mem,
-            interrupt,
             irq,
             size: 16,
             next_desc: 0,
