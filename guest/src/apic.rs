@@ -17,6 +17,8 @@ const IOAPIC: u64 = 0xfec0_0000;
 
 /// Vector the serial port's IRQ is routed to.
 pub const SERIAL_VECTOR: u8 = 0x24;
+/// Vector virtio devices interrupt on.
+pub const VIRTIO_VECTOR: u8 = 0x26;
 /// Vector of the watchdog timer.
 pub const TIMER_VECTOR: u8 = 0x30;
 const SPURIOUS_VECTOR: u8 = 0xff;
@@ -24,6 +26,9 @@ const SPURIOUS_VECTOR: u8 = 0xff;
 /// Serial interrupts seen.
 #[no_mangle]
 pub static SERIAL_IRQS: AtomicU32 = AtomicU32::new(0);
+/// virtio interrupts seen.
+#[no_mangle]
+pub static VIRTIO_IRQS: AtomicU32 = AtomicU32::new(0);
 /// Watchdog expiries seen.
 #[no_mangle]
 pub static TIMER_IRQS: AtomicU32 = AtomicU32::new(0);
@@ -34,6 +39,9 @@ global_asm!(
     .code64
 serial_isr:
     lock incl SERIAL_IRQS
+    jmp eoi_and_return
+virtio_isr:
+    lock incl VIRTIO_IRQS
     jmp eoi_and_return
 timer_isr:
     lock incl TIMER_IRQS
@@ -48,8 +56,9 @@ spurious_isr:
 
     .section .rodata.isr_table, "a"
     .balign 8
-    .globl isr_serial, isr_timer, isr_spurious
+    .globl isr_serial, isr_timer, isr_spurious, isr_virtio
 isr_serial:   .quad serial_isr
+isr_virtio:   .quad virtio_isr
 isr_timer:    .quad timer_isr
 isr_spurious: .quad spurious_isr
     "#,
@@ -60,6 +69,7 @@ extern "C" {
     static isr_serial: u64;
     static isr_timer: u64;
     static isr_spurious: u64;
+    static isr_virtio: u64;
 }
 
 #[repr(C, align(16))]
@@ -113,8 +123,10 @@ fn set_gate(vector: u8, handler: u64) {
 /// Installs the IDT with the serial, timer and spurious handlers.
 pub fn load_idt() {
     // SAFETY: the extern statics are addresses defined in the assembly above.
-    let (serial, timer, spurious) = unsafe { (isr_serial, isr_timer, isr_spurious) };
+    let (serial, timer, spurious, virtio) =
+        unsafe { (isr_serial, isr_timer, isr_spurious, isr_virtio) };
     set_gate(SERIAL_VECTOR, serial);
+    set_gate(VIRTIO_VECTOR, virtio);
     set_gate(TIMER_VECTOR, timer);
     set_gate(SPURIOUS_VECTOR, spurious);
     let ptr = DescriptorPtr {
@@ -164,6 +176,11 @@ pub fn eoi() {
 /// Serial interrupts taken so far.
 pub fn serial_irqs() -> u32 {
     SERIAL_IRQS.load(Ordering::SeqCst)
+}
+
+/// virtio interrupts taken so far.
+pub fn virtio_irqs() -> u32 {
+    VIRTIO_IRQS.load(Ordering::SeqCst)
 }
 
 /// Watchdog expiries so far.

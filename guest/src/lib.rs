@@ -19,10 +19,12 @@
 pub mod acpi;
 pub mod apic;
 pub mod boot;
+mod devtest;
 mod entry;
 pub mod io;
 pub mod mp;
 pub mod smp;
+pub mod virtio;
 
 use boot::BootInfo;
 use io::{getc, put_dec, put_hex, puts};
@@ -41,7 +43,7 @@ fn fnv1a(addr: u64, len: u64) -> u32 {
     h
 }
 
-fn field(name: &[u8], v: u64, hex: bool) {
+pub(crate) fn field(name: &[u8], v: u64, hex: bool) {
     puts(b" ");
     puts(name);
     puts(b"=");
@@ -54,7 +56,6 @@ fn field(name: &[u8], v: u64, hex: bool) {
 
 /// Reads one line of serial input, woken by the UART's interrupt through the IOAPIC.
 fn read_line(bsp: u8, buf: &mut [u8]) -> Option<usize> {
-    apic::load_idt();
     apic::route_irq(4, apic::SERIAL_VECTOR, bsp);
     io::outb(0x3f8 + 4, 0x0b); // MCR: DTR, RTS, OUT2 (the IRQ gate on a PC)
     io::outb(0x3f8 + 1, 0x01); // IER: received data available
@@ -212,7 +213,9 @@ pub fn main(info: BootInfo) -> ! {
             puts(b"\n");
             smp::report_cpu(b"bsp");
             apic::init_bsp();
+            apic::load_idt();
             online += smp::start_aps(&cpus.apic_ids[..cpus.count], cpus.bsp);
+            devtest::run(&info, cmdline, cpus.bsp);
 
             if info.has_option(b"vireo.input") {
                 let mut buf = [0u8; 128];

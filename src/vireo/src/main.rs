@@ -3,7 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use vmm::{ExitReason, SerialConfig, VmConfig};
+use vmm::{DriveConfig, ExitReason, SerialConfig, VmConfig};
 
 /// vireo: a microVM monitor on Linux KVM.
 #[derive(Parser, Debug)]
@@ -42,6 +42,49 @@ struct RunArgs {
     /// Where the serial console goes: stdio, file:PATH or none.
     #[arg(long, value_name = "WHERE", default_value = "stdio", value_parser = parse_serial)]
     serial: SerialConfig,
+    /// A virtio-blk drive: path=IMG[,id=ID][,readonly=on][,root=on]. Repeat for more drives;
+    /// the guest sees them as /dev/vda, /dev/vdb, ... in this order.
+    #[arg(long = "drive", value_name = "SPEC", value_parser = parse_drive)]
+    drives: Vec<DriveConfig>,
+    /// Give the guest a virtio-rng entropy device fed by the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+}
+
+fn parse_on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{key}={v}: expected on or off")),
+    }
+}
+
+/// `path=IMG[,id=ID][,readonly=on][,root=on]`; a bare first item is taken as the path.
+fn parse_drive(s: &str) -> Result<DriveConfig, String> {
+    let mut drive = DriveConfig {
+        path: PathBuf::new(),
+        id: None,
+        read_only: false,
+        root: false,
+    };
+    for (i, item) in s.split(',').enumerate() {
+        match item.split_once('=') {
+            Some(("path", v)) => drive.path = PathBuf::from(v),
+            Some(("id", v)) => drive.id = Some(v.to_owned()),
+            Some(("readonly", v)) => drive.read_only = parse_on_off("readonly", v)?,
+            Some(("root", v)) => drive.root = parse_on_off("root", v)?,
+            None if i == 0 => drive.path = PathBuf::from(item),
+            _ => {
+                return Err(format!(
+                    "'{item}' is not a drive option: use path=IMG[,id=ID][,readonly=on][,root=on]"
+                ))
+            }
+        }
+    }
+    if drive.path.as_os_str().is_empty() {
+        return Err("a drive needs path=IMG".into());
+    }
+    Ok(drive)
 }
 
 fn parse_serial(s: &str) -> Result<SerialConfig, String> {
@@ -80,6 +123,8 @@ fn main() -> ExitCode {
                 vcpus: args.cpus,
                 mem_mib: args.memory,
                 serial: args.serial,
+                drives: args.drives,
+                rng: args.rng,
             };
             let code = match vmm::run(&config) {
                 Ok(reason) => {

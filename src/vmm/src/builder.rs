@@ -109,13 +109,17 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
     vm.setup_irqchip()?;
     tracing::debug!("guest memory and interrupt controllers ready");
 
+    // virtio devices first: they add to the kernel command line.
+    let mut mmio = Bus::new();
+    let virtio = crate::device_manager::create(config, &vm, &memory, &mut mmio)?;
+    let cmdline = format!("{}{}", config.cmdline, virtio.cmdline);
     let boot = boot::load(
         &memory,
         BootInputs {
             kernel_path: &config.kernel,
             kernel: &mut kernel,
             initrd: initrd.as_mut().map(|(p, f)| (*p, f)),
-            cmdline: &config.cmdline,
+            cmdline: &cmdline,
             mem_size,
         },
     )?;
@@ -182,7 +186,7 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
         _memory: memory,
         vcpus,
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
+        mmio: Arc::new(mmio),
         serial,
         reset_evt,
         power_evt,

@@ -28,6 +28,23 @@ pub struct VmConfig {
     pub mem_mib: u64,
     /// Serial console wiring.
     pub serial: SerialConfig,
+    /// virtio-blk drives, in the order the guest sees them (/dev/vda, /dev/vdb, ...).
+    pub drives: Vec<DriveConfig>,
+    /// Whether the guest gets a virtio-rng entropy device.
+    pub rng: bool,
+}
+
+/// One virtio-blk drive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriveConfig {
+    /// Disk image on the host.
+    pub path: PathBuf,
+    /// ID the guest reads with GET_ID (at most 20 bytes); defaults to `drive<N>`.
+    pub id: Option<String>,
+    /// Refuse guest writes (and open the image read-only).
+    pub read_only: bool,
+    /// Make this drive the guest's root device (`root=/dev/vda`); first drive only.
+    pub root: bool,
 }
 
 /// Command line used when the user gives none: what a Linux microVM guest needs to talk on

@@ -8,10 +8,11 @@ pub mod boot;
 mod builder;
 pub mod config;
 pub mod console;
+pub mod device_manager;
 pub mod memory;
 pub mod vstate;
 
-pub use config::{SerialConfig, VmConfig, DEFAULT_CMDLINE};
+pub use config::{DriveConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -53,6 +54,9 @@ pub enum Error {
     /// Kernel, initrd or command line.
     #[error(transparent)]
     Boot(#[from] boot::Error),
+    /// A block device.
+    #[error(transparent)]
+    Block(#[from] devices::virtio::block::BlockError),
     /// Placing a device.
     #[error("cannot place a device: {0}")]
     Bus(#[from] devices::bus::Error),

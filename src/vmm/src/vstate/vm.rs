@@ -2,7 +2,7 @@
 
 use crate::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use std::io;
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -62,6 +62,14 @@ pub enum Error {
     Irqfd {
         /// The interrupt line.
         gsi: u32,
+        /// Cause.
+        err: kvm_ioctls::Error,
+    },
+    /// KVM_IOEVENTFD failed.
+    #[error("cannot attach a notification eventfd at MMIO address {addr:#x}: {err}")]
+    Ioevent {
+        /// Guest physical address.
+        addr: u64,
         /// Cause.
         err: kvm_ioctls::Error,
     },
@@ -171,6 +179,14 @@ impl Vm {
         self.fd
             .register_irqfd(evt, gsi)
             .map_err(|err| Error::Irqfd { gsi, err })
+    }
+
+    /// Makes 32-bit guest writes of `value` to MMIO address `addr` signal `evt` inside KVM,
+    /// without an exit to vireo.
+    pub fn register_mmio_ioevent(&self, evt: &EventFd, addr: u64, value: u32) -> Result<(), Error> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), value)
+            .map_err(|err| Error::Ioevent { addr, err })
     }
 
     /// Creates vCPU `index` (its APIC ID is the same number).

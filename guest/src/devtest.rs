@@ -1,0 +1,260 @@
+//! Device tests the host suite asks for on the command line:
+//! * always: `@virtio` lines for every `virtio_mmio.device=` window;
+//! * `vireo.blktest`: on every virtio-blk device, GET_ID, a multi-descriptor write, flush,
+//!   read-back, an indirect read, discard, write-zeroes and an out-of-range read;
+//! * `vireo.rngtest`: 32 bytes from every entropy device.
+
+use crate::boot::BootInfo;
+use crate::io::{peek, poke, puts};
+use crate::virtio::{self, Buf, Device};
+use crate::{apic, field};
+
+const ID_BLOCK: u32 = 2;
+const ID_RNG: u32 = 4;
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+const F_RO: u64 = 1 << 5;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+const BLK_WANTED: u64 =
+    (1 << 1) | (1 << 2) | F_RO | (1 << 6) | (1 << 9) | F_DISCARD | F_WRITE_ZEROES;
+
+/// Bytes the block test writes and reads back.
+pub const TEST_BYTES: usize = 16384;
+/// Sector the block test writes at.
+pub const TEST_SECTOR: u64 = 8;
+
+#[repr(C, align(4096))]
+struct Buffers {
+    a: [u8; TEST_BYTES],
+    b: [u8; TEST_BYTES],
+    header: [u8; 16],
+    status: [u8; 16],
+    range: [u8; 16],
+    table: [u8; 256],
+}
+
+static mut BUFS: Buffers = Buffers {
+    a: [0; TEST_BYTES],
+    b: [0; TEST_BYTES],
+    header: [0; 16],
+    status: [0; 16],
+    range: [0; 16],
+    table: [0; 256],
+};
+
+fn addr_of_bufs() -> (u64, u64, u64, u64, u64, u64) {
+    // SAFETY: only addresses are taken; the BSP is the only user.
+    unsafe {
+        (
+            core::ptr::addr_of!(BUFS.a) as u64,
+            core::ptr::addr_of!(BUFS.b) as u64,
+            core::ptr::addr_of!(BUFS.header) as u64,
+            core::ptr::addr_of!(BUFS.status) as u64,
+            core::ptr::addr_of!(BUFS.range) as u64,
+            core::ptr::addr_of!(BUFS.table) as u64,
+        )
+    }
+}
+
+/// The byte the test writes at offset `i` for drive `seed` (the host test computes the same).
+pub fn pattern(i: usize, seed: u8) -> u8 {
+    ((i.wrapping_mul(31)) ^ (i >> 7)) as u8 ^ seed.wrapping_mul(0x5b)
+}
+
+fn header(hdr: u64, status: u64, kind: u32, sector: u64) {
+    poke(hdr, kind);
+    poke(hdr + 4, 0u32);
+    poke(hdr + 8, sector);
+    poke::<u8>(status, 0xaa);
+}
+
+fn line(dev: usize, what: &[u8]) {
+    puts(b"@blk");
+    field(b"dev", dev as u64, false);
+    puts(b" ");
+    puts(what);
+}
+
+fn status_field(ok: Option<u32>, status: u64) {
+    match ok {
+        Some(len) => {
+            field(b"status", u64::from(peek::<u8>(status)), false);
+            field(b"used", u64::from(len), false);
+        }
+        None => puts(b" status=timeout"),
+    }
+}
+
+fn blk_test(slot: usize, mmio: virtio::MmioDevice, bsp: u8) {
+    let mut d = match Device::init(slot, mmio, BLK_WANTED, apic::VIRTIO_VECTOR, bsp) {
+        Ok(d) => d,
+        Err(e) => {
+            line(slot, b"error=");
+            puts(e);
+            puts(b"\n");
+            return;
+        }
+    };
+    let (a, b, hdr, st, range, table) = addr_of_bufs();
+    let seed = slot as u8 + 1;
+    let capacity = d.config_u64(0);
+    line(slot, b"config");
+    field(b"capacity", capacity, false);
+    field(b"size_max", u64::from(d.config_u32(8)), false);
+    field(b"seg_max", u64::from(d.config_u32(12)), false);
+    field(b"blk_size", u64::from(d.config_u32(20)), false);
+    field(b"ro", u64::from(d.features & F_RO != 0), false);
+    field(b"features", d.features, true);
+    puts(b"\n");
+
+    // GET_ID into the first 20 bytes of b.
+    for i in 0..20 {
+        poke::<u8>(b + i, 0);
+    }
+    header(hdr, st, T_GET_ID, 0);
+    let r = d.run(&[(hdr, 16, false), (b, 20, true), (st, 1, true)]);
+    line(slot, b"id");
+    status_field(r, st);
+    puts(b" id=");
+    let mut n = 0;
+    while n < 20 && peek::<u8>(b + n) != 0 {
+        n += 1;
+    }
+    // SAFETY: `n` bytes of b were just written by the device.
+    puts(unsafe { core::slice::from_raw_parts(b as *const u8, n as usize) });
+    puts(b"\n");
+
+    // Write TEST_BYTES at TEST_SECTOR in eight descriptors.
+    for i in 0..TEST_BYTES {
+        poke::<u8>(a + i as u64, pattern(i, seed));
+    }
+    header(hdr, st, T_OUT, TEST_SECTOR);
+    let chunk = (TEST_BYTES / 8) as u64;
+    let mut bufs: [Buf; 10] = [(0, 0, false); 10];
+    bufs[0] = (hdr, 16, false);
+    for i in 0..8u64 {
+        bufs[1 + i as usize] = (a + i * chunk, chunk as u32, false);
+    }
+    bufs[9] = (st, 1, true);
+    let r = d.run(&bufs);
+    line(slot, b"write");
+    status_field(r, st);
+    puts(b"\n");
+
+    header(hdr, st, T_FLUSH, 0);
+    let r = d.run(&[(hdr, 16, false), (st, 1, true)]);
+    line(slot, b"flush");
+    status_field(r, st);
+    puts(b"\n");
+
+    // Read it back in four descriptors.
+    for i in 0..TEST_BYTES as u64 {
+        poke::<u8>(b + i, 0);
+    }
+    header(hdr, st, T_IN, TEST_SECTOR);
+    let q = (TEST_BYTES / 4) as u64;
+    let r = d.run(&[
+        (hdr, 16, false),
+        (b, q as u32, true),
+        (b + q, q as u32, true),
+        (b + 2 * q, q as u32, true),
+        (b + 3 * q, q as u32, true),
+        (st, 1, true),
+    ]);
+    let same = (0..TEST_BYTES as u64).all(|i| peek::<u8>(a + i) == peek::<u8>(b + i));
+    line(slot, b"read");
+    status_field(r, st);
+    field(b"match", u64::from(same), false);
+    puts(b"\n");
+
+    // An indirect read of the first 4 KiB.
+    for i in 0..4096 {
+        poke::<u8>(b + i, 0);
+    }
+    header(hdr, st, T_IN, TEST_SECTOR);
+    let r = d.run_indirect(table, &[(hdr, 16, false), (b, 4096, true), (st, 1, true)]);
+    let same = (0..4096).all(|i| peek::<u8>(a + i) == peek::<u8>(b + i));
+    line(slot, b"indirect");
+    status_field(r, st);
+    field(b"match", u64::from(same), false);
+    puts(b"\n");
+
+    for (feature, kind, sector, count, name) in [
+        (F_DISCARD, T_DISCARD, 2048u64, 2048u32, &b"discard"[..]),
+        (F_WRITE_ZEROES, T_WRITE_ZEROES, 64, 8, &b"zeroes"[..]),
+    ] {
+        if d.features & feature == 0 {
+            continue;
+        }
+        poke(range, sector);
+        poke(range + 8, count);
+        poke(range + 12, 0u32);
+        header(hdr, st, kind, 0);
+        let r = d.run(&[(hdr, 16, false), (range, 16, false), (st, 1, true)]);
+        line(slot, name);
+        status_field(r, st);
+        puts(b"\n");
+    }
+
+    header(hdr, st, T_IN, capacity);
+    let r = d.run(&[(hdr, 16, false), (b, 512, true), (st, 1, true)]);
+    line(slot, b"oob");
+    status_field(r, st);
+    field(b"irqs", u64::from(apic::virtio_irqs()), false);
+    puts(b"\n");
+}
+
+fn rng_test(slot: usize, mmio: virtio::MmioDevice, bsp: u8) {
+    let mut d = match Device::init(slot, mmio, 0, apic::VIRTIO_VECTOR, bsp) {
+        Ok(d) => d,
+        Err(e) => {
+            puts(b"@rng error=");
+            puts(e);
+            puts(b"\n");
+            return;
+        }
+    };
+    let (a, ..) = addr_of_bufs();
+    for i in 0..32 {
+        poke::<u8>(a + i, 0);
+    }
+    let r = d.run(&[(a, 32, true)]);
+    puts(b"@rng");
+    field(b"dev", slot as u64, false);
+    field(b"used", u64::from(r.unwrap_or(0)), false);
+    puts(b" bytes=");
+    for i in 0..32 {
+        let v = peek::<u8>(a + i);
+        let hex = |n: u8| if n < 10 { b'0' + n } else { b'a' + n - 10 };
+        crate::io::putc(hex(v >> 4));
+        crate::io::putc(hex(v & 0xf));
+    }
+    puts(b"\n");
+}
+
+/// Lists the virtio windows and runs the tests the command line asks for.
+pub fn run(info: &BootInfo, cmdline: &[u8], bsp: u8) {
+    let (devs, n) = virtio::find_devices(cmdline);
+    for (i, dev) in devs[..n].iter().enumerate() {
+        let Some(dev) = dev else { continue };
+        puts(b"@virtio");
+        field(b"index", i as u64, false);
+        field(b"base", dev.base, true);
+        field(b"irq", u64::from(dev.irq), false);
+        field(b"magic", u64::from(peek::<u32>(dev.base)), true);
+        field(b"version", u64::from(peek::<u32>(dev.base + 4)), false);
+        field(b"device_id", u64::from(peek::<u32>(dev.base + 8)), false);
+        puts(b"\n");
+        let id = peek::<u32>(dev.base + 8);
+        if id == ID_BLOCK && info.has_option(b"vireo.blktest") {
+            blk_test(i, *dev, bsp);
+        } else if id == ID_RNG && info.has_option(b"vireo.rngtest") {
+            rng_test(i, *dev, bsp);
+        }
+    }
+}
