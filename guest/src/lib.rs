@@ -204,6 +204,9 @@ pub fn main(info: BootInfo) -> ! {
 
     let mut online = 1;
     let mut listed = 1;
+    let bsp = apic::apic_id() as u8;
+    apic::init_bsp();
+    apic::load_idt();
     match mp::find_cpus() {
         Ok(cpus) => {
             listed = cpus.count;
@@ -212,28 +215,26 @@ pub fn main(info: BootInfo) -> ! {
             field(b"bsp", u64::from(cpus.bsp), false);
             puts(b"\n");
             smp::report_cpu(b"bsp");
-            apic::init_bsp();
-            apic::load_idt();
             online += smp::start_aps(&cpus.apic_ids[..cpus.count], cpus.bsp);
-            devtest::run(&info, cmdline, cpus.bsp);
-
-            if info.has_option(b"vireo.input") {
-                let mut buf = [0u8; 128];
-                match read_line(cpus.bsp, &mut buf) {
-                    Some(n) => {
-                        puts(b"@input line=");
-                        puts(&buf[..n]);
-                        field(b"irqs", u64::from(apic::serial_irqs()), false);
-                        puts(b"\n");
-                    }
-                    None => puts(b"@input timeout\n"),
-                }
-            }
         }
         Err(e) => {
+            // Without an MP table (QEMU's microvm, say) only this CPU runs the tests.
             puts(b"@error ");
             puts(e);
             puts(b"\n");
+        }
+    }
+    devtest::run(&info, cmdline, bsp);
+    if info.has_option(b"vireo.input") {
+        let mut buf = [0u8; 128];
+        match read_line(bsp, &mut buf) {
+            Some(n) => {
+                puts(b"@input line=");
+                puts(&buf[..n]);
+                field(b"irqs", u64::from(apic::serial_irqs()), false);
+                puts(b"\n");
+            }
+            None => puts(b"@input timeout\n"),
         }
     }
 

@@ -219,15 +219,8 @@ impl Device {
 
     /// Runs one chain of direct descriptors; returns the used length.
     pub fn run(&mut self, bufs: &[Buf]) -> Option<u32> {
-        let head = self.next_desc;
-        for (i, &(addr, len, w)) in bufs.iter().enumerate() {
-            let idx = (head + i as u16) % QUEUE_SIZE;
-            let last = i + 1 == bufs.len();
-            let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
-            Self::write_desc(self.rings, idx, addr, len, flags, (idx + 1) % QUEUE_SIZE);
-        }
-        self.next_desc = (head + bufs.len() as u16) % QUEUE_SIZE;
-        self.publish_and_wait(head)
+        self.submit(bufs);
+        self.wait(1)
     }
 
     /// Runs one chain through an indirect table at `table`.
@@ -251,24 +244,62 @@ impl Device {
     }
 
     fn publish_and_wait(&mut self, head: u16) -> Option<u32> {
+        self.publish(head);
+        self.notify();
+        self.wait(1)
+    }
+
+    fn publish(&mut self, head: u16) {
         let avail = self.rings + 1024;
-        let used = self.rings + 2048;
         poke::<u16>(avail + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2, head);
-        // used_event: interrupt me as soon as this request completes.
+        // used_event: interrupt me as soon as the next request completes.
         poke::<u16>(avail + 4 + u64::from(QUEUE_SIZE) * 2, self.used_seen);
         fence(Ordering::SeqCst);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         poke::<u16>(avail + 2, self.avail_idx);
         fence(Ordering::SeqCst);
+    }
+
+    fn notify(&self) {
         self.set_reg(0x050, 0);
+    }
+
+    /// Makes a chain available without waiting for it (see [`Device::wait`]).
+    pub fn submit(&mut self, bufs: &[Buf]) {
+        let head = self.next_desc;
+        for (i, &(addr, len, w)) in bufs.iter().enumerate() {
+            let idx = (head + i as u16) % QUEUE_SIZE;
+            let last = i + 1 == bufs.len();
+            let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+            Self::write_desc(self.rings, idx, addr, len, flags, (idx + 1) % QUEUE_SIZE);
+        }
+        self.next_desc = (head + bufs.len() as u16) % QUEUE_SIZE;
+        self.publish(head);
+    }
+
+    /// Notifies the device and waits for `count` completions (by interrupt, with a 5 s
+    /// watchdog); returns the used length of the last one.
+    pub fn wait(&mut self, count: u16) -> Option<u32> {
+        self.notify();
+        let used = self.rings + 2048;
+        let target = self.used_seen.wrapping_add(count);
         let expiries = apic::timer_irqs();
         apic::start_watchdog(5_000);
         loop {
-            if peek::<u16>(used + 2) != self.used_seen {
+            if peek::<u16>(used + 2) == target {
                 break;
             }
             if apic::timer_irqs() != expiries {
                 return None;
+            }
+            // Interrupt me when the last one completes.
+            poke::<u16>(
+                self.rings + 1024 + 4 + u64::from(QUEUE_SIZE) * 2,
+                target.wrapping_sub(1),
+            );
+            fence(Ordering::SeqCst);
+            if peek::<u16>(used + 2) == target {
+                break;
             }
             // SAFETY: wait for the completion interrupt (or the watchdog).
             unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
@@ -276,9 +307,8 @@ impl Device {
         apic::stop_watchdog();
         let isr = self.reg(0x060);
         self.set_reg(0x064, isr);
-        let slot = u64::from(self.used_seen % QUEUE_SIZE);
-        let len = peek::<u32>(used + 4 + slot * 8 + 4);
-        self.used_seen = self.used_seen.wrapping_add(1);
-        Some(len)
+        let slot = u64::from(target.wrapping_sub(1) % QUEUE_SIZE);
+        self.used_seen = target;
+        Some(peek::<u32>(used + 4 + slot * 8 + 4))
     }
 }

@@ -7,6 +7,8 @@
 //! them) and interrupts leave as an eventfd (a KVM irqfd).
 
 pub mod block;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod mmio;
 pub mod rng;
 #[cfg(test)]
