@@ -181,6 +181,45 @@ mod tests {
         }
     }
 
+    fn unhex(parts: &[&str]) -> Vec<u8> {
+        let h: String = parts.concat();
+        (0..h.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Inputs cargo-fuzz found: a status descriptor whose address + length overflows.
+    #[test]
+    fn block_request_regressions() {
+        let crashes = [
+            unhex(&[
+                "afaf0100ffffffffffffffff7a0c0c0c0c0c260c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c",
+                "0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c03000000001000000000000c0c00000c0cafaf0100",
+                "0000000000000000000000000000000000ffffffffffffffffffffff0c0c0c0c0c0c0c0c0c0c0c0c",
+                "0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c000000000010",
+                "00000000000c0000fc00000c0cafaf01000000000000000000000000000000000000ffffffffffff",
+                "ffffffffff0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c",
+                "0c0c0c0c0c0c0c0c0c0c0c00000000001000000000000c0c00000000fc0000ffffffffffffffff0c",
+                "0c0c0c0c0c0c0c0c0c0c0c0cffffff0c",
+            ]),
+            unhex(&[
+                "afaf01000000000052010000010007000000000000000000000000000000000000c9c9c900fff100",
+                "000000000000000000000000000000000000017a0000000000000000000000000000000000000000",
+                "000000000000000000000000000000000000000000000000000000000000000000ffffffffffffff",
+                "f601070063fffffff6000001000000000000fffffff60000000000000000000000000c0c0c0c0c04",
+                "0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c00000000fcff0000000000000000000000000000",
+                "0500000000000000000000000000000000000000000000000000000000000001000000630000000c",
+                "0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c4c0c000100070000000000000000003a000000000000000000",
+                "000000000000000000000000000000000000000000000000c9c9c900fffe00000000000000000000",
+                "000000000000000049",
+            ]),
+        ];
+        for data in crashes {
+            super::block_request(&data);
+        }
+    }
+
     #[test]
     fn mmio_registers_survive_random_input() {
         for (seed, data) in inputs(0x0dd_c0de, iterations() / 3, 512) {

@@ -135,10 +135,13 @@ impl Request {
         if !last.is_write_only() {
             return Err(ParseError::NoStatus);
         }
-        let status = GuestAddress(last.addr().0 + u64::from(last.len()) - 1);
-        if !mem.check_range(status, 1) {
-            return Err(ParseError::OutsideMemory(status.0));
-        }
+        let status = last
+            .addr()
+            .0
+            .checked_add(u64::from(last.len()) - 1)
+            .map(GuestAddress)
+            .filter(|&a| mem.check_range(a, 1))
+            .ok_or(ParseError::OutsideMemory(last.addr().0))?;
         *status_out = Some(status);
 
         let mut readable = Vec::new();
