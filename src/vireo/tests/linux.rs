@@ -1,11 +1,12 @@
 //! Real Linux guests: a distribution bzImage and the ELF vmlinux inside it, booted to a
-//! busybox shell on the serial console.
+//! busybox shell on the serial console, using virtio-blk and virtio-rng.
 //!
 //! A Linux kernel needs hardware virtualisation; where /proc/cpuinfo shows neither vmx nor svm
 //! these tests are reported as ignored, with that reason (see build.rs). Where it does, they
 //! need a kernel and a static busybox: `VIREO_LINUX_KERNEL` (a bzImage; default: the newest
-//! /boot/vmlinuz-*) and `VIREO_BUSYBOX` (default: /bin/busybox). `.ci/run` fetches both from
-//! Debian on such hosts. A missing kernel or busybox fails the test: it never passes silently.
+//! /boot/vmlinuz-*) and `VIREO_BUSYBOX` (default: /bin/busybox), plus `VIREO_LINUX_MODULES`
+//! (`lib/modules/<version>`) when the kernel builds virtio as modules. `.ci/run` fetches all of
+//! them from Debian on such hosts. A missing kernel or busybox fails the test: it never passes silently.
 
 mod common;
 use common::*;
@@ -78,13 +79,45 @@ fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, rdev: (u32, u32), data: 
     }
 }
 
-/// An initramfs holding busybox and an /init that reports and then runs `then`.
+/// Kernel modules the virtio test needs when the kernel does not build them in (Debian's
+/// does not): from `VIREO_LINUX_MODULES` (a `lib/modules/<version>` directory), in load order.
+fn virtio_modules() -> Vec<(String, Vec<u8>)> {
+    let Ok(dir) = std::env::var("VIREO_LINUX_MODULES") else {
+        return Vec::new();
+    };
+    [
+        "drivers/virtio/virtio.ko",
+        "drivers/virtio/virtio_ring.ko",
+        "drivers/virtio/virtio_mmio.ko",
+        "drivers/block/virtio_blk.ko",
+        "drivers/char/hw_random/virtio-rng.ko",
+    ]
+    .iter()
+    .filter_map(|m| {
+        let path = Path::new(&dir).join("kernel").join(m);
+        let name = path.file_name()?.to_string_lossy().into_owned();
+        std::fs::read(&path).ok().map(|data| (name, data))
+    })
+    .collect()
+}
+
+/// An initramfs holding busybox and an /init that loads any virtio modules, reports and then
+/// runs `then`.
 fn initramfs(dir: &Path, then: &str) -> PathBuf {
+    let modules = virtio_modules();
+    let insmods: String = modules
+        .iter()
+        .map(|(name, _)| format!("insmod /lib/{name}\n"))
+        .collect();
     let init = format!(
         "#!/bin/busybox sh\n\
          /bin/busybox --install -s /bin\n\
          export PATH=/bin\n\
          mount -t proc proc /proc\n\
+         mount -t sysfs sysfs /sys\n\
+         mount -t devtmpfs devtmpfs /dev\n\
+         {insmods}\
+         sleep 1\n\
          echo \"VIREO-LINUX cpus=$(grep -c ^processor /proc/cpuinfo)\"\n\
          echo \"VIREO-LINUX memtotal=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)\"\n\
          echo \"VIREO-LINUX cmdline=$(cat /proc/cmdline)\"\n\
@@ -95,6 +128,11 @@ fn initramfs(dir: &Path, then: &str) -> PathBuf {
     cpio_entry(&mut a, "dev", 0o040755, (0, 0), &[]);
     cpio_entry(&mut a, "dev/console", 0o020600, (5, 1), &[]);
     cpio_entry(&mut a, "proc", 0o040755, (0, 0), &[]);
+    cpio_entry(&mut a, "sys", 0o040755, (0, 0), &[]);
+    cpio_entry(&mut a, "lib", 0o040755, (0, 0), &[]);
+    for (name, data) in &modules {
+        cpio_entry(&mut a, &format!("lib/{name}"), 0o100644, (0, 0), data);
+    }
     cpio_entry(
         &mut a,
         "bin/busybox",
@@ -229,5 +267,59 @@ fn linux_vmlinux_boots() {
         Some(0),
         "ACPI power-off ends vireo with 0"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[cfg_attr(
+    not(vireo_hw_virt),
+    ignore = "skipped: no vmx or svm in /proc/cpuinfo, so a Linux kernel cannot boot on this host"
+)]
+fn linux_uses_virtio_blk_and_rng() {
+    let dir = scratch("linux-virtio");
+    let disk = dir.join("disk.img");
+    let mut image = vec![0u8; 8 << 20];
+    image[..16].copy_from_slice(b"VIREO-DISK-MARK\n");
+    write_file(&disk, &image);
+    let initrd = initramfs(
+        &dir,
+        "echo \"VIREO-LINUX serial=$(cat /sys/block/vda/serial)\"\n\
+         echo \"VIREO-LINUX size=$(cat /sys/block/vda/size)\"\n\
+         echo \"VIREO-LINUX mark=$(head -c 15 /dev/vda)\"\n\
+         echo guest-wrote-this | dd of=/dev/vda bs=512 seek=4 conv=fsync 2>/dev/null\n\
+         echo \"VIREO-LINUX rng=$(cat /sys/class/misc/hw_random/rng_current)\"\n\
+         echo \"VIREO-LINUX random=$(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n')\"\n\
+         echo VIREO-LINUX-DONE\n\
+         poweroff -f",
+    );
+    let (mut child, rx) = spawn_interactive(&[
+        "--kernel",
+        linux_kernel().to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        CMDLINE,
+        "--memory",
+        "256",
+        "--drive",
+        &format!("path={},id=linux-test-disk", disk.display()),
+        "--rng",
+    ]);
+    let mut seen = Vec::new();
+    wait_line(&rx, "VIREO-LINUX-DONE", &mut seen);
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    let find = |key: &str| {
+        seen.iter()
+            .find_map(|l| l.strip_prefix(&format!("VIREO-LINUX {key}=")))
+            .unwrap_or_else(|| panic!("no {key}; console:\n{}", seen.join("\n")))
+            .to_owned()
+    };
+    assert_eq!(find("serial"), "linux-test-disk", "GET_ID");
+    assert_eq!(find("size"), "16384", "capacity in sectors");
+    assert_eq!(find("mark"), "VIREO-DISK-MARK");
+    assert!(find("rng").starts_with("virtio_rng"), "{}", find("rng"));
+    assert_eq!(find("random").len(), 32);
+    let written = std::fs::read(&disk).unwrap();
+    assert_eq!(&written[4 * 512..4 * 512 + 16], b"guest-wrote-this");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -3,7 +3,7 @@
 //! serial port, and how to power off and reset.
 //!
 //! ```text
-//! RSDP (ACPI_START) → XSDT → FADT → DSDT (\_SB.COM1, \_S5_)
+//! RSDP (ACPI_START) → XSDT → FADT → DSDT (\_SB.COM1, \_SB.VRnn per virtio device, \_S5_)
 //!                          → MADT (one local APIC per vCPU, the IOAPIC)
 //! ```
 //! The MP table stays as well, for guests booted with `acpi=off` or without ACPI support.
@@ -36,7 +36,35 @@ fn aml_bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-fn dsdt() -> Vec<u8> {
+/// A virtio-mmio device as the DSDT describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmioDevice {
+    /// MMIO window base.
+    pub base: u64,
+    /// MMIO window size.
+    pub size: u64,
+    /// Interrupt line (GSI).
+    pub irq: u32,
+}
+
+/// `Device (VRnn)` with the `LNRO0005` ID Linux's virtio_mmio driver matches on.
+fn virtio_device(index: usize, dev: &VirtioMmioDevice) -> Vec<u8> {
+    let mem = aml::Memory32Fixed::new(true, dev.base as u32, dev.size as u32);
+    let irq = aml::Interrupt::new(true, true, false, false, dev.irq);
+    let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
+    let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+    let uid_value = index as u32;
+    let uid = aml::Name::new("_UID".into(), &uid_value);
+    let cca = aml::Name::new("_CCA".into(), &aml::ONE);
+    let crs_name = aml::Name::new("_CRS".into(), &crs);
+    let name = format!("VR{index:02X}");
+    aml_bytes(&aml::Device::new(
+        name.as_str().into(),
+        vec![&hid, &uid, &cca, &crs_name],
+    ))
+}
+
+fn dsdt(virtio: &[VirtioMmioDevice]) -> Vec<u8> {
     let port = serial::COM1_BASE as u16;
     let io = aml::IO::new(port, port, 1, serial::PORT_SIZE as u8);
     let irq = aml::Interrupt::new(true, true, false, false, serial::COM1_IRQ);
@@ -46,7 +74,13 @@ fn dsdt() -> Vec<u8> {
     let uid_name = aml::Name::new("_UID".into(), &aml::ZERO);
     let crs_name = aml::Name::new("_CRS".into(), &com1_resources);
     let com1 = aml::Device::new("COM1".into(), vec![&hid_name, &uid_name, &crs_name]);
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1]);
+    let virtio_aml: Vec<u8> = virtio
+        .iter()
+        .enumerate()
+        .flat_map(|(i, d)| virtio_device(i, d))
+        .collect();
+    let virtio_raw = RawAml(virtio_aml);
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &virtio_raw]);
     // \_S5_: the SLP_TYP values (a, b) for soft-off, as the sleep control register expects.
     let s5_type = pm::S5_SLEEP_TYPE;
     let s5_package = aml::Package::new(vec![&s5_type, &s5_type, &0u8, &0u8]);
@@ -62,6 +96,15 @@ fn dsdt() -> Vec<u8> {
     table.append_slice(&aml_bytes(&sb));
     table.append_slice(&aml_bytes(&s5));
     table.as_slice().to_vec()
+}
+
+/// Already-encoded AML placed inside a scope.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
 }
 
 fn io_register(port: u64) -> GAS {
@@ -109,9 +152,9 @@ fn align(v: usize) -> usize {
     (v + 15) & !15
 }
 
-/// The ACPI tables for `cpus` vCPUs as one image to write at [`ACPI_START`], which is where
-/// the RSDP sits.
-pub fn build(cpus: u32) -> Vec<u8> {
+/// The ACPI tables for `cpus` vCPUs and the `virtio` devices as one image to write at
+/// [`ACPI_START`], which is where the RSDP sits.
+pub fn build(cpus: u32, virtio: &[VirtioMmioDevice]) -> Vec<u8> {
     let mut image = vec![0u8; align(Rsdp::len())];
     let place = |image: &mut Vec<u8>, table: &[u8]| -> u64 {
         let offset = image.len();
@@ -119,7 +162,7 @@ pub fn build(cpus: u32) -> Vec<u8> {
         image.resize(align(image.len()), 0);
         ACPI_START + offset as u64
     };
-    let dsdt_addr = place(&mut image, &dsdt());
+    let dsdt_addr = place(&mut image, &dsdt(virtio));
     let fadt_addr = place(&mut image, &fadt(dsdt_addr));
     let madt_addr = place(&mut image, &madt(cpus));
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -152,8 +195,20 @@ mod tests {
 
     #[test]
     fn tables_link_up_with_valid_checksums() {
+        let virtio = [
+            VirtioMmioDevice {
+                base: 0xd000_0000,
+                size: 0x1000,
+                irq: 5,
+            },
+            VirtioMmioDevice {
+                base: 0xd000_1000,
+                size: 0x1000,
+                irq: 6,
+            },
+        ];
         for cpus in [1u32, 2, 254] {
-            let image = build(cpus);
+            let image = build(cpus, &virtio);
             assert!(ACPI_START + image.len() as u64 <= HIMEM_START);
             assert_eq!(&image[..8], b"RSD PTR ");
             assert_eq!(sum(&image[..20]), 0);
@@ -186,6 +241,8 @@ mod tests {
                 .position(|w| w == b"_S5_")
                 .expect("_S5_ in the DSDT");
             assert_eq!(dsdt[s5 + 4], 0x12, "_S5_ is a package");
+            let lnro = dsdt.windows(8).filter(|w| w == b"LNRO0005").count();
+            assert_eq!(lnro, 2, "one LNRO0005 device per virtio window");
             let madt = table_at(&image, entries[1]);
             assert_eq!(&madt[..4], b"APIC");
             assert_eq!(sum(madt), 0);

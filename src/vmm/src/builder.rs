@@ -131,7 +131,7 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
         .map_err(|_| Error::Boot(boot::Error::GuestMemory("the MP table")))?;
     memory
         .write_slice(
-            &crate::acpi::build(config.vcpus),
+            &crate::acpi::build(config.vcpus, &virtio.acpi),
             GuestAddress(arch::layout::ACPI_START),
         )
         .map_err(|_| Error::Boot(boot::Error::GuestMemory("the ACPI tables")))?;

@@ -1,6 +1,8 @@
 //! Places virtio devices in the guest: an MMIO window and an interrupt line each, queue
-//! notifications as KVM ioeventfds, interrupts as KVM irqfds, and a `virtio_mmio.device=`
-//! entry on the kernel command line so Linux finds them.
+//! notifications as KVM ioeventfds, interrupts as KVM irqfds. Guests find them two ways: an
+//! `LNRO0005` device in the ACPI DSDT (what kernels configured like Firecracker's use) and a
+//! `virtio_mmio.device=` entry on the command line (kernels with
+//! CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, `acpi=off`, and vireo's test guest).
 
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
@@ -25,6 +27,8 @@ pub const VIRTIO_IRQ_MAX: u32 = arch::layout::IOAPIC_PINS as u32 - 1;
 pub struct VirtioDevices {
     /// Kernel command line additions (`root=`, `virtio_mmio.device=`), with a leading space.
     pub cmdline: String,
+    /// The devices' windows and interrupt lines, for the ACPI DSDT.
+    pub acpi: Vec<crate::acpi::VirtioMmioDevice>,
 }
 
 fn attach(
@@ -33,7 +37,7 @@ fn attach(
     bus: &mut Bus,
     index: usize,
     device: Box<dyn VirtioDevice>,
-    cmdline: &mut String,
+    out: &mut VirtioDevices,
 ) -> Result<(), Error> {
     let irq = VIRTIO_IRQ_BASE + index as u32;
     if irq > VIRTIO_IRQ_MAX {
@@ -58,10 +62,15 @@ fn attach(
         queue_evts,
     );
     bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
-    cmdline.push_str(&format!(
+    out.cmdline.push_str(&format!(
         " virtio_mmio.device={}K@{base:#x}:{irq}",
         MMIO_WINDOW_SIZE >> 10
     ));
+    out.acpi.push(crate::acpi::VirtioMmioDevice {
+        base,
+        size: MMIO_WINDOW_SIZE,
+        irq,
+    });
     Ok(())
 }
 
@@ -72,7 +81,10 @@ pub fn create(
     mem: &GuestMemoryMmap,
     bus: &mut Bus,
 ) -> Result<VirtioDevices, Error> {
-    let mut cmdline = String::new();
+    let mut out = VirtioDevices {
+        cmdline: String::new(),
+        acpi: Vec::new(),
+    };
     let mut index = 0;
     let mut ids: Vec<String> = Vec::new();
     for (n, drive) in config.drives.iter().enumerate() {
@@ -89,7 +101,7 @@ pub fn create(
                     "drive '{id}' cannot be the root device: only the first drive can"
                 )));
             }
-            cmdline.push_str(if drive.read_only {
+            out.cmdline.push_str(if drive.read_only {
                 " root=/dev/vda ro"
             } else {
                 " root=/dev/vda rw"
@@ -100,11 +112,11 @@ pub fn create(
             id,
             read_only: drive.read_only,
         })?;
-        attach(vm, mem, bus, index, Box::new(block), &mut cmdline)?;
+        attach(vm, mem, bus, index, Box::new(block), &mut out)?;
         index += 1;
     }
     if config.rng {
-        attach(vm, mem, bus, index, Box::new(Rng::new()), &mut cmdline)?;
+        attach(vm, mem, bus, index, Box::new(Rng::new()), &mut out)?;
     }
-    Ok(VirtioDevices { cmdline })
+    Ok(out)
 }
