@@ -17,14 +17,14 @@ pub use config::{DriveConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
-use vstate::vcpu::VcpuStop;
+use vstate::vcpu::{VcpuControl, VcpuStop};
 
 /// Errors building or running a VM.
 #[derive(Debug, Error)]
@@ -135,122 +135,170 @@ pub fn validate(config: &VmConfig) -> Result<(), Error> {
 
 /// Builds the VM described by `config`, runs it until it ends and returns how it ended.
 pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
-    let mut machine = builder::build(config)?;
-    tracing::info!(
-        "booting {} kernel at {:#x} with {} vCPU(s), {} MiB",
-        machine.boot.format,
-        machine.boot.entry,
-        config.vcpus,
-        config.mem_mib
-    );
+    let mut vm = RunningVm::start(config)?;
+    loop {
+        if let VmEvent::Ended(reason) = vm.wait() {
+            vm.shutdown();
+            return Ok(reason);
+        }
+    }
+}
 
-    let epoll = Epoll::new().map_err(Error::EventLoop)?;
-    let add = |fd: i32, token: u64| {
-        epoll
+/// Something the VM's event loop reports.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The VM ended this way; call [`RunningVm::shutdown`].
+    Ended(ExitReason),
+    /// A file descriptor registered with [`RunningVm::watch`] is readable.
+    External(u64),
+}
+
+/// First token available to [`RunningVm::watch`].
+pub const EXTERNAL_TOKEN_BASE: u64 = 1000;
+
+/// A VM whose vCPUs are running, and the event loop that watches it.
+pub struct RunningVm {
+    machine: builder::Machine,
+    config: VmConfig,
+    epoll: Epoll,
+    _signal_pipes: Vec<UnixStream>,
+    _vcpu_evt: EventFd,
+    _quit_evt: EventFd,
+    console: Option<console::Console>,
+    control: Arc<VcpuControl>,
+    first_stop: Arc<Mutex<Option<VcpuStop>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    done_rx: std::sync::mpsc::Receiver<()>,
+    paused: bool,
+}
+
+impl RunningVm {
+    /// Builds the VM described by `config` and starts its vCPUs.
+    pub fn start(config: &VmConfig) -> Result<Self, Error> {
+        let mut machine = builder::build(config)?;
+        tracing::info!(
+            "booting {} kernel at {:#x} with {} vCPU(s), {} MiB",
+            machine.boot.format,
+            machine.boot.entry,
+            config.vcpus,
+            config.mem_mib
+        );
+        let epoll = Epoll::new().map_err(Error::EventLoop)?;
+        let add = |fd: i32, token: u64| {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(Error::EventLoop)
+        };
+        // One pipe per signal so the event loop knows which one arrived.
+        let mut signal_pipes = Vec::new();
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            let (rx, tx) = UnixStream::pair().map_err(Error::EventLoop)?;
+            signal_hook::low_level::pipe::register(sig, tx).map_err(Error::EventLoop)?;
+            add(rx.as_raw_fd(), TOKEN_SIGNAL_BASE + sig as u64)?;
+            signal_pipes.push(rx);
+        }
+        let vcpu_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let quit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        add(machine.reset_evt.0.as_raw_fd(), TOKEN_RESET)?;
+        add(machine.power_evt.0.as_raw_fd(), TOKEN_POWER)?;
+        add(vcpu_evt.as_raw_fd(), TOKEN_VCPU)?;
+        add(quit_evt.as_raw_fd(), TOKEN_QUIT)?;
+
+        register_signal_handler(SIGRTMIN(), kick_handler)
+            .map_err(|e| Error::EventLoop(std::io::Error::from_raw_os_error(e.errno())))?;
+        let console = console::attach(
+            &config.serial,
+            machine.serial.clone(),
+            quit_evt.try_clone().map_err(Error::EventFd)?,
+        )?;
+
+        let control = Arc::new(VcpuControl::default());
+        let first_stop: Arc<Mutex<Option<VcpuStop>>> = Arc::new(Mutex::new(None));
+        let mut threads = Vec::new();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        for mut vcpu in machine.vcpus.drain(..) {
+            let done = done_tx.clone();
+            let (pio, mmio, control) = (machine.pio.clone(), machine.mmio.clone(), control.clone());
+            let first_stop = first_stop.clone();
+            let evt = vcpu_evt.try_clone().map_err(Error::EventFd)?;
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.index()))
+                .stack_size(256 << 10)
+                .spawn(move || {
+                    let why = vcpu.run(&pio, &mmio, &control);
+                    if why != VcpuStop::Requested {
+                        devices::bus::lock(&first_stop).get_or_insert(why);
+                        let _ = evt.write(1);
+                    }
+                    let _ = done.send(());
+                })
+                .map_err(Error::Thread)?;
+            threads.push(handle);
+        }
+        tracing::debug!("vCPUs started");
+        Ok(Self {
+            machine,
+            config: config.clone(),
+            epoll,
+            _signal_pipes: signal_pipes,
+            _vcpu_evt: vcpu_evt,
+            _quit_evt: quit_evt,
+            console: Some(console),
+            control,
+            first_stop,
+            threads,
+            done_rx,
+            paused: false,
+        })
+    }
+
+    /// The configuration the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Makes [`RunningVm::wait`] report `token` (at least [`EXTERNAL_TOKEN_BASE`]) when `fd`
+    /// is readable.
+    pub fn watch(&self, fd: std::os::fd::RawFd, token: u64) -> Result<(), Error> {
+        debug_assert!(token >= EXTERNAL_TOKEN_BASE);
+        self.epoll
             .ctl(
                 ControlOperation::Add,
                 fd,
                 EpollEvent::new(EventSet::IN, token),
             )
             .map_err(Error::EventLoop)
-    };
-    // One pipe per signal so the event loop knows which one arrived.
-    let mut signal_pipes = Vec::new();
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        let (rx, tx) = UnixStream::pair().map_err(Error::EventLoop)?;
-        signal_hook::low_level::pipe::register(sig, tx).map_err(Error::EventLoop)?;
-        add(rx.as_raw_fd(), TOKEN_SIGNAL_BASE + sig as u64)?;
-        signal_pipes.push(rx);
     }
-    let vcpu_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
-    let quit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
-    add(machine.reset_evt.0.as_raw_fd(), TOKEN_RESET)?;
-    add(machine.power_evt.0.as_raw_fd(), TOKEN_POWER)?;
-    add(vcpu_evt.as_raw_fd(), TOKEN_VCPU)?;
-    add(quit_evt.as_raw_fd(), TOKEN_QUIT)?;
 
-    register_signal_handler(SIGRTMIN(), kick_handler)
-        .map_err(|e| Error::EventLoop(std::io::Error::from_raw_os_error(e.errno())))?;
-    let console = console::attach(
-        &config.serial,
-        machine.serial.clone(),
-        quit_evt.try_clone().map_err(Error::EventFd)?,
-    )?;
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let first_stop: Arc<Mutex<Option<VcpuStop>>> = Arc::new(Mutex::new(None));
-    let mut threads = Vec::new();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    for mut vcpu in machine.vcpus.drain(..) {
-        let done = done_tx.clone();
-        let (pio, mmio, stop) = (machine.pio.clone(), machine.mmio.clone(), stop.clone());
-        let first_stop = first_stop.clone();
-        let evt = vcpu_evt.try_clone().map_err(Error::EventFd)?;
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{}", vcpu.index()))
-            .stack_size(256 << 10)
-            .spawn(move || {
-                let why = vcpu.run(&pio, &mmio, &stop);
-                if why != VcpuStop::Requested {
-                    devices::bus::lock(&first_stop).get_or_insert(why);
-                    let _ = evt.write(1);
+    /// Waits for the next event.
+    pub fn wait(&mut self) -> VmEvent {
+        let mut events = [EpollEvent::default(); 8];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return VmEvent::Ended(ExitReason::VcpuError(format!(
+                        "VMM event loop failed: {e}"
+                    )))
                 }
-                let _ = done.send(());
-            })
-            .map_err(Error::Thread)?;
-        threads.push(handle);
-    }
-
-    tracing::debug!("vCPUs started");
-    let reason = wait_for_end(&epoll, &machine, &first_stop);
-    tracing::debug!("VM ended: {reason:?}");
-    drop(signal_pipes);
-    stop.store(true, Ordering::Release);
-    let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
-    let mut running = threads.len();
-    while running > 0 && Instant::now() < deadline {
-        for t in threads.iter().filter(|t| !t.is_finished()) {
-            let _ = t.kill(SIGRTMIN());
-        }
-        while done_rx.recv_timeout(VCPU_KICK_INTERVAL).is_ok() {
-            running -= 1;
-            if running == 0 {
-                break;
-            }
-        }
-    }
-    if running > 0 {
-        tracing::warn!("{running} vCPU thread(s) did not stop within {VCPU_STOP_TIMEOUT:?}");
-    }
-    for t in threads.into_iter().filter(|t| t.is_finished()) {
-        let _ = t.join();
-    }
-    drop(console);
-    tracing::debug!("vCPUs stopped");
-    Ok(reason)
-}
-
-fn wait_for_end(
-    epoll: &Epoll,
-    machine: &builder::Machine,
-    first_stop: &Mutex<Option<VcpuStop>>,
-) -> ExitReason {
-    let mut events = [EpollEvent::default(); 8];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return ExitReason::VcpuError(format!("VMM event loop failed: {e}")),
-        };
-        for ev in &events[..n] {
-            match ev.data() {
-                TOKEN_RESET => return ExitReason::Reset,
-                TOKEN_POWER => {
-                    return ExitReason::PowerOff(machine.power_value.load(Ordering::SeqCst))
-                }
-                TOKEN_VCPU => {
-                    let why = devices::bus::lock(first_stop).take();
-                    return match why {
+            };
+            for ev in &events[..n] {
+                let reason = match ev.data() {
+                    TOKEN_RESET => ExitReason::Reset,
+                    TOKEN_POWER => {
+                        ExitReason::PowerOff(self.machine.power_value.load(Ordering::SeqCst))
+                    }
+                    TOKEN_VCPU => match devices::bus::lock(&self.first_stop).take() {
                         Some(VcpuStop::TripleFault(s)) => ExitReason::TripleFault(s),
                         Some(VcpuStop::InternalError(s)) => ExitReason::InternalError(s),
                         Some(VcpuStop::FailedEntry(s)) => ExitReason::FailedEntry(s),
@@ -258,14 +306,82 @@ fn wait_for_end(
                         Some(VcpuStop::SystemEvent { poweroff: false }) => ExitReason::Reset,
                         Some(VcpuStop::Error(s)) => ExitReason::VcpuError(s),
                         Some(VcpuStop::Requested) | None => continue,
-                    };
-                }
-                TOKEN_QUIT => return ExitReason::ConsoleQuit,
-                token if token > TOKEN_SIGNAL_BASE => {
-                    return ExitReason::Signal((token - TOKEN_SIGNAL_BASE) as i32)
-                }
-                _ => {}
+                    },
+                    TOKEN_QUIT => ExitReason::ConsoleQuit,
+                    token if token >= EXTERNAL_TOKEN_BASE => return VmEvent::External(token),
+                    token if token > TOKEN_SIGNAL_BASE => {
+                        ExitReason::Signal((token - TOKEN_SIGNAL_BASE) as i32)
+                    }
+                    _ => continue,
+                };
+                return VmEvent::Ended(reason);
             }
         }
+    }
+
+    fn kick_until(&self, mut done: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
+        while !done() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            for t in self.threads.iter().filter(|t| !t.is_finished()) {
+                let _ = t.kill(SIGRTMIN());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+
+    /// Stops every vCPU at its next exit and waits until all are parked.
+    pub fn pause(&mut self) -> Result<(), Error> {
+        if self.paused {
+            return Ok(());
+        }
+        self.control.request_pause();
+        let n = self.threads.iter().filter(|t| !t.is_finished()).count();
+        if !self.kick_until(|| self.control.parked() >= n) {
+            self.control.resume();
+            return Err(Error::EventLoop(std::io::Error::other(
+                "vCPUs did not pause in time",
+            )));
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&mut self) {
+        self.control.resume();
+        self.paused = false;
+    }
+
+    /// Stops the vCPUs and restores the terminal.
+    pub fn shutdown(mut self) {
+        self.control.request_stop();
+        let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
+        let mut running = self.threads.len();
+        while running > 0 && Instant::now() < deadline {
+            for t in self.threads.iter().filter(|t| !t.is_finished()) {
+                let _ = t.kill(SIGRTMIN());
+            }
+            while self.done_rx.recv_timeout(VCPU_KICK_INTERVAL).is_ok() {
+                running -= 1;
+                if running == 0 {
+                    break;
+                }
+            }
+        }
+        if running > 0 {
+            tracing::warn!("{running} vCPU thread(s) did not stop within {VCPU_STOP_TIMEOUT:?}");
+        }
+        for t in std::mem::take(&mut self.threads)
+            .into_iter()
+            .filter(|t| t.is_finished())
+        {
+            let _ = t.join();
+        }
+        self.console.take();
+        tracing::debug!("vCPUs stopped");
     }
 }

@@ -6,7 +6,8 @@ use devices::bus::Bus;
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 use thiserror::Error;
 
 /// Errors configuring a vCPU.
@@ -53,6 +54,59 @@ pub enum VcpuStop {
     },
     /// Any other failure: an unexpected exit or a failing ioctl.
     Error(String),
+}
+
+/// How the VMM steers running vCPU threads: stop for good, or park until resumed. A thread
+/// notices either after the VMM interrupts its KVM_RUN with a signal.
+#[derive(Default)]
+pub struct VcpuControl {
+    stop: AtomicBool,
+    paused: Mutex<bool>,
+    cond: Condvar,
+    parked: AtomicUsize,
+}
+
+impl VcpuControl {
+    /// Asks every vCPU to leave its run loop.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _guard = devices::bus::lock(&self.paused);
+        self.cond.notify_all();
+    }
+
+    /// Whether a stop was requested.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Asks every vCPU to park (the caller then kicks them and waits for [`Self::parked`]).
+    pub fn request_pause(&self) {
+        *devices::bus::lock(&self.paused) = true;
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        *devices::bus::lock(&self.paused) = false;
+        self.cond.notify_all();
+    }
+
+    /// Number of vCPUs currently parked.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::Acquire)
+    }
+
+    /// Parks the calling vCPU thread while a pause is requested.
+    fn park_if_paused(&self) {
+        let mut paused = devices::bus::lock(&self.paused);
+        if !*paused {
+            return;
+        }
+        self.parked.fetch_add(1, Ordering::AcqRel);
+        while *paused && !self.stop_requested() {
+            paused = self.cond.wait(paused).unwrap_or_else(|e| e.into_inner());
+        }
+        self.parked.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 const APIC_LVT0: usize = 0x350;
@@ -152,11 +206,13 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Runs the guest until it stops or `stop` is set (the caller then interrupts KVM_RUN
-    /// with a signal). Port I/O goes to `pio`; MMIO to `mmio`.
-    pub fn run(&mut self, pio: &Bus, mmio: &Bus, stop: &AtomicBool) -> VcpuStop {
+    /// Runs the guest until it stops or `control` says stop (the caller then interrupts
+    /// KVM_RUN with a signal); parks while a pause is requested. Port I/O goes to `pio`; MMIO
+    /// to `mmio`.
+    pub fn run(&mut self, pio: &Bus, mmio: &Bus, control: &VcpuControl) -> VcpuStop {
         loop {
-            if stop.load(Ordering::Acquire) {
+            control.park_if_paused();
+            if control.stop_requested() {
                 return VcpuStop::Requested;
             }
             match self.fd.run() {
