@@ -5,15 +5,33 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use vmm::{DriveConfig, ExitReason, SerialConfig, VmConfig};
 
+mod telemetry;
+use telemetry::ProcessTelemetry;
+
 /// vireo: a microVM monitor on Linux KVM.
+///
+/// Boot a kernel directly with `vireo run`, or drive vireo like Firecracker: serve its HTTP API
+/// on a Unix socket (`--api-sock`) and/or boot from a Firecracker config file (`--config-file`).
 #[derive(Parser, Debug)]
 #[command(name = "vireo", version, about)]
 struct Cli {
     /// Log level for vireo's own messages on stderr: error, warn, info, debug or trace.
     #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
     log_level: tracing::Level,
+    /// Serve the Firecracker-compatible API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Configure (and start) the VM from a Firecracker-format JSON config file.
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+    /// With --config-file: boot without serving the API.
+    #[arg(long)]
+    no_api: bool,
+    /// Instance ID reported by GET /.
+    #[arg(long, value_name = "ID", default_value = "anonymous-instance")]
+    id: String,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,11 +121,7 @@ fn parse_serial(s: &str) -> Result<SerialConfig, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(cli.log_level)
-        .with_target(false)
-        .init();
+    let (sink, level) = telemetry::init_logging(cli.log_level);
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         vmm::console::restore_terminal();
@@ -115,7 +129,8 @@ fn main() -> ExitCode {
     }));
 
     match cli.command {
-        Command::Run(args) => {
+        None => ExitCode::from(control_plane(&cli, ProcessTelemetry::new(sink, level)) as u8),
+        Some(Command::Run(args)) => {
             let config = VmConfig {
                 kernel: args.kernel,
                 initrd: args.initrd,
@@ -160,5 +175,110 @@ fn report(reason: &ExitReason) {
         }
         ExitReason::Signal(sig) => eprintln!("vireo: stopped by signal {sig} (exit code {code})"),
         ExitReason::ConsoleQuit => eprintln!("vireo: quit from the console (exit code {code})"),
+    }
+}
+
+/// The Firecracker-style routes: API socket and/or config file, one shared controller.
+fn control_plane(cli: &Cli, telemetry: ProcessTelemetry) -> i32 {
+    use vmm::controller::{serve, Controller, RequestQueue, VmmAction};
+    use vmm::resources::{ActionType, ConfigFile, VmResources};
+    if cli.api_sock.is_none() && !(cli.config_file.is_some() && cli.no_api) {
+        eprintln!(
+            "vireo: error: give --api-sock PATH, --config-file FILE [--no-api], or the run subcommand (see --help)"
+        );
+        return 2;
+    }
+    if cli.no_api && cli.api_sock.is_some() {
+        eprintln!("vireo: error: --no-api and --api-sock contradict each other");
+        return 2;
+    }
+    let resources = match &cli.config_file {
+        None => VmResources::default(),
+        Some(path) => {
+            let parsed = std::fs::read(path)
+                .map_err(|e| format!("cannot read config file {}: {e}", path.display()))
+                .and_then(|bytes| {
+                    serde_json::from_slice::<ConfigFile>(&bytes)
+                        .map_err(|e| format!("config file {} is not valid: {e}", path.display()))
+                })
+                .and_then(|cfg| {
+                    cfg.into_resources()
+                        .map_err(|e| format!("config file {}: {e}", path.display()))
+                });
+            match parsed {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("vireo: error: {e}");
+                    return vmm::EXIT_CODE_ERROR;
+                }
+            }
+        }
+    };
+    let mut telemetry = telemetry;
+    if let Some(l) = &resources.logger {
+        if let Err(e) = vmm::controller::Telemetry::configure_logger(&mut telemetry, l) {
+            eprintln!("vireo: error: logger: {e}");
+            return vmm::EXIT_CODE_ERROR;
+        }
+    }
+    if let Some(m) = &resources.metrics {
+        if let Err(e) = vmm::controller::Telemetry::configure_metrics(&mut telemetry, m) {
+            eprintln!("vireo: error: metrics: {e}");
+            return vmm::EXIT_CODE_ERROR;
+        }
+    }
+    let mut controller = Controller::new(cli.id.clone(), resources, Box::new(telemetry));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let notify = match vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("vireo: error: cannot create an eventfd: {e}");
+            return vmm::EXIT_CODE_ERROR;
+        }
+    };
+    let _server = match &cli.api_sock {
+        Some(path) => {
+            let notify_api = match notify.try_clone() {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("vireo: error: cannot create an eventfd: {e}");
+                    return vmm::EXIT_CODE_ERROR;
+                }
+            };
+            match api::ApiServer::start(path, tx.clone(), notify_api) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    eprintln!("vireo: error: {e}");
+                    return vmm::EXIT_CODE_ERROR;
+                }
+            }
+        }
+        None => None,
+    };
+    if cli.config_file.is_some() {
+        if let Err(e) = controller.handle(VmmAction::Action(ActionType::InstanceStart)) {
+            eprintln!("vireo: error: {e}");
+            return vmm::EXIT_CODE_ERROR;
+        }
+    }
+    let queue = RequestQueue {
+        requests: rx,
+        notify,
+    };
+    // Keep a sender so the queue never reports closed while the VM runs without an API.
+    let _keep = tx;
+    let signal = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register_usize(sig, signal.clone(), sig as usize) {
+            eprintln!("vireo: error: cannot handle signal {sig}: {e}");
+            return vmm::EXIT_CODE_ERROR;
+        }
+    }
+    match serve(&mut controller, &queue, &signal) {
+        Some(reason) => {
+            report(&reason);
+            reason.exit_code()
+        }
+        None => 0,
     }
 }

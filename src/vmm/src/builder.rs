@@ -30,6 +30,7 @@ pub(crate) struct Machine {
     pub power_evt: EventFdTrigger,
     pub power_value: Arc<AtomicU8>,
     pub boot: BootSetup,
+    pub drives: Vec<(String, Arc<Mutex<devices::virtio::mmio::MmioTransport>>)>,
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, Error> {
@@ -192,5 +193,6 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
         power_evt,
         power_value,
         boot,
+        drives: virtio.drives,
     })
 }

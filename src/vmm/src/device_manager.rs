@@ -29,6 +29,8 @@ pub struct VirtioDevices {
     pub cmdline: String,
     /// The devices' windows and interrupt lines, for the ACPI DSDT.
     pub acpi: Vec<crate::acpi::VirtioMmioDevice>,
+    /// Drives by id, for changes while the guest runs.
+    pub drives: Vec<(String, Arc<Mutex<MmioTransport>>)>,
 }
 
 fn attach(
@@ -38,7 +40,7 @@ fn attach(
     index: usize,
     device: Box<dyn VirtioDevice>,
     out: &mut VirtioDevices,
-) -> Result<(), Error> {
+) -> Result<Arc<Mutex<MmioTransport>>, Error> {
     let irq = VIRTIO_IRQ_BASE + index as u32;
     if irq > VIRTIO_IRQ_MAX {
         return Err(Error::InvalidConfig(format!(
@@ -61,7 +63,8 @@ fn attach(
         Arc::new(Interrupt::new(irq_evt)),
         queue_evts,
     );
-    bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+    let transport = Arc::new(Mutex::new(transport));
+    bus.insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
     out.cmdline.push_str(&format!(
         " virtio_mmio.device={}K@{base:#x}:{irq}",
         MMIO_WINDOW_SIZE >> 10
@@ -71,7 +74,7 @@ fn attach(
         size: MMIO_WINDOW_SIZE,
         irq,
     });
-    Ok(())
+    Ok(transport)
 }
 
 /// Creates the drives and the entropy device of `config` on `bus`.
@@ -84,6 +87,7 @@ pub fn create(
     let mut out = VirtioDevices {
         cmdline: String::new(),
         acpi: Vec::new(),
+        drives: Vec::new(),
     };
     let mut index = 0;
     let mut ids: Vec<String> = Vec::new();
@@ -109,10 +113,11 @@ pub fn create(
         }
         let block = Block::new(BlockConfig {
             path: drive.path.clone(),
-            id,
+            id: id.clone(),
             read_only: drive.read_only,
         })?;
-        attach(vm, mem, bus, index, Box::new(block), &mut out)?;
+        let transport = attach(vm, mem, bus, index, Box::new(block), &mut out)?;
+        out.drives.push((id, transport));
         index += 1;
     }
     if config.rng {

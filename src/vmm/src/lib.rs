@@ -8,8 +8,10 @@ pub mod boot;
 mod builder;
 pub mod config;
 pub mod console;
+pub mod controller;
 pub mod device_manager;
 pub mod memory;
+pub mod resources;
 pub mod vstate;
 
 pub use config::{DriveConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
@@ -348,6 +350,29 @@ impl RunningVm {
         }
         self.paused = true;
         Ok(())
+    }
+
+    /// Switches drive `id` to the image at `path` while the guest runs; the guest sees a
+    /// configuration change (and the new capacity).
+    pub fn replace_drive(&mut self, id: &str, path: &std::path::Path) -> Result<(), Error> {
+        let (_, transport) = self
+            .machine
+            .drives
+            .iter()
+            .find(|(d, _)| d == id)
+            .ok_or_else(|| Error::InvalidConfig(format!("drive '{id}' does not exist")))?;
+        devices::bus::lock(transport)
+            .replace_backing(path)
+            .map_err(Error::InvalidConfig)
+    }
+
+    /// Ctrl+Alt+Del needs a keyboard controller that can inject keys into the guest.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), Error> {
+        Err(Error::InvalidConfig(
+            "SendCtrlAltDel is not supported by vireo yet: its i8042 emulates only the reset line; \
+             stop the guest with an ACPI power-off from inside it, or SIGTERM"
+                .into(),
+        ))
     }
 
     /// Lets paused vCPUs run again.

@@ -152,6 +152,14 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops serving (driver reset). The device is activated again after renegotiation.
     fn reset(&mut self);
+    /// Switches to a new backing file while the guest runs (block devices only).
+    fn replace_backing(&mut self, path: &std::path::Path) -> Result<(), String> {
+        Err(format!(
+            "device type {} has no backing file to replace with {}",
+            self.device_type(),
+            path.display()
+        ))
+    }
 }
 
 /// What a device is given when the driver sets DRIVER_OK.

@@ -68,6 +68,8 @@ pub struct Block {
     worker: Option<Worker>,
     // Worker hands the disk back when stopped.
     returned: std::sync::Arc<std::sync::Mutex<Option<Disk>>>,
+    // A new backing file the running worker switches to before its next request.
+    replacement: std::sync::Arc<std::sync::Mutex<Option<Disk>>>,
 }
 
 fn feature(bit: u32) -> u64 {
@@ -113,6 +115,7 @@ impl Block {
             config_space,
             worker: None,
             returned: Default::default(),
+            replacement: Default::default(),
         })
     }
 
@@ -152,6 +155,7 @@ struct Handler {
     id: [u8; ID_BYTES],
     limits: Limits,
     returned: std::sync::Arc<std::sync::Mutex<Option<Disk>>>,
+    replacement: std::sync::Arc<std::sync::Mutex<Option<Disk>>>,
 }
 
 impl QueueHandler for Handler {
@@ -161,6 +165,9 @@ impl QueueHandler for Handler {
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
     ) -> u32 {
+        if let Some(new) = crate::bus::lock(&self.replacement).take() {
+            self.disk = Some(new);
+        }
         let Some(disk) = self.disk.as_mut() else {
             return 0;
         };
@@ -226,6 +233,7 @@ impl VirtioDevice for Block {
                 max_range_sectors: MAX_RANGE_SECTORS,
             },
             returned: self.returned.clone(),
+            replacement: self.replacement.clone(),
         };
         self.worker = Some(Worker::spawn("virtio-blk", handler, ctx)?);
         Ok(())
@@ -237,5 +245,29 @@ impl VirtioDevice for Block {
         if self.disk.is_none() {
             self.disk = crate::bus::lock(&self.returned).take();
         }
+        if let Some(new) = crate::bus::lock(&self.replacement).take() {
+            self.disk = Some(new);
+        }
+    }
+
+    fn replace_backing(&mut self, path: &std::path::Path) -> Result<(), String> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!self.config.read_only)
+            .open(path)
+            .map_err(|e| format!("cannot open drive image {}: {e}", path.display()))?;
+        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+            return Err(format!("drive image {} is a directory", path.display()));
+        }
+        let disk = Disk::new(file)
+            .map_err(|e| format!("cannot read drive image {}: {e}", path.display()))?;
+        self.config_space = Self::config_image(disk.sectors());
+        self.config.path = path.to_owned();
+        if self.worker.is_some() {
+            *crate::bus::lock(&self.replacement) = Some(disk);
+        } else {
+            self.disk = Some(disk);
+        }
+        Ok(())
     }
 }

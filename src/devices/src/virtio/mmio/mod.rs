@@ -127,6 +127,17 @@ impl MmioTransport {
         }
     }
 
+    /// Switches the device to a new backing file and tells the driver its configuration
+    /// changed (a new generation and a configuration interrupt).
+    pub fn replace_backing(&mut self, path: &std::path::Path) -> Result<(), String> {
+        self.device.replace_backing(path)?;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.active {
+            self.interrupt.trigger(super::INTERRUPT_CONFIG);
+        }
+        Ok(())
+    }
+
     /// The device's status register as the driver reads it.
     pub fn status(&self) -> u32 {
         if self.interrupt.needs_reset() {

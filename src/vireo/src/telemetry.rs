@@ -1,0 +1,217 @@
+//! Logs and metrics: where they go and what they count, set by flags, `PUT /logger` and
+//! `PUT /metrics`.
+
+use serde_json::json;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, Registry};
+use vmm::controller::Telemetry;
+use vmm::resources::{LoggerConfig, MetricsConfig};
+
+/// Lines dropped because the log sink was full or broken.
+static LOST_LOGS: AtomicU64 = AtomicU64::new(0);
+
+/// Where log lines go: stderr until `PUT /logger` names a file or FIFO.
+#[derive(Clone, Default)]
+pub struct LogSink(Arc<Mutex<Option<File>>>);
+
+/// One log line being written.
+pub struct LogLine(Arc<Mutex<Option<File>>>);
+
+impl Write for LogLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let result = match guard.as_mut() {
+            Some(f) => f.write(buf),
+            None => std::io::stderr().write(buf),
+        };
+        if result.is_err() {
+            // A full FIFO or a vanished reader must not block or stop vireo.
+            LOST_LOGS.fetch_add(1, Ordering::Relaxed);
+            return Ok(buf.len());
+        }
+        result
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for LogSink {
+    type Writer = LogLine;
+    fn make_writer(&'a self) -> LogLine {
+        LogLine(self.0.clone())
+    }
+}
+
+/// Opens a log or metrics destination: appended to if a file, written without blocking if a
+/// named pipe.
+fn open_sink(path: &str) -> Result<File, String> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot open {path}: {e}"))
+}
+
+type LevelHandle = reload::Handle<LevelFilter, Registry>;
+
+/// Installs the process's tracing subscriber at `level`; returns what `PUT /logger` changes.
+pub fn init_logging(level: tracing::Level) -> (LogSink, LevelHandle) {
+    let sink = LogSink::default();
+    let (filter, handle) = reload::Layer::new(LevelFilter::from_level(level));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(sink.clone())
+                .with_target(false)
+                .with_ansi(false),
+        )
+        .init();
+    (sink, handle)
+}
+
+/// The binary's side of [`Telemetry`].
+pub struct ProcessTelemetry {
+    sink: LogSink,
+    level: LevelHandle,
+    metrics: Arc<Mutex<Option<File>>>,
+    counters: Arc<Counters>,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    failed_requests: AtomicU64,
+    flushes: AtomicU64,
+    lost_metrics: AtomicU64,
+}
+
+/// How often metrics are written once a path is set.
+const METRICS_PERIOD: Duration = Duration::from_secs(60);
+
+fn parse_level(s: &str) -> Result<LevelFilter, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "error" => Ok(LevelFilter::ERROR),
+        "warning" | "warn" => Ok(LevelFilter::WARN),
+        "info" => Ok(LevelFilter::INFO),
+        "debug" => Ok(LevelFilter::DEBUG),
+        "trace" => Ok(LevelFilter::TRACE),
+        "off" => Ok(LevelFilter::OFF),
+        _ => Err(format!(
+            "logger level '{s}' is not one of Error, Warning, Info, Debug, Trace, Off"
+        )),
+    }
+}
+
+impl ProcessTelemetry {
+    /// Telemetry over the subscriber from [`init_logging`].
+    pub fn new(sink: LogSink, level: LevelHandle) -> Self {
+        Self {
+            sink,
+            level,
+            metrics: Default::default(),
+            counters: Default::default(),
+            started: Instant::now(),
+        }
+    }
+
+    fn write_metrics(metrics: &Mutex<Option<File>>, counters: &Counters, started: Instant) {
+        let line = json!({
+            "utc_timestamp_ms": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            "api_server": {
+                "requests": counters.requests.load(Ordering::Relaxed),
+                "failed_requests": counters.failed_requests.load(Ordering::Relaxed),
+            },
+            "vmm": { "uptime_ms": started.elapsed().as_millis() as u64 },
+            "logger": { "lost_logs": LOST_LOGS.load(Ordering::Relaxed) },
+            "metrics": {
+                "flushes": counters.flushes.fetch_add(1, Ordering::Relaxed) + 1,
+                "lost_metrics": counters.lost_metrics.load(Ordering::Relaxed),
+            },
+        });
+        let mut guard = metrics.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = guard.as_mut() {
+            if writeln!(f, "{line}").is_err() {
+                counters.lost_metrics.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Telemetry for ProcessTelemetry {
+    fn configure_logger(&mut self, cfg: &LoggerConfig) -> Result<(), String> {
+        if let Some(m) = &cfg.module {
+            return Err(format!(
+                "logger module filter '{m}' is not supported by vireo yet"
+            ));
+        }
+        let level = cfg.level.as_deref().map(parse_level).transpose()?;
+        let file = cfg.log_path.as_deref().map(open_sink).transpose()?;
+        if let Some(level) = level {
+            self.level
+                .modify(|f| *f = level)
+                .map_err(|e| format!("cannot change the log level: {e}"))?;
+        }
+        if let Some(f) = file {
+            *self.sink.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+        }
+        Ok(())
+    }
+
+    fn configure_metrics(&mut self, cfg: &MetricsConfig) -> Result<(), String> {
+        let file = open_sink(&cfg.metrics_path)?;
+        let first = self
+            .metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(file)
+            .is_none();
+        if first {
+            let (metrics, counters) = (self.metrics.clone(), self.counters.clone());
+            let started = self.started;
+            let _ = std::thread::Builder::new()
+                .name("metrics".into())
+                .stack_size(64 << 10)
+                .spawn(move || loop {
+                    std::thread::sleep(METRICS_PERIOD);
+                    Self::write_metrics(&metrics, &counters, started);
+                });
+        }
+        Ok(())
+    }
+
+    fn flush_metrics(&mut self) -> Result<(), String> {
+        if self
+            .metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return Err("FlushMetrics: no metrics path configured (PUT /metrics first)".into());
+        }
+        Self::write_metrics(&self.metrics, &self.counters, self.started);
+        Ok(())
+    }
+
+    fn record_request(&mut self, ok: bool) {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.counters
+                .failed_requests
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! Serves API requests: configuration before boot, then control of the running VM. One request
+//! at a time, on the VMM thread, so vCPUs are never blocked by the API.
+
+use crate::resources::{
+    ActionType, BootSource, Drive, EntropyDevice, LoggerConfig, MachineConfig, MachineConfigUpdate,
+    MetricsConfig, PartialDrive, ResourceError, SerialDevice, VmResources, VmState,
+};
+use crate::{ExitReason, RunningVm, VmEvent};
+use serde_json::{json, Value};
+
+/// A request from an API client (or a config file).
+#[derive(Debug, Clone, PartialEq)]
+pub enum VmmAction {
+    /// `GET /`.
+    GetInstanceInfo,
+    /// `GET /version`.
+    GetVersion,
+    /// `GET /machine-config`.
+    GetMachineConfig,
+    /// `GET /vm/config`.
+    GetVmConfig,
+    /// `PUT /boot-source`.
+    PutBootSource(BootSource),
+    /// `PUT /machine-config`.
+    PutMachineConfig(MachineConfig),
+    /// `PATCH /machine-config`.
+    PatchMachineConfig(MachineConfigUpdate),
+    /// `PUT /drives/{id}`.
+    PutDrive(Drive),
+    /// `PATCH /drives/{id}`.
+    PatchDrive(PartialDrive),
+    /// `PUT /entropy`.
+    PutEntropy(EntropyDevice),
+    /// `PUT /serial`.
+    PutSerial(SerialDevice),
+    /// `PUT /logger`.
+    PutLogger(LoggerConfig),
+    /// `PUT /metrics`.
+    PutMetrics(MetricsConfig),
+    /// `PUT /actions`.
+    Action(ActionType),
+    /// `PATCH /vm`.
+    SetVmState(VmState),
+}
+
+/// A successful answer: nothing (204) or a JSON body (200).
+#[derive(Debug, Clone, PartialEq)]
+pub enum VmmData {
+    /// 204 No Content.
+    Empty,
+    /// 200 with this body.
+    Json(Value),
+}
+
+/// The answer to a request.
+pub type VmmResult = Result<VmmData, ResourceError>;
+
+/// Logging and metrics live in the binary (they own the process's tracing subscriber and
+/// files); the controller reaches them through this.
+pub trait Telemetry: Send {
+    /// Applies `PUT /logger`.
+    fn configure_logger(&mut self, cfg: &LoggerConfig) -> Result<(), String>;
+    /// Applies `PUT /metrics`.
+    fn configure_metrics(&mut self, cfg: &MetricsConfig) -> Result<(), String>;
+    /// Writes the metrics now.
+    fn flush_metrics(&mut self) -> Result<(), String>;
+    /// Counts one API request and whether it succeeded.
+    fn record_request(&mut self, ok: bool);
+}
+
+/// What vireo reports as its version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The VM's state machine as the API sees it.
+pub struct Controller {
+    resources: VmResources,
+    vm: Option<RunningVm>,
+    id: String,
+    telemetry: Box<dyn Telemetry>,
+}
+
+fn fail<T>(msg: impl Into<String>) -> Result<T, ResourceError> {
+    Err(ResourceError(msg.into()))
+}
+
+const NOT_AFTER_START: &str = "is not supported after starting the microVM";
+
+impl Controller {
+    /// A controller for a VM not yet started.
+    pub fn new(id: String, resources: VmResources, telemetry: Box<dyn Telemetry>) -> Self {
+        Self {
+            resources,
+            vm: None,
+            id,
+            telemetry,
+        }
+    }
+
+    /// Whether the VM has been started.
+    pub fn started(&self) -> bool {
+        self.vm.is_some()
+    }
+
+    fn state(&self) -> &'static str {
+        match &self.vm {
+            None => "Not started",
+            Some(vm) if vm.is_paused() => "Paused",
+            Some(_) => "Running",
+        }
+    }
+
+    /// Applies one request.
+    pub fn handle(&mut self, action: VmmAction) -> VmmResult {
+        let result = self.apply(action);
+        self.telemetry.record_request(result.is_ok());
+        result
+    }
+
+    fn apply(&mut self, action: VmmAction) -> VmmResult {
+        use VmmAction::*;
+        let pre_boot = |name: &str| -> Result<(), ResourceError> {
+            if self.vm.is_some() {
+                fail(format!("{name} {NOT_AFTER_START}"))
+            } else {
+                Ok(())
+            }
+        };
+        match action {
+            GetInstanceInfo => Ok(VmmData::Json(json!({
+                "app_name": "vireo",
+                "id": self.id,
+                "state": self.state(),
+                "vmm_version": VERSION,
+            }))),
+            GetVersion => Ok(VmmData::Json(json!({ "firecracker_version": VERSION }))),
+            GetMachineConfig => Ok(VmmData::Json(
+                serde_json::to_value(&self.resources.machine).unwrap_or(Value::Null),
+            )),
+            GetVmConfig => Ok(VmmData::Json(self.resources.full_config())),
+            PutBootSource(b) => {
+                pre_boot("PUT /boot-source")?;
+                self.resources.set_boot_source(b).map(|_| VmmData::Empty)
+            }
+            PutMachineConfig(m) => {
+                pre_boot("PUT /machine-config")?;
+                self.resources.set_machine_config(m).map(|_| VmmData::Empty)
+            }
+            PatchMachineConfig(m) => {
+                pre_boot("PATCH /machine-config")?;
+                self.resources
+                    .update_machine_config(m)
+                    .map(|_| VmmData::Empty)
+            }
+            PutDrive(d) => {
+                pre_boot("PUT /drives")?;
+                self.resources.insert_drive(d).map(|_| VmmData::Empty)
+            }
+            PatchDrive(p) => {
+                if self.vm.is_some() {
+                    return self.patch_running_drive(p);
+                }
+                self.resources.patch_drive(p).map(|_| VmmData::Empty)
+            }
+            PutEntropy(e) => {
+                pre_boot("PUT /entropy")?;
+                self.resources.set_entropy(e).map(|_| VmmData::Empty)
+            }
+            PutSerial(s) => {
+                pre_boot("PUT /serial")?;
+                self.resources.set_serial(s).map(|_| VmmData::Empty)
+            }
+            PutLogger(l) => {
+                self.telemetry.configure_logger(&l).map_err(ResourceError)?;
+                self.resources.logger = Some(l);
+                Ok(VmmData::Empty)
+            }
+            PutMetrics(m) => {
+                pre_boot("PUT /metrics")?;
+                self.telemetry
+                    .configure_metrics(&m)
+                    .map_err(ResourceError)?;
+                self.resources.metrics = Some(m);
+                Ok(VmmData::Empty)
+            }
+            Action(ActionType::InstanceStart) => self.start().map(|_| VmmData::Empty),
+            Action(ActionType::FlushMetrics) => self
+                .telemetry
+                .flush_metrics()
+                .map(|_| VmmData::Empty)
+                .map_err(ResourceError),
+            Action(ActionType::SendCtrlAltDel) => match &self.vm {
+                None => fail("cannot send Ctrl+Alt+Del: the microVM is not running"),
+                Some(vm) => vm
+                    .send_ctrl_alt_del()
+                    .map(|_| VmmData::Empty)
+                    .map_err(|e| ResourceError(e.to_string())),
+            },
+            SetVmState(state) => match (&mut self.vm, state) {
+                (None, _) => fail("cannot pause or resume: the microVM is not running"),
+                (Some(vm), VmState::Paused) => vm
+                    .pause()
+                    .map(|_| VmmData::Empty)
+                    .map_err(|e| ResourceError(e.to_string())),
+                (Some(vm), VmState::Resumed) => {
+                    vm.resume();
+                    Ok(VmmData::Empty)
+                }
+            },
+        }
+    }
+
+    fn start(&mut self) -> Result<(), ResourceError> {
+        if self.vm.is_some() {
+            return fail("InstanceStart: the microVM is already running");
+        }
+        let config = self.resources.vm_config()?;
+        let vm = RunningVm::start(&config)
+            .map_err(|e| ResourceError(format!("cannot start the microVM: {e}")))?;
+        self.vm = Some(vm);
+        Ok(())
+    }
+
+    fn patch_running_drive(&mut self, p: PartialDrive) -> VmmResult {
+        let Some(vm) = self.vm.as_mut() else {
+            return fail("the microVM is not running");
+        };
+        if p.rate_limiter.as_ref().is_some_and(|v| !v.is_null()) {
+            return fail("drive: rate limiters are not supported by vireo yet");
+        }
+        let Some(path) = p.path_on_host.clone() else {
+            return Ok(VmmData::Empty);
+        };
+        vm.replace_drive(&p.drive_id, std::path::Path::new(&path))
+            .map_err(|e| ResourceError(e.to_string()))?;
+        if let Some(d) = self
+            .resources
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == p.drive_id)
+        {
+            d.path_on_host = Some(path);
+        }
+        Ok(VmmData::Empty)
+    }
+
+    /// The running VM, for the event loop.
+    pub fn vm_mut(&mut self) -> Option<&mut RunningVm> {
+        self.vm.as_mut()
+    }
+
+    /// Stops the VM after it ended.
+    pub fn shutdown(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            vm.shutdown();
+        }
+    }
+}
+
+/// Requests arrive on a channel with a reply channel each; `notify` becomes readable when one
+/// is waiting.
+pub struct RequestQueue {
+    /// Incoming requests.
+    pub requests: std::sync::mpsc::Receiver<(VmmAction, std::sync::mpsc::Sender<VmmResult>)>,
+    /// Readable when requests are waiting.
+    pub notify: vmm_sys_util::eventfd::EventFd,
+}
+
+const API_TOKEN: u64 = crate::EXTERNAL_TOKEN_BASE;
+
+/// Serves requests until the VM (once started) ends, or until `signal` (set by the caller's
+/// SIGINT/SIGTERM handler to the signal number) is set before it starts. Returns how it ended,
+/// or `None` if the request channel closed before a VM ran.
+pub fn serve(
+    controller: &mut Controller,
+    queue: &RequestQueue,
+    signal: &std::sync::atomic::AtomicUsize,
+) -> Option<ExitReason> {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering;
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut watching = false;
+    loop {
+        let Some(vm) = controller.vm.as_mut() else {
+            let sig = signal.load(Ordering::SeqCst);
+            if sig != 0 {
+                return Some(ExitReason::Signal(sig as i32));
+            }
+            match queue
+                .requests
+                .recv_timeout(std::time::Duration::from_millis(50))
+            {
+                Ok((action, reply)) => {
+                    let _ = reply.send(controller.handle(action));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
+            continue;
+        };
+        if !watching {
+            if let Err(e) = vm.watch(queue.notify.as_raw_fd(), API_TOKEN) {
+                tracing::error!("API requests cannot reach the running VM: {e}");
+            }
+            watching = true;
+        }
+        match vm.wait() {
+            VmEvent::Ended(reason) => {
+                controller.shutdown();
+                return Some(reason);
+            }
+            VmEvent::External(API_TOKEN) => {
+                let _ = queue.notify.read();
+                while let Ok((action, reply)) = queue.requests.try_recv() {
+                    let _ = reply.send(controller.handle(action));
+                }
+            }
+            VmEvent::External(_) => {}
+        }
+    }
+}

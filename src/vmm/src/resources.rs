@@ -1,0 +1,522 @@
+//! The VM as an API client or config file describes it before boot, in Firecracker's data model
+//! (the objects of its HTTP API and `--config-file`), checked as each piece arrives and turned
+//! into a [`VmConfig`] at start.
+
+use crate::config::{DriveConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// A configuration request that cannot be applied; the text is the API's fault_message.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct ResourceError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ResourceError> {
+    Err(ResourceError(msg.into()))
+}
+
+/// `PUT /boot-source`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// Host path of the kernel image.
+    pub kernel_image_path: String,
+    /// Host path of the initrd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+}
+
+/// `PUT /machine-config` (and the answer to `GET`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// vCPUs.
+    pub vcpu_count: u32,
+    /// Guest RAM in MiB.
+    pub mem_size_mib: u64,
+    /// Simultaneous multithreading (not offered: must be false).
+    #[serde(default)]
+    pub smt: bool,
+    /// Dirty page tracking for snapshots (not offered: must be false).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// CPU template (not offered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    /// Huge page backing (only "None").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            cpu_template: None,
+            huge_pages: None,
+        }
+    }
+}
+
+/// `PATCH /machine-config`: any subset.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    /// vCPUs.
+    pub vcpu_count: Option<u32>,
+    /// Guest RAM in MiB.
+    pub mem_size_mib: Option<u64>,
+    /// SMT.
+    pub smt: Option<bool>,
+    /// Dirty page tracking.
+    pub track_dirty_pages: Option<bool>,
+    /// CPU template.
+    pub cpu_template: Option<String>,
+    /// Huge pages.
+    pub huge_pages: Option<String>,
+}
+
+/// `PUT /drives/{id}`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    /// Drive name, also what the guest reads as its serial.
+    pub drive_id: String,
+    /// Host path of the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    /// Boot from this drive (`root=/dev/vda`, or `root=PARTUUID=` with `partuuid`).
+    pub is_root_device: bool,
+    /// Read-only drive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_read_only: Option<bool>,
+    /// Root partition UUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// "Unsafe" or "Writeback"; vireo always honours flushes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<String>,
+    /// Rate limiter (not offered yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<Value>,
+    /// "Sync" (or "Async", not offered yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+    /// vhost-user-blk socket (not offered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+}
+
+/// `PATCH /drives/{id}`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    /// Drive name.
+    pub drive_id: String,
+    /// New image.
+    pub path_on_host: Option<String>,
+    /// Rate limiter (not offered yet).
+    pub rate_limiter: Option<Value>,
+}
+
+/// `PUT /entropy`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyDevice {
+    /// Rate limiter (not offered yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<Value>,
+}
+
+/// `PUT /serial`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SerialDevice {
+    /// Where guest serial output goes (default: vireo's stdout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_out_path: Option<String>,
+    /// Rate limiter (not offered yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<Value>,
+}
+
+/// `PUT /logger`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LoggerConfig {
+    /// Error, Warning, Info, Debug, Trace or Off (any case).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    /// File or named pipe for the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<String>,
+    /// Print the level in each line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_level: Option<bool>,
+    /// Print file and line of each message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_log_origin: Option<bool>,
+    /// Only messages from this module path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+/// `PUT /metrics`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// File or named pipe metrics are written to.
+    pub metrics_path: String,
+}
+
+/// `PUT /actions`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceActionInfo {
+    /// What to do.
+    pub action_type: ActionType,
+}
+
+/// Synchronous actions.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum ActionType {
+    /// Write the metrics now.
+    FlushMetrics,
+    /// Boot the configured VM.
+    InstanceStart,
+    /// Press Ctrl+Alt+Del on the guest's keyboard.
+    SendCtrlAltDel,
+}
+
+/// `PATCH /vm`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmStateUpdate {
+    /// Target state.
+    pub state: VmState,
+}
+
+/// Paused or Resumed.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum VmState {
+    /// Stop the vCPUs.
+    Paused,
+    /// Run them again.
+    Resumed,
+}
+
+/// Everything a VM is configured with before it starts.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VmResources {
+    /// Kernel, initrd, command line.
+    pub boot_source: Option<BootSource>,
+    /// vCPUs and memory.
+    pub machine: MachineConfig,
+    /// Drives in insertion order.
+    pub drives: Vec<Drive>,
+    /// Entropy device, if configured.
+    pub entropy: Option<EntropyDevice>,
+    /// Serial output.
+    pub serial: Option<SerialDevice>,
+    /// Logger.
+    pub logger: Option<LoggerConfig>,
+    /// Metrics.
+    pub metrics: Option<MetricsConfig>,
+}
+
+fn no_rate_limiter(what: &str, rl: &Option<Value>) -> Result<(), ResourceError> {
+    match rl {
+        None | Some(Value::Null) => Ok(()),
+        Some(_) => err(format!(
+            "{what}: rate limiters are not supported by vireo yet"
+        )),
+    }
+}
+
+fn readable_file(what: &str, path: &str) -> Result<(), ResourceError> {
+    match std::fs::File::open(path) {
+        Ok(f) if f.metadata().map(|m| m.is_dir()).unwrap_or(false) => {
+            err(format!("{what} {path} is a directory"))
+        }
+        Ok(_) => Ok(()),
+        Err(e) => err(format!("cannot open {what} {path}: {e}")),
+    }
+}
+
+impl VmResources {
+    /// Sets the boot source; the files must be readable now.
+    pub fn set_boot_source(&mut self, b: BootSource) -> Result<(), ResourceError> {
+        readable_file("kernel image", &b.kernel_image_path)?;
+        if let Some(initrd) = &b.initrd_path {
+            readable_file("initrd", initrd)?;
+        }
+        self.boot_source = Some(b);
+        Ok(())
+    }
+
+    /// Replaces the machine configuration.
+    pub fn set_machine_config(&mut self, m: MachineConfig) -> Result<(), ResourceError> {
+        let check = VmConfig {
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: m.vcpu_count,
+            mem_mib: m.mem_size_mib,
+            serial: SerialConfig::None,
+            drives: Vec::new(),
+            rng: false,
+        };
+        crate::validate(&check).map_err(|e| ResourceError(e.to_string()))?;
+        if m.smt {
+            return err("smt: simultaneous multithreading is not supported by vireo");
+        }
+        if m.track_dirty_pages {
+            return err("track_dirty_pages: dirty page tracking is not supported by vireo yet");
+        }
+        if let Some(t) = m.cpu_template.as_deref().filter(|t| *t != "None") {
+            return err(format!(
+                "cpu_template {t}: CPU templates are not supported by vireo"
+            ));
+        }
+        if let Some(h) = m.huge_pages.as_deref().filter(|h| *h != "None") {
+            return err(format!(
+                "huge_pages {h}: huge pages are not supported by vireo yet"
+            ));
+        }
+        self.machine = m;
+        Ok(())
+    }
+
+    /// Applies a partial machine configuration.
+    pub fn update_machine_config(&mut self, u: MachineConfigUpdate) -> Result<(), ResourceError> {
+        let m = self.machine.clone();
+        self.set_machine_config(MachineConfig {
+            vcpu_count: u.vcpu_count.unwrap_or(m.vcpu_count),
+            mem_size_mib: u.mem_size_mib.unwrap_or(m.mem_size_mib),
+            smt: u.smt.unwrap_or(m.smt),
+            track_dirty_pages: u.track_dirty_pages.unwrap_or(m.track_dirty_pages),
+            cpu_template: u.cpu_template.or(m.cpu_template),
+            huge_pages: u.huge_pages.or(m.huge_pages),
+        })
+    }
+
+    /// Adds or replaces a drive.
+    pub fn insert_drive(&mut self, d: Drive) -> Result<(), ResourceError> {
+        if d.drive_id.is_empty() || d.drive_id.len() > 20 {
+            return err(format!(
+                "drive_id '{}' must be 1 to 20 bytes (the guest reads it as the disk's serial)",
+                d.drive_id
+            ));
+        }
+        if d.socket.is_some() {
+            return err("socket: vhost-user block devices are not supported by vireo");
+        }
+        if let Some(e) = d.io_engine.as_deref().filter(|e| *e != "Sync") {
+            return err(format!(
+                "io_engine {e}: only Sync is supported by vireo yet"
+            ));
+        }
+        if let Some(c) = d.cache_type.as_deref() {
+            if c != "Unsafe" && c != "Writeback" {
+                return err(format!("cache_type {c}: expected Unsafe or Writeback"));
+            }
+        }
+        no_rate_limiter("drive", &d.rate_limiter)?;
+        let Some(path) = &d.path_on_host else {
+            return err("path_on_host is required for a virtio-blk drive");
+        };
+        readable_file("drive image", path)?;
+        if d.is_root_device
+            && self
+                .drives
+                .iter()
+                .any(|o| o.is_root_device && o.drive_id != d.drive_id)
+        {
+            return err("a root device is already configured");
+        }
+        match self.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
+            Some(o) => *o = d,
+            None if d.is_root_device => self.drives.insert(0, d),
+            None => self.drives.push(d),
+        }
+        Ok(())
+    }
+
+    /// Updates a drive before boot.
+    pub fn patch_drive(&mut self, p: PartialDrive) -> Result<(), ResourceError> {
+        no_rate_limiter("drive", &p.rate_limiter)?;
+        let Some(d) = self.drives.iter_mut().find(|d| d.drive_id == p.drive_id) else {
+            return err(format!("drive '{}' does not exist", p.drive_id));
+        };
+        if let Some(path) = p.path_on_host {
+            readable_file("drive image", &path)?;
+            d.path_on_host = Some(path);
+        }
+        Ok(())
+    }
+
+    /// Adds the entropy device.
+    pub fn set_entropy(&mut self, e: EntropyDevice) -> Result<(), ResourceError> {
+        no_rate_limiter("entropy", &e.rate_limiter)?;
+        self.entropy = Some(e);
+        Ok(())
+    }
+
+    /// Sets the serial output.
+    pub fn set_serial(&mut self, s: SerialDevice) -> Result<(), ResourceError> {
+        no_rate_limiter("serial", &s.rate_limiter)?;
+        self.serial = Some(s);
+        Ok(())
+    }
+
+    /// The configuration to build the VM from.
+    pub fn vm_config(&self) -> Result<VmConfig, ResourceError> {
+        let Some(boot) = &self.boot_source else {
+            return err("cannot start the microVM: no boot source (PUT /boot-source first)");
+        };
+        let mut cmdline = boot
+            .boot_args
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
+        let drives = self
+            .drives
+            .iter()
+            .map(|d| {
+                if d.is_root_device {
+                    if let Some(uuid) = &d.partuuid {
+                        let mode = if d.is_read_only == Some(true) {
+                            "ro"
+                        } else {
+                            "rw"
+                        };
+                        cmdline.push_str(&format!(" root=PARTUUID={uuid} {mode}"));
+                    }
+                }
+                DriveConfig {
+                    path: PathBuf::from(d.path_on_host.clone().unwrap_or_default()),
+                    id: Some(d.drive_id.clone()),
+                    read_only: d.is_read_only.unwrap_or(false),
+                    root: d.is_root_device && d.partuuid.is_none(),
+                }
+            })
+            .collect();
+        Ok(VmConfig {
+            kernel: PathBuf::from(&boot.kernel_image_path),
+            initrd: boot.initrd_path.as_ref().map(PathBuf::from),
+            cmdline,
+            vcpus: self.machine.vcpu_count,
+            mem_mib: self.machine.mem_size_mib,
+            serial: match self
+                .serial
+                .as_ref()
+                .and_then(|s| s.serial_out_path.as_ref())
+            {
+                Some(p) => SerialConfig::File(PathBuf::from(p)),
+                None => SerialConfig::Stdio,
+            },
+            drives,
+            rng: self.entropy.is_some(),
+        })
+    }
+
+    /// `GET /vm/config`: the configuration in Firecracker's FullVmConfiguration shape.
+    pub fn full_config(&self) -> Value {
+        serde_json::json!({
+            "balloon": null,
+            "boot-source": self.boot_source,
+            "drives": self.drives,
+            "entropy": self.entropy,
+            "logger": self.logger,
+            "machine-config": self.machine,
+            "metrics": self.metrics,
+            "mmds-config": null,
+            "network-interfaces": [],
+            "vsock": null,
+        })
+    }
+}
+
+/// Firecracker's `--config-file` format: the API objects under their path names.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(rename = "boot-source")]
+    boot_source: Option<BootSource>,
+    #[serde(rename = "machine-config")]
+    machine_config: Option<MachineConfig>,
+    #[serde(default)]
+    drives: Vec<Drive>,
+    #[serde(rename = "network-interfaces", default)]
+    network_interfaces: Vec<Value>,
+    vsock: Option<Value>,
+    balloon: Option<Value>,
+    entropy: Option<EntropyDevice>,
+    serial: Option<SerialDevice>,
+    logger: Option<LoggerConfig>,
+    metrics: Option<MetricsConfig>,
+    #[serde(rename = "mmds-config")]
+    mmds_config: Option<Value>,
+    #[serde(rename = "cpu-config")]
+    cpu_config: Option<Value>,
+    pmem: Option<Vec<Value>>,
+    #[serde(rename = "memory-hotplug")]
+    memory_hotplug: Option<Value>,
+}
+
+impl ConfigFile {
+    /// Parses and applies a config file, naming the first problem.
+    pub fn into_resources(self) -> Result<VmResources, ResourceError> {
+        let unsupported = [
+            ("network-interfaces", !self.network_interfaces.is_empty()),
+            ("vsock", self.vsock.as_ref().is_some_and(|v| !v.is_null())),
+            (
+                "balloon",
+                self.balloon.as_ref().is_some_and(|v| !v.is_null()),
+            ),
+            (
+                "mmds-config",
+                self.mmds_config.as_ref().is_some_and(|v| !v.is_null()),
+            ),
+            (
+                "cpu-config",
+                self.cpu_config.as_ref().is_some_and(|v| !v.is_null()),
+            ),
+            ("pmem", self.pmem.as_ref().is_some_and(|v| !v.is_empty())),
+            (
+                "memory-hotplug",
+                self.memory_hotplug.as_ref().is_some_and(|v| !v.is_null()),
+            ),
+        ];
+        if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
+            return err(format!("{name}: this device is not supported by vireo yet"));
+        }
+        let mut r = VmResources::default();
+        if let Some(m) = self.machine_config {
+            r.set_machine_config(m)?;
+        }
+        let Some(b) = self.boot_source else {
+            return err("the config file has no boot-source");
+        };
+        r.set_boot_source(b)?;
+        for d in self.drives {
+            r.insert_drive(d)?;
+        }
+        if let Some(e) = self.entropy {
+            r.set_entropy(e)?;
+        }
+        if let Some(s) = self.serial {
+            r.set_serial(s)?;
+        }
+        r.logger = self.logger;
+        r.metrics = self.metrics;
+        Ok(r)
+    }
+}
