@@ -16,7 +16,7 @@ use vmm::controller::{VmmAction, VmmData, VmmResult};
 use vmm_sys_util::eventfd::EventFd;
 
 /// How long a client may take to send its request headers before the connection is closed.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Errors creating the API socket.
 #[derive(Debug, Error)]
