@@ -6,6 +6,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod metrics;
 pub mod virtio;
 
 use vmm_sys_util::eventfd::EventFd;

@@ -129,7 +129,19 @@ impl ProcessTelemetry {
     }
 
     fn write_metrics(metrics: &Mutex<Option<File>>, counters: &Counters, started: Instant) {
+        let mut devices = serde_json::Map::new();
+        for (name, m) in devices::metrics::all() {
+            let counters: serde_json::Map<String, serde_json::Value> = m
+                .snapshot()
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            devices.insert(name, serde_json::Value::Object(counters));
+        }
+        let (pio, mmio, other) = vmm::vstate::vcpu::exit_counts();
         let line = json!({
+            "devices": devices,
+            "vcpu": { "exits_io": pio, "exits_mmio": mmio, "exits_other": other },
             "utc_timestamp_ms": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
             "api_server": {
                 "requests": counters.requests.load(Ordering::Relaxed),

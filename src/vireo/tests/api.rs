@@ -159,6 +159,9 @@ fn firecracker_getting_started_sequence() {
         "console=ttyS0 vireo.blktest vireo.rngtest vireo.end=hang",
         &disk,
     );
+    let metrics = v.dir.join("metrics.json");
+    let body = format!(r#"{{"metrics_path":"{}"}}"#, metrics.display());
+    assert_eq!(v.req("PUT", "/metrics", &body).0, 204);
     assert_eq!(
         v.req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#)
             .0,
@@ -218,6 +221,26 @@ fn firecracker_getting_started_sequence() {
         r#"{"drive_id":"rootfs","path_on_host":"/nonexistent.img"}"#,
     ));
     assert!(m.contains("/nonexistent.img"), "{m}");
+
+    // Per-device and vCPU counters reach the metrics file.
+    assert_eq!(
+        v.req("PUT", "/actions", r#"{"action_type":"FlushMetrics"}"#)
+            .0,
+        204
+    );
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let m: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let blk = &m["devices"]["block_rootfs"];
+    assert!(blk["write_bytes"].as_u64().unwrap() >= 16384, "{m}");
+    assert!(blk["read_bytes"].as_u64().unwrap() >= 16384 + 4096, "{m}");
+    assert!(blk["flushes"].as_u64().unwrap() >= 1, "{m}");
+    assert!(
+        blk["errors"].as_u64().unwrap() >= 1,
+        "the out-of-range read: {m}"
+    );
+    assert_eq!(m["devices"]["entropy"]["read_bytes"], 32, "{m}");
+    assert!(m["vcpu"]["exits_io"].as_u64().unwrap() > 100, "{m}");
+    assert!(m["vcpu"]["exits_mmio"].as_u64().unwrap() > 10, "{m}");
 
     let (status, body) = v.req("GET", "/vm/config", "");
     assert_eq!(status, 200);

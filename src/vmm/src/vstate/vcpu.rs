@@ -109,6 +109,22 @@ impl VcpuControl {
     }
 }
 
+/// Exits to vireo, all vCPUs: port I/O, MMIO, others.
+static EXITS: [std::sync::atomic::AtomicU64; 3] = [
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+];
+
+/// (port I/O, MMIO, other) exits to vireo since start, for the metrics file.
+pub fn exit_counts() -> (u64, u64, u64) {
+    (
+        EXITS[0].load(Ordering::Relaxed),
+        EXITS[1].load(Ordering::Relaxed),
+        EXITS[2].load(Ordering::Relaxed),
+    )
+}
+
 const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_EXTINT: u32 = 0x7;
@@ -215,7 +231,14 @@ impl Vcpu {
             if control.stop_requested() {
                 return VcpuStop::Requested;
             }
-            match self.fd.run() {
+            let exit = self.fd.run();
+            let kind = match &exit {
+                Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => 0,
+                Ok(VcpuExit::MmioRead(..)) | Ok(VcpuExit::MmioWrite(..)) => 1,
+                _ => 2,
+            };
+            EXITS[kind].fetch_add(1, Ordering::Relaxed);
+            match exit {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !pio.read(u64::from(port), data) {
                         tracing::trace!("vcpu{}: unhandled port read {port:#x}", self.index);

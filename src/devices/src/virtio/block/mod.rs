@@ -70,6 +70,7 @@ pub struct Block {
     returned: std::sync::Arc<std::sync::Mutex<Option<Disk>>>,
     // A new backing file the running worker switches to before its next request.
     replacement: std::sync::Arc<std::sync::Mutex<Option<Disk>>>,
+    metrics: std::sync::Arc<crate::metrics::DeviceMetrics>,
 }
 
 fn feature(bit: u32) -> u64 {
@@ -109,13 +110,14 @@ impl Block {
         }
         let config_space = Self::config_image(disk.sectors());
         Ok(Self {
-            config,
             disk: Some(disk),
             features,
             config_space,
             worker: None,
             returned: Default::default(),
             replacement: Default::default(),
+            metrics: crate::metrics::register(format!("block_{}", config.id)),
+            config,
         })
     }
 
@@ -156,6 +158,7 @@ struct Handler {
     limits: Limits,
     returned: std::sync::Arc<std::sync::Mutex<Option<Disk>>>,
     replacement: std::sync::Arc<std::sync::Mutex<Option<Disk>>>,
+    metrics: std::sync::Arc<crate::metrics::DeviceMetrics>,
 }
 
 impl QueueHandler for Handler {
@@ -171,9 +174,12 @@ impl QueueHandler for Handler {
         let Some(disk) = self.disk.as_mut() else {
             return 0;
         };
+        use crate::metrics::DeviceMetrics as M;
+        M::add(&self.metrics.requests, 1);
         let request = match Request::parse(chain, mem) {
             Ok(r) => r,
             Err((e, status)) => {
+                M::add(&self.metrics.errors, 1);
                 tracing::warn!("virtio-blk: malformed request: {e:?}");
                 // Fail it with IOERR if it has a writable last byte; otherwise nothing can be
                 // reported and the chain goes back with nothing written.
@@ -184,6 +190,16 @@ impl QueueHandler for Handler {
             }
         };
         let (status, len) = request.execute(disk, mem, self.read_only, &self.id, &self.limits);
+        if status != VIRTIO_BLK_S_OK as u8 {
+            M::add(&self.metrics.errors, 1);
+        } else {
+            match request.kind() {
+                VIRTIO_BLK_T_IN => M::add(&self.metrics.read_bytes, u64::from(len - 1)),
+                VIRTIO_BLK_T_OUT => M::add(&self.metrics.write_bytes, request.data_len()),
+                VIRTIO_BLK_T_FLUSH => M::add(&self.metrics.flushes, 1),
+                _ => {}
+            }
+        }
         if mem.write_obj(status, request.status_addr()).is_err() {
             return 0;
         }
@@ -234,6 +250,7 @@ impl VirtioDevice for Block {
             },
             returned: self.returned.clone(),
             replacement: self.replacement.clone(),
+            metrics: self.metrics.clone(),
         };
         self.worker = Some(Worker::spawn("virtio-blk", handler, ctx)?);
         Ok(())

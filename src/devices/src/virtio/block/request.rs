@@ -182,6 +182,16 @@ impl Request {
         })
     }
 
+    /// The request type (VIRTIO_BLK_T_*).
+    pub fn kind(&self) -> u32 {
+        self.kind
+    }
+
+    /// Bytes of device-readable data after the header (the payload of a write).
+    pub fn data_len(&self) -> u64 {
+        total(&self.readable)
+    }
+
     /// Where the status byte goes.
     pub fn status_addr(&self) -> GuestAddress {
         self.status

@@ -13,20 +13,30 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const MAX_REQUEST_BYTES: u32 = 64 << 10;
 
 /// The entropy device.
-#[derive(Default)]
 pub struct Rng {
     worker: Option<Worker>,
+    metrics: std::sync::Arc<crate::metrics::DeviceMetrics>,
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Rng {
     /// A new entropy device.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            worker: None,
+            metrics: crate::metrics::register("entropy".into()),
+        }
     }
 }
 
 struct Handler {
     buf: Vec<u8>,
+    metrics: std::sync::Arc<crate::metrics::DeviceMetrics>,
 }
 
 impl QueueHandler for Handler {
@@ -56,6 +66,8 @@ impl QueueHandler for Handler {
             }
             written += len;
         }
+        crate::metrics::DeviceMetrics::add(&self.metrics.requests, 1);
+        crate::metrics::DeviceMetrics::add(&self.metrics.read_bytes, u64::from(written));
         written
     }
 }
@@ -80,6 +92,7 @@ impl VirtioDevice for Rng {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let handler = Handler {
             buf: vec![0; MAX_REQUEST_BYTES as usize],
+            metrics: self.metrics.clone(),
         };
         self.worker = Some(Worker::spawn("virtio-rng", handler, ctx)?);
         Ok(())

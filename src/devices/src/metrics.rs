@@ -1,0 +1,52 @@
+//! Counters devices keep for the metrics file: a registry of per-device counter sets, read by
+//! whoever writes metrics. Counting is a relaxed atomic add on the device's own thread.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Counters of one device.
+#[derive(Debug, Default)]
+pub struct DeviceMetrics {
+    /// Requests served.
+    pub requests: AtomicU64,
+    /// Requests that failed (bad chains, I/O errors, refused writes).
+    pub errors: AtomicU64,
+    /// Bytes read from the backend into the guest.
+    pub read_bytes: AtomicU64,
+    /// Bytes written from the guest to the backend.
+    pub write_bytes: AtomicU64,
+    /// Flush requests.
+    pub flushes: AtomicU64,
+}
+
+impl DeviceMetrics {
+    /// Adds `n` to `counter`.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counters as JSON-ready pairs.
+    pub fn snapshot(&self) -> [(&'static str, u64); 5] {
+        [
+            ("requests", self.requests.load(Ordering::Relaxed)),
+            ("errors", self.errors.load(Ordering::Relaxed)),
+            ("read_bytes", self.read_bytes.load(Ordering::Relaxed)),
+            ("write_bytes", self.write_bytes.load(Ordering::Relaxed)),
+            ("flushes", self.flushes.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+static REGISTRY: Mutex<Vec<(String, Arc<DeviceMetrics>)>> = Mutex::new(Vec::new());
+
+/// Creates and registers the counters of device `name` (for example `block_rootfs`).
+pub fn register(name: String) -> Arc<DeviceMetrics> {
+    let m = Arc::new(DeviceMetrics::default());
+    crate::bus::lock(&REGISTRY).push((name, m.clone()));
+    m
+}
+
+/// Every registered device's counters.
+pub fn all() -> Vec<(String, Arc<DeviceMetrics>)> {
+    crate::bus::lock(&REGISTRY).clone()
+}
