@@ -17,6 +17,8 @@ const IOAPIC: u64 = 0xfec0_0000;
 
 /// Vector the serial port's IRQ is routed to.
 pub const SERIAL_VECTOR: u8 = 0x24;
+/// Vector the keyboard (IRQ 1) is routed to.
+pub const KBD_VECTOR: u8 = 0x27;
 /// Vector virtio devices interrupt on.
 pub const VIRTIO_VECTOR: u8 = 0x26;
 /// Vector of the watchdog timer.
@@ -26,6 +28,9 @@ const SPURIOUS_VECTOR: u8 = 0xff;
 /// Serial interrupts seen.
 #[no_mangle]
 pub static SERIAL_IRQS: AtomicU32 = AtomicU32::new(0);
+/// Keyboard interrupts seen.
+#[no_mangle]
+pub static KBD_IRQS: AtomicU32 = AtomicU32::new(0);
 /// virtio interrupts seen.
 #[no_mangle]
 pub static VIRTIO_IRQS: AtomicU32 = AtomicU32::new(0);
@@ -43,6 +48,9 @@ serial_isr:
 virtio_isr:
     lock incl VIRTIO_IRQS
     jmp eoi_and_return
+kbd_isr:
+    lock incl KBD_IRQS
+    jmp eoi_and_return
 timer_isr:
     lock incl TIMER_IRQS
 eoi_and_return:
@@ -59,6 +67,8 @@ spurious_isr:
     .globl isr_serial, isr_timer, isr_spurious, isr_virtio
 isr_serial:   .quad serial_isr
 isr_virtio:   .quad virtio_isr
+    .globl isr_kbd
+isr_kbd:      .quad kbd_isr
 isr_timer:    .quad timer_isr
 isr_spurious: .quad spurious_isr
     "#,
@@ -70,6 +80,7 @@ extern "C" {
     static isr_timer: u64;
     static isr_spurious: u64;
     static isr_virtio: u64;
+    static isr_kbd: u64;
 }
 
 #[repr(C, align(16))]
@@ -123,8 +134,9 @@ fn set_gate(vector: u8, handler: u64) {
 /// Installs the IDT with the serial, timer and spurious handlers.
 pub fn load_idt() {
     // SAFETY: the extern statics are addresses defined in the assembly above.
-    let (serial, timer, spurious, virtio) =
-        unsafe { (isr_serial, isr_timer, isr_spurious, isr_virtio) };
+    let (serial, timer, spurious, virtio, kbd) =
+        unsafe { (isr_serial, isr_timer, isr_spurious, isr_virtio, isr_kbd) };
+    set_gate(KBD_VECTOR, kbd);
     set_gate(SERIAL_VECTOR, serial);
     set_gate(VIRTIO_VECTOR, virtio);
     set_gate(TIMER_VECTOR, timer);
@@ -176,6 +188,11 @@ pub fn eoi() {
 /// Serial interrupts taken so far.
 pub fn serial_irqs() -> u32 {
     SERIAL_IRQS.load(Ordering::SeqCst)
+}
+
+/// Keyboard interrupts taken so far.
+pub fn kbd_irqs() -> u32 {
+    KBD_IRQS.load(Ordering::SeqCst)
 }
 
 /// virtio interrupts taken so far.

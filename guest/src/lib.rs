@@ -9,6 +9,7 @@
 //! * `vireo.end=poweroff|reset|acpi-off|acpi-reset|triplefault|badfetch|hang` — how to end
 //!   (default poweroff: the 0x501 port; acpi-off and acpi-reset use the FADT's registers);
 //! * `vireo.input` — wait (up to 10 s) for one line on the serial port and echo it back;
+//! * `vireo.kbd` — wait (up to 10 s) for eight keyboard bytes (IRQ 1) and report them;
 //! * `vireo.firstbyte` — write one byte and power off at once (the boot benchmark).
 //!
 //! Runs entirely at CPL0, which on some hosts means in KVM's instruction emulator: keep the
@@ -81,6 +82,34 @@ fn read_line(bsp: u8, buf: &mut [u8]) -> Option<usize> {
             return None;
         }
     }
+}
+
+/// Waits (up to 10 s) for eight bytes from the keyboard, taken by interrupt (IRQ 1), and reports
+/// them: what a Ctrl+Alt+Del from the host looks like to the guest.
+fn read_keys(bsp: u8) {
+    apic::route_irq(1, apic::KBD_VECTOR, bsp);
+    puts(b"@kbd ready\n");
+    let mut got = [0u8; 8];
+    let mut n = 0;
+    let expiries = apic::timer_irqs();
+    apic::start_watchdog(10_000);
+    while n < got.len() && apic::timer_irqs() == expiries {
+        // SAFETY: wait for the keyboard (or watchdog) interrupt.
+        unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
+        while n < got.len() && io::inb(0x64) & 1 != 0 {
+            got[n] = io::inb(0x60);
+            n += 1;
+        }
+    }
+    apic::stop_watchdog();
+    puts(b"@kbd bytes=");
+    for &b in &got[..n] {
+        let hex = |d: u8| if d < 10 { b'0' + d } else { b'a' + d - 10 };
+        io::putc(hex(b >> 4));
+        io::putc(hex(b & 0xf));
+    }
+    field(b"irqs", u64::from(apic::kbd_irqs()), false);
+    puts(b"\n");
 }
 
 fn end(how: &[u8], acpi: Option<&acpi::Acpi>) -> ! {
@@ -225,6 +254,9 @@ pub fn main(info: BootInfo) -> ! {
         }
     }
     devtest::run(&info, cmdline, bsp);
+    if info.has_option(b"vireo.kbd") {
+        read_keys(bsp);
+    }
     if info.has_option(b"vireo.input") {
         let mut buf = [0u8; 128];
         match read_line(bsp, &mut buf) {

@@ -3,7 +3,8 @@
 //! serial port, and how to power off and reset.
 //!
 //! ```text
-//! RSDP (ACPI_START) → XSDT → FADT → DSDT (\_SB.COM1, \_SB.VRnn per virtio device, \_S5_)
+//! RSDP (ACPI_START) → XSDT → FADT → DSDT (\_SB.COM1, \_SB.PS2K, \_SB.VRnn per virtio device,
+//!                                          \_S5_)
 //!                          → MADT (one local APIC per vCPU, the IOAPIC)
 //! ```
 //! The MP table stays as well, for guests booted with `acpi=off` or without ACPI support.
@@ -19,11 +20,12 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use arch::layout::{ACPI_START, APIC_START, HIMEM_START, IOAPIC_START};
 use devices::legacy::power::acpi as pm;
-use devices::legacy::serial;
+use devices::legacy::{i8042, serial};
 
 const OEM_ID: [u8; 6] = *b"VIREO ";
 const OEM_TABLE_ID: [u8; 8] = *b"VIREOVM ";
 const OEM_REVISION: u32 = 1;
+const IAPC_8042: u16 = 1 << 1;
 const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_MSI_NOT_SUPPORTED: u16 = 1 << 3;
 const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
@@ -74,13 +76,22 @@ fn dsdt(virtio: &[VirtioMmioDevice]) -> Vec<u8> {
     let uid_name = aml::Name::new("_UID".into(), &aml::ZERO);
     let crs_name = aml::Name::new("_CRS".into(), &com1_resources);
     let com1 = aml::Device::new("COM1".into(), vec![&hid_name, &uid_name, &crs_name]);
+    // The PS/2 keyboard controller (reset line, and Ctrl+Alt+Del from the API).
+    let kbd_data = aml::IO::new(0x60, 0x60, 1, 1);
+    let kbd_cmd = aml::IO::new(0x64, 0x64, 1, 1);
+    let kbd_irq = aml::Interrupt::new(true, true, false, false, i8042::KBD_IRQ);
+    let kbd_resources = aml::ResourceTemplate::new(vec![&kbd_data, &kbd_cmd, &kbd_irq]);
+    let kbd_hid = aml::EISAName::new("PNP0303");
+    let kbd_hid_name = aml::Name::new("_HID".into(), &kbd_hid);
+    let kbd_crs_name = aml::Name::new("_CRS".into(), &kbd_resources);
+    let kbd = aml::Device::new("PS2K".into(), vec![&kbd_hid_name, &kbd_crs_name]);
     let virtio_aml: Vec<u8> = virtio
         .iter()
         .enumerate()
         .flat_map(|(i, d)| virtio_device(i, d))
         .collect();
     let virtio_raw = RawAml(virtio_aml);
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &virtio_raw]);
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &kbd, &virtio_raw]);
     // \_S5_: the SLP_TYP values (a, b) for soft-off, as the sleep control register expects.
     let s5_type = pm::S5_SLEEP_TYPE;
     let s5_package = aml::Package::new(vec![&s5_type, &s5_type, &0u8, &0u8]);
@@ -122,9 +133,10 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     f.sleep_status_reg = io_register(pm::ACPI_PM_BASE + pm::SLEEP_STATUS);
     f.reset_reg = io_register(pm::ACPI_PM_BASE + pm::RESET);
     f.reset_value = pm::RESET_VALUE;
-    // No VGA, no MSI (there is no PCI) and no CMOS RTC: a guest must not probe for them.
+    // An 8042 keyboard controller; no VGA, no MSI (there is no PCI) and no CMOS RTC.
     f.iapc_boot_arch =
-        (IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED | IAPC_CMOS_RTC_NOT_PRESENT).into();
+        (IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED | IAPC_CMOS_RTC_NOT_PRESENT)
+            .into();
     f.hypervisor_vendor_identity = u64::from_le_bytes(*b"VIREO\0\0\0").into();
     aml_bytes(&f.finalize())
 }
@@ -230,7 +242,7 @@ mod tests {
             assert_eq!(u64_at(fadt, 116 + 4), pm::ACPI_PM_BASE + pm::RESET);
             assert_eq!(
                 u16::from_le_bytes([fadt[109], fadt[110]]),
-                0x2c,
+                0x2e,
                 "IAPC_BOOT_ARCH"
             );
             let dsdt = table_at(&image, u64_at(fadt, 140));
@@ -241,6 +253,10 @@ mod tests {
                 .position(|w| w == b"_S5_")
                 .expect("_S5_ in the DSDT");
             assert_eq!(dsdt[s5 + 4], 0x12, "_S5_ is a package");
+            assert!(
+                dsdt.windows(4).any(|w| w == b"PS2K"),
+                "keyboard controller declared"
+            );
             let lnro = dsdt.windows(8).filter(|w| w == b"LNRO0005").count();
             assert_eq!(lnro, 2, "one LNRO0005 device per virtio window");
             let madt = table_at(&image, entries[1]);

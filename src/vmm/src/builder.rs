@@ -31,6 +31,7 @@ pub(crate) struct Machine {
     pub power_value: Arc<AtomicU8>,
     pub boot: BootSetup,
     pub drives: Vec<(String, Arc<Mutex<devices::virtio::mmio::MmioTransport>>)>,
+    pub i8042: Arc<Mutex<I8042>>,
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, Error> {
@@ -147,15 +148,15 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
     let reset_evt = EventFdTrigger::new().map_err(Error::EventFd)?;
     let power_evt = EventFdTrigger::new().map_err(Error::EventFd)?;
     let power_value = Arc::new(AtomicU8::new(0));
+    let kbd_irq = EventFdTrigger::new().map_err(Error::EventFd)?;
+    vm.register_irqfd(&kbd_irq.0, i8042::KBD_IRQ)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        reset_evt.try_clone().map_err(Error::EventFd)?,
+        kbd_irq,
+    )));
     let mut pio = Bus::new();
     pio.insert(serial.clone(), serial::COM1_BASE, serial::PORT_SIZE)?;
-    pio.insert(
-        Arc::new(Mutex::new(I8042::new(
-            reset_evt.try_clone().map_err(Error::EventFd)?,
-        ))),
-        i8042::I8042_BASE,
-        i8042::PORT_SIZE,
-    )?;
+    pio.insert(i8042.clone(), i8042::I8042_BASE, i8042::PORT_SIZE)?;
     pio.insert(
         Arc::new(Mutex::new(PowerDevice::new(
             power_evt.try_clone().map_err(Error::EventFd)?,
@@ -194,5 +195,6 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
         power_value,
         boot,
         drives: virtio.drives,
+        i8042,
     })
 }

@@ -366,13 +366,10 @@ impl RunningVm {
             .map_err(Error::InvalidConfig)
     }
 
-    /// Ctrl+Alt+Del needs a keyboard controller that can inject keys into the guest.
+    /// Presses Ctrl+Alt+Del on the guest's keyboard (Linux then reboots, and vireo exits).
     pub fn send_ctrl_alt_del(&self) -> Result<(), Error> {
-        Err(Error::InvalidConfig(
-            "SendCtrlAltDel is not supported by vireo yet: its i8042 emulates only the reset line; \
-             stop the guest with an ACPI power-off from inside it, or SIGTERM"
-                .into(),
-        ))
+        devices::bus::lock(&self.machine.i8042).trigger_ctrl_alt_del();
+        Ok(())
     }
 
     /// Lets paused vCPUs run again.
