@@ -129,7 +129,10 @@ fn main() -> ExitCode {
     }));
 
     match cli.command {
-        None => ExitCode::from(control_plane(&cli, ProcessTelemetry::new(sink, level)) as u8),
+        None => ExitCode::from(control_plane(
+            &cli,
+            ProcessTelemetry::new(sink, level, cli.log_level),
+        ) as u8),
         Some(Command::Run(args)) => {
             let config = VmConfig {
                 kernel: args.kernel,

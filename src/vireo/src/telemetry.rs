@@ -8,7 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -53,39 +53,70 @@ impl<'a> MakeWriter<'a> for LogSink {
     }
 }
 
-/// Opens a log or metrics destination: appended to if a file, written without blocking if a
-/// named pipe.
+/// Opens a log or metrics destination: appended to if a file; if a named pipe, opened so that
+/// neither the open nor later writes block when nobody reads (full pipe: the line is counted
+/// as lost).
 fn open_sink(path: &str) -> Result<File, String> {
-    OpenOptions::new()
-        .append(true)
-        .create(true)
-        .custom_flags(libc::O_NONBLOCK)
+    use std::os::unix::fs::FileTypeExt;
+    let is_fifo = std::fs::metadata(path)
+        .map(|m| m.file_type().is_fifo())
+        .unwrap_or(false);
+    let mut opts = OpenOptions::new();
+    if is_fifo {
+        opts.read(true).write(true);
+    } else {
+        opts.append(true).create(true);
+    }
+    opts.custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| format!("cannot open {path}: {e}"))
 }
 
-type LevelHandle = reload::Handle<LevelFilter, Registry>;
+type Filtered = tracing_subscriber::layer::Layered<reload::Layer<Targets, Registry>, Registry>;
+type FmtLayer = Box<dyn tracing_subscriber::Layer<Filtered> + Send + Sync>;
+
+/// Handles to what `PUT /logger` changes.
+pub struct LogControl {
+    filter: reload::Handle<Targets, Registry>,
+    format: reload::Handle<FmtLayer, Filtered>,
+}
+
+fn fmt_layer(sink: &LogSink, show_level: bool, show_origin: bool) -> FmtLayer {
+    Box::new(
+        tracing_subscriber::fmt::layer()
+            .with_writer(sink.clone())
+            .with_target(false)
+            .with_ansi(false)
+            .with_level(show_level)
+            .with_file(show_origin)
+            .with_line_number(show_origin),
+    )
+}
 
 /// Installs the process's tracing subscriber at `level`; returns what `PUT /logger` changes.
-pub fn init_logging(level: tracing::Level) -> (LogSink, LevelHandle) {
+pub fn init_logging(level: tracing::Level) -> (LogSink, LogControl) {
     let sink = LogSink::default();
-    let (filter, handle) = reload::Layer::new(LevelFilter::from_level(level));
+    let (filter, filter_handle) =
+        reload::Layer::new(Targets::new().with_default(LevelFilter::from_level(level)));
+    let (format, format_handle) = reload::Layer::new(fmt_layer(&sink, true, false));
     tracing_subscriber::registry()
         .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(sink.clone())
-                .with_target(false)
-                .with_ansi(false),
-        )
+        .with(format)
         .init();
-    (sink, handle)
+    (
+        sink,
+        LogControl {
+            filter: filter_handle,
+            format: format_handle,
+        },
+    )
 }
 
 /// The binary's side of [`Telemetry`].
 pub struct ProcessTelemetry {
     sink: LogSink,
-    level: LevelHandle,
+    log: LogControl,
+    level: LevelFilter,
     metrics: Arc<Mutex<Option<File>>>,
     counters: Arc<Counters>,
     started: Instant,
@@ -117,11 +148,12 @@ fn parse_level(s: &str) -> Result<LevelFilter, String> {
 }
 
 impl ProcessTelemetry {
-    /// Telemetry over the subscriber from [`init_logging`].
-    pub fn new(sink: LogSink, level: LevelHandle) -> Self {
+    /// Telemetry over the subscriber from [`init_logging`], which was set to `level`.
+    pub fn new(sink: LogSink, log: LogControl, level: tracing::Level) -> Self {
         Self {
             sink,
-            level,
+            log,
+            level: LevelFilter::from_level(level),
             metrics: Default::default(),
             counters: Default::default(),
             started: Instant::now(),
@@ -165,18 +197,29 @@ impl ProcessTelemetry {
 
 impl Telemetry for ProcessTelemetry {
     fn configure_logger(&mut self, cfg: &LoggerConfig) -> Result<(), String> {
-        if let Some(m) = &cfg.module {
-            return Err(format!(
-                "logger module filter '{m}' is not supported by vireo yet"
-            ));
-        }
         let level = cfg.level.as_deref().map(parse_level).transpose()?;
         let file = cfg.log_path.as_deref().map(open_sink).transpose()?;
         if let Some(level) = level {
-            self.level
-                .modify(|f| *f = level)
-                .map_err(|e| format!("cannot change the log level: {e}"))?;
+            self.level = level;
         }
+        // A module filter keeps only that module's messages (Firecracker's semantics).
+        let targets = match &cfg.module {
+            Some(m) => Targets::new().with_target(m.clone(), self.level),
+            None => Targets::new().with_default(self.level),
+        };
+        self.log
+            .filter
+            .reload(targets)
+            .map_err(|e| format!("cannot change the log filter: {e}"))?;
+        let layer = fmt_layer(
+            &self.sink,
+            cfg.show_level.unwrap_or(true),
+            cfg.show_log_origin.unwrap_or(false),
+        );
+        self.log
+            .format
+            .reload(layer)
+            .map_err(|e| format!("cannot change the log format: {e}"))?;
         if let Some(f) = file {
             *self.sink.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
         }

@@ -509,6 +509,43 @@ fn logger_and_metrics() {
         logged.contains("/nonexistent"),
         "the failed request is logged: {logged}"
     );
+    assert!(
+        logged.contains(" INFO "),
+        "levels shown by default: {logged}"
+    );
+
+    // Format options: no level, file and line of origin.
+    let body = format!(
+        r#"{{"level":"Info","log_path":"{}","show_level":false,"show_log_origin":true}}"#,
+        log.display()
+    );
+    assert_eq!(v.req("PUT", "/logger", &body).0, 204);
+    let _ = v.req(
+        "PUT",
+        "/boot-source",
+        r#"{"kernel_image_path":"/second/missing"}"#,
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let line = logged
+        .lines()
+        .find(|l| l.contains("/second/missing"))
+        .unwrap_or_else(|| panic!("{logged}"));
+    assert!(!line.contains(" INFO "), "{line}");
+    assert!(line.contains(".rs:"), "origin shown: {line}");
+
+    // A module filter keeps other modules' messages out.
+    assert_eq!(
+        v.req("PUT", "/logger", r#"{"module":"no_such_module"}"#).0,
+        204
+    );
+    let _ = v.req(
+        "PUT",
+        "/boot-source",
+        r#"{"kernel_image_path":"/third/missing"}"#,
+    );
+    assert!(!std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("/third/missing"));
     assert_eq!(v.stop(libc::SIGTERM), Some(143));
 }
 
