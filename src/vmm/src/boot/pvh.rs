@@ -31,20 +31,23 @@ pub(super) fn write_start_info(
             reserved: 0,
         })
         .collect();
-    let mut info = hvm_start_info {
+    let info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: 1,
         cmdline_paddr: layout::CMDLINE_START,
         memmap_paddr: layout::PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
         rsdp_paddr: layout::ACPI_START,
+        nr_modules: u32::from(initrd.is_some()),
+        modlist_paddr: if initrd.is_some() {
+            layout::PVH_MODLIST_START
+        } else {
+            0
+        },
         ..Default::default()
     };
     let mut params = BootParams::new(&info, GuestAddress(layout::PVH_INFO_START));
     if let Some(i) = initrd {
-        info.nr_modules = 1;
-        info.modlist_paddr = layout::PVH_MODLIST_START;
-        params = BootParams::new(&info, GuestAddress(layout::PVH_INFO_START));
         params.set_modules(
             &[hvm_modlist_entry {
                 paddr: i.addr,
