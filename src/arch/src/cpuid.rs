@@ -2,7 +2,7 @@
 //! hypervisor, KVM's signature and a consistent topology (one thread per core, all cores in
 //! one package, APIC ID = vCPU index).
 
-use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
@@ -113,14 +113,10 @@ pub fn normalize(cpuid: &mut CpuId, cpu_index: u32, cpu_count: u32) {
     }
 }
 
-/// Whether a leaf's entries differ by sub-leaf index (so KVM must match on the index too).
-pub fn is_indexed(entry: &kvm_cpuid_entry2) -> bool {
-    entry.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
 
     fn sample() -> CpuId {
         let entries = [

@@ -96,11 +96,6 @@ impl Controller {
         }
     }
 
-    /// Whether the VM has been started.
-    pub fn started(&self) -> bool {
-        self.vm.is_some()
-    }
-
     fn state(&self) -> &'static str {
         match &self.vm {
             None => "Not started",
@@ -241,11 +236,6 @@ impl Controller {
             d.path_on_host = Some(path);
         }
         Ok(VmmData::Empty)
-    }
-
-    /// The running VM, for the event loop.
-    pub fn vm_mut(&mut self) -> Option<&mut RunningVm> {
-        self.vm.as_mut()
     }
 
     /// Stops the VM after it ended.

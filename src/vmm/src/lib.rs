@@ -161,7 +161,6 @@ pub const EXTERNAL_TOKEN_BASE: u64 = 1000;
 /// A VM whose vCPUs are running, and the event loop that watches it.
 pub struct RunningVm {
     machine: builder::Machine,
-    config: VmConfig,
     epoll: Epoll,
     _signal_pipes: Vec<UnixStream>,
     _vcpu_evt: EventFd,
@@ -244,7 +243,6 @@ impl RunningVm {
         tracing::debug!("vCPUs started");
         Ok(Self {
             machine,
-            config: config.clone(),
             epoll,
             _signal_pipes: signal_pipes,
             _vcpu_evt: vcpu_evt,
@@ -256,11 +254,6 @@ impl RunningVm {
             done_rx,
             paused: false,
         })
-    }
-
-    /// The configuration the VM was built from.
-    pub fn config(&self) -> &VmConfig {
-        &self.config
     }
 
     /// Whether the vCPUs are paused.

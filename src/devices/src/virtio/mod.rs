@@ -110,11 +110,6 @@ impl Interrupt {
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
-
-    /// The eventfd, for registering it as an irqfd.
-    pub fn eventfd(&self) -> &EventFd {
-        &self.evt
-    }
 }
 
 /// Why a device could not be activated.

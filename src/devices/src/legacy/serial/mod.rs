@@ -41,11 +41,6 @@ impl Serial {
             }
         }
     }
-
-    /// Free space in the receive FIFO.
-    pub fn input_capacity(&self) -> usize {
-        self.uart.fifo_capacity()
-    }
 }
 
 impl BusDevice for Serial {

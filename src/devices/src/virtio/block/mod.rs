@@ -138,11 +138,6 @@ impl Block {
         c
     }
 
-    /// The drive's configuration.
-    pub fn config(&self) -> &BlockConfig {
-        &self.config
-    }
-
     fn id_bytes(&self) -> [u8; ID_BYTES] {
         let mut id = [0u8; ID_BYTES];
         id[..self.config.id.len()].copy_from_slice(self.config.id.as_bytes());
