@@ -298,7 +298,8 @@ impl Request {
             return VIRTIO_BLK_S_IOERR as u8;
         }
         for chunk in raw.chunks_exact(RANGE_SIZE as usize) {
-            let range = Range::from_slice(chunk).copied().unwrap_or_default();
+            let mut range = Range::default();
+            range.as_mut_slice().copy_from_slice(chunk);
             let end = range.sector.checked_add(u64::from(range.num_sectors));
             if range.num_sectors > limits.max_range_sectors
                 || end.is_none_or(|e| e > disk.sectors())
