@@ -12,6 +12,7 @@ use disk::Disk;
 use request::{Limits, Request, ID_BYTES};
 use std::fs::OpenOptions;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -62,14 +63,12 @@ pub enum BlockError {
 /// A virtio-blk device.
 pub struct Block {
     config: BlockConfig,
-    disk: Option<Disk>,
+    // Shared with the device thread; replacing the image swaps it under the lock, which the
+    // thread otherwise holds alone (uncontended) for each request.
+    disk: Arc<Mutex<Disk>>,
     features: u64,
     config_space: Vec<u8>,
     worker: Option<Worker>,
-    // Worker hands the disk back when stopped.
-    returned: std::sync::Arc<std::sync::Mutex<Option<Disk>>>,
-    // A new backing file the running worker switches to before its next request.
-    replacement: std::sync::Arc<std::sync::Mutex<Option<Disk>>>,
     metrics: std::sync::Arc<crate::metrics::DeviceMetrics>,
 }
 
@@ -110,12 +109,10 @@ impl Block {
         }
         let config_space = Self::config_image(disk.sectors());
         Ok(Self {
-            disk: Some(disk),
+            disk: Arc::new(Mutex::new(disk)),
             features,
             config_space,
             worker: None,
-            returned: Default::default(),
-            replacement: Default::default(),
             metrics: crate::metrics::register(format!("block_{}", config.id)),
             config,
         })
@@ -147,12 +144,10 @@ impl Block {
 
 /// The request loop's state, owned by the device thread while the device is active.
 struct Handler {
-    disk: Option<Disk>,
+    disk: Arc<Mutex<Disk>>,
     read_only: bool,
     id: [u8; ID_BYTES],
     limits: Limits,
-    returned: std::sync::Arc<std::sync::Mutex<Option<Disk>>>,
-    replacement: std::sync::Arc<std::sync::Mutex<Option<Disk>>>,
     metrics: std::sync::Arc<crate::metrics::DeviceMetrics>,
 }
 
@@ -163,12 +158,6 @@ impl QueueHandler for Handler {
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
     ) -> u32 {
-        if let Some(new) = crate::bus::lock(&self.replacement).take() {
-            self.disk = Some(new);
-        }
-        let Some(disk) = self.disk.as_mut() else {
-            return 0;
-        };
         use crate::metrics::DeviceMetrics as M;
         M::add(&self.metrics.requests, 1);
         let request = match Request::parse(chain, mem) {
@@ -184,7 +173,13 @@ impl QueueHandler for Handler {
                 };
             }
         };
-        let (status, len) = request.execute(disk, mem, self.read_only, &self.id, &self.limits);
+        let (status, len) = request.execute(
+            &mut crate::bus::lock(&self.disk),
+            mem,
+            self.read_only,
+            &self.id,
+            &self.limits,
+        );
         if status != VIRTIO_BLK_S_OK as u8 {
             M::add(&self.metrics.errors, 1);
         } else {
@@ -199,12 +194,6 @@ impl QueueHandler for Handler {
             return 0;
         }
         len
-    }
-}
-
-impl Drop for Handler {
-    fn drop(&mut self) {
-        *crate::bus::lock(&self.returned) = self.disk.take();
     }
 }
 
@@ -226,15 +215,8 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let disk = self
-            .disk
-            .take()
-            .or_else(|| crate::bus::lock(&self.returned).take())
-            .ok_or_else(|| {
-                ActivateError::EventLoop("disk is still held by a stopped worker".into())
-            })?;
         let handler = Handler {
-            disk: Some(disk),
+            disk: self.disk.clone(),
             read_only: self.config.read_only,
             id: self.id_bytes(),
             limits: Limits {
@@ -243,8 +225,6 @@ impl VirtioDevice for Block {
                 max_ranges: MAX_RANGES,
                 max_range_sectors: MAX_RANGE_SECTORS,
             },
-            returned: self.returned.clone(),
-            replacement: self.replacement.clone(),
             metrics: self.metrics.clone(),
         };
         self.worker = Some(Worker::spawn("virtio-blk", handler, ctx)?);
@@ -252,14 +232,7 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
-        // Stopping the worker drops its handler, which hands the disk back.
         self.worker = None;
-        if self.disk.is_none() {
-            self.disk = crate::bus::lock(&self.returned).take();
-        }
-        if let Some(new) = crate::bus::lock(&self.replacement).take() {
-            self.disk = Some(new);
-        }
     }
 
     fn replace_backing(&mut self, path: &std::path::Path) -> Result<(), String> {
@@ -275,11 +248,7 @@ impl VirtioDevice for Block {
             .map_err(|e| format!("cannot read drive image {}: {e}", path.display()))?;
         self.config_space = Self::config_image(disk.sectors());
         self.config.path = path.to_owned();
-        if self.worker.is_some() {
-            *crate::bus::lock(&self.replacement) = Some(disk);
-        } else {
-            self.disk = Some(disk);
-        }
+        *crate::bus::lock(&self.disk) = disk;
         Ok(())
     }
 }
