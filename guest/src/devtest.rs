@@ -3,7 +3,9 @@
 //! * `vireo.blktest`: on every virtio-blk device, GET_ID, a multi-descriptor write, flush,
 //!   read-back, an indirect read, discard, write-zeroes and an out-of-range read;
 //! * `vireo.rngtest`: 32 bytes from every entropy device;
-//! * `vireo.blkbench`: the block benchmark on the first virtio-blk device.
+//! * `vireo.blkbench`: the block benchmark on the first virtio-blk device;
+//! * `vireo.blkwatch`: wait for the host to replace the first drive's image and report the new
+//!   capacity.
 
 use crate::boot::BootInfo;
 use crate::io::{peek, poke, puts};
@@ -238,6 +240,29 @@ fn rng_test(slot: usize, mmio: virtio::MmioDevice, bsp: u8) {
     puts(b"\n");
 }
 
+/// Reports capacity and config generation, waits for the host to change the drive's image
+/// (a configuration-change interrupt), and reports them again.
+fn blk_watch(slot: usize, mmio: virtio::MmioDevice, bsp: u8) {
+    let mut d = match Device::init(slot, mmio, 0, apic::VIRTIO_VECTOR, bsp) {
+        Ok(d) => d,
+        Err(e) => {
+            line(slot, b"error=");
+            puts(e);
+            puts(b"\n");
+            return;
+        }
+    };
+    line(slot, b"watch");
+    field(b"capacity", d.config_u64(0), false);
+    field(b"generation", u64::from(d.config_generation()), false);
+    puts(b"\n");
+    let changed = d.wait_config_change(20_000);
+    line(slot, if changed { b"resized" } else { b"unchanged" });
+    field(b"capacity", d.config_u64(0), false);
+    field(b"generation", u64::from(d.config_generation()), false);
+    puts(b"\n");
+}
+
 const MIB: u64 = 1 << 20;
 /// Most bytes each sequential benchmark phase moves.
 const BENCH_BYTES: u64 = 1 << 30;
@@ -348,7 +373,10 @@ pub fn run(info: &BootInfo, cmdline: &[u8], bsp: u8) {
         field(b"device_id", u64::from(peek::<u32>(dev.base + 8)), false);
         puts(b"\n");
         let id = peek::<u32>(dev.base + 8);
-        if id == ID_BLOCK && info.has_option(b"vireo.blkbench") {
+        if id == ID_BLOCK && info.has_option(b"vireo.blkwatch") {
+            blk_watch(i, *dev, bsp);
+            return;
+        } else if id == ID_BLOCK && info.has_option(b"vireo.blkbench") {
             blk_bench(i, *dev, bsp);
             return;
         } else if id == ID_BLOCK && info.has_option(b"vireo.blktest") {

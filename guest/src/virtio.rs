@@ -120,6 +120,31 @@ impl Device {
         poke(self.mmio.base + off, v)
     }
 
+    /// Waits (up to `ms`) for a configuration-change interrupt and acknowledges it; returns
+    /// whether one came.
+    pub fn wait_config_change(&mut self, ms: u32) -> bool {
+        let expiries = apic::timer_irqs();
+        apic::start_watchdog(ms);
+        loop {
+            let isr = self.reg(0x060);
+            if isr & 2 != 0 {
+                self.set_reg(0x064, isr);
+                apic::stop_watchdog();
+                return true;
+            }
+            if apic::timer_irqs() != expiries {
+                return false;
+            }
+            // SAFETY: wait for the device (or watchdog) interrupt.
+            unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
+        }
+    }
+
+    /// The ConfigGeneration register.
+    pub fn config_generation(&self) -> u32 {
+        self.reg(0x0fc)
+    }
+
     /// Reads `N` bytes of config space.
     pub fn config_u32(&self, off: u64) -> u32 {
         peek(self.mmio.base + 0x100 + off)

@@ -644,3 +644,44 @@ fn openapi_document_matches_the_routes() {
     served.sort();
     assert_eq!(documented, served);
 }
+
+#[test]
+fn patching_a_drive_on_a_running_vm_changes_what_the_guest_sees() {
+    let v = Vireo::start("api-drive-patch");
+    let small = v.dir.join("small.img");
+    let big = v.dir.join("big.img");
+    std::fs::File::create(&small)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(3 << 20)
+        .unwrap();
+    let boot = format!(
+        r#"{{"kernel_image_path":"{}","boot_args":"vireo.blkwatch vireo.end=hang"}}"#,
+        guest("elf").display()
+    );
+    assert_eq!(v.req("PUT", "/boot-source", &boot).0, 204);
+    let drive = format!(
+        r#"{{"drive_id":"data","path_on_host":"{}","is_root_device":false,"is_read_only":false}}"#,
+        small.display()
+    );
+    assert_eq!(v.req("PUT", "/drives/data", &drive).0, 204);
+    assert_eq!(
+        v.req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#)
+            .0,
+        204
+    );
+    let mut seen = v.wait_line("@blk dev=0 watch capacity=2048 generation=0");
+    assert!(!seen.is_empty());
+    let patch = format!(
+        r#"{{"drive_id":"data","path_on_host":"{}"}}"#,
+        big.display()
+    );
+    assert_eq!(v.req("PATCH", "/drives/data", &patch).0, 204);
+    seen.extend(v.wait_line("@blk dev=0 resized capacity=6144 generation=1"));
+    // The guest goes on to its end: the device still works after the swap.
+    v.wait_line("@end hang");
+    assert_eq!(v.stop(libc::SIGTERM), Some(143));
+}
