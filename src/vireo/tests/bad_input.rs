@@ -49,9 +49,13 @@ fn run_as_nobody(name: &str, mode: u32) -> (Run, PathBuf, PathBuf) {
     let k = dir.join("vmlinux");
     std::fs::copy(guest("elf"), &k).unwrap();
     std::fs::set_permissions(&k, std::fs::Permissions::from_mode(mode)).unwrap();
+    // The build tree may sit where nobody cannot reach (under /root, say): run a copy.
+    let vireo = dir.join("vireo");
+    std::fs::copy(env!("CARGO_BIN_EXE_vireo"), &vireo).unwrap();
+    std::fs::set_permissions(&vireo, std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_vireo"))
+        .arg(&vireo)
         .args(["run", "--kernel", k.to_str().unwrap()])
         .output()
         .expect("setpriv (util-linux) runs vireo as nobody");
