@@ -5,7 +5,9 @@
 //! * `vireo.rngtest`: 32 bytes from every entropy device;
 //! * `vireo.blkbench`: the block benchmark on the first virtio-blk device;
 //! * `vireo.blkwatch`: wait for the host to replace the first drive's image and report the new
-//!   capacity.
+//!   capacity;
+//! * `vireo.chaos=N`: N random register accesses on every device, then a check that the first
+//!   block device still works.
 
 use crate::boot::BootInfo;
 use crate::io::{peek, poke, puts};
@@ -359,9 +361,101 @@ fn blk_bench(slot: usize, mmio: virtio::MmioDevice, bsp: u8) {
     );
 }
 
+/// A hostile driver: `count` pseudo-random register accesses (random widths, offsets and
+/// values, reads and writes) on every virtio window and on the legacy ports that neither end
+/// the VM nor carry the report (so not 0x64, 0x3f8-0x3ff, 0x501, 0x600-0x602). Ring addresses
+/// are kept inside a scratch area so a device that goes live writes only there. Afterwards the
+/// first block device must still work after a reset.
+fn chaos(devs: &[Option<virtio::MmioDevice>], count: u32, bsp: u8) {
+    const SCRATCH: u64 = 0x80_0000;
+    let mut x: u64 = 0x1234_5678_9abc_def1 ^ u64::from(count).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..count {
+        let r = next();
+        let value = next() as u32;
+        if r % 4 == 0 {
+            let port = 0x60 + (next() % 0x3a0) as u16;
+            if port == 0x64 || (0x3f8..=0x3ff).contains(&port) {
+                continue;
+            }
+            if r & 0x10 != 0 {
+                crate::io::outb(port, value as u8);
+            } else {
+                crate::io::inb(port);
+            }
+            continue;
+        }
+        let Some(Some(dev)) = devs.get((next() % devs.len().max(1) as u64) as usize) else {
+            continue;
+        };
+        let offset = next() % 0x180;
+        let value = if (0x80..0xa8).contains(&offset) {
+            // Queue addresses: somewhere in the scratch area.
+            if offset % 8 == 0 {
+                (SCRATCH + (u64::from(value) % 0x8000)) as u32 & !0xf
+            } else {
+                0
+            }
+        } else {
+            value
+        };
+        let addr = dev.base + offset;
+        match (r >> 8) % 6 {
+            0 => poke::<u8>(addr, value as u8),
+            1 => poke::<u16>(addr & !1, value as u16),
+            2 | 3 => poke::<u32>(addr & !3, value),
+            4 => {
+                let _ = peek::<u32>(addr & !3);
+            }
+            _ => {
+                let _ = peek::<u8>(addr);
+            }
+        }
+    }
+    puts(b"@chaos accesses=");
+    crate::io::put_dec(u64::from(count));
+    puts(b"\n");
+    // The first block device, reset and set up again, still serves requests.
+    let (a, _, hdr, st, _, _) = addr_of_bufs();
+    for (i, dev) in devs.iter().enumerate() {
+        let Some(dev) = dev else { continue };
+        if peek::<u32>(dev.base + 8) != ID_BLOCK {
+            continue;
+        }
+        match Device::init(i, *dev, 0, apic::VIRTIO_VECTOR, bsp) {
+            Ok(mut d) => {
+                header(hdr, st, T_GET_ID, 0);
+                let r = d.run(&[(hdr, 16, false), (a, 20, true), (st, 1, true)]);
+                line(i, b"after-chaos");
+                status_field(r, st);
+                puts(b"\n");
+            }
+            Err(e) => {
+                line(i, b"after-chaos error=");
+                puts(e);
+                puts(b"\n");
+            }
+        }
+        break;
+    }
+}
+
 /// Lists the virtio windows and runs the tests the command line asks for.
 pub fn run(info: &BootInfo, cmdline: &[u8], bsp: u8) {
     let (devs, n) = virtio::find_devices(cmdline);
+    if let Some(count) = info.option_value(b"vireo.chaos") {
+        let count = count.iter().fold(0u32, |v, &c| {
+            v.saturating_mul(10)
+                .saturating_add(u32::from(c.wrapping_sub(b'0')).min(9))
+        });
+        chaos(&devs[..n], count, bsp);
+        return;
+    }
     for (i, dev) in devs[..n].iter().enumerate() {
         let Some(dev) = dev else { continue };
         puts(b"@virtio");

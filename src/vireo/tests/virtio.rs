@@ -281,3 +281,45 @@ fn bad_drive_options() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn hostile_register_traffic_does_not_break_vireo() {
+    // The guest hammers every virtio window and the legacy ports with random accesses, then
+    // resets a block device and uses it. vireo must survive, keep read-only images untouched
+    // and serve the device again.
+    let dir = scratch("virtio-chaos");
+    let rw = dir.join("rw.img");
+    std::fs::File::create(&rw)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let ro = dir.join("ro.img");
+    let ro_data = pattern(1 << 20, 5);
+    write_file(&ro, &ro_data);
+    for (kind, count) in [("elf", "40000"), ("pvh", "25000")] {
+        let kernel = guest(kind);
+        let r = run(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cpus",
+            "2",
+            "--drive",
+            &format!("path={}", rw.display()),
+            "--drive",
+            &format!("path={},readonly=on", ro.display()),
+            "--rng",
+            "--cmdline",
+            &format!("vireo.chaos={count}"),
+        ]);
+        assert_eq!(r.code(), 0, "{kind}: {}\n{}", r.stderr, r.stdout);
+        assert_eq!(r.report("chaos"), Some(format!("accesses={count}")));
+        let after = blk_line(&r, 0, "after-chaos");
+        assert_eq!(field(&after, "status"), Some("0"), "{after}");
+        assert_eq!(
+            std::fs::read(&ro).unwrap(),
+            ro_data,
+            "read-only image untouched"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
