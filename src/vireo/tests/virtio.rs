@@ -120,8 +120,10 @@ fn block_devices_read_write_flush_discard_and_read_only() {
         Some("1"),
         "out-of-range read is an I/O error"
     );
+    // Completions arrive by interrupt (irqfd). Interrupts that arrive while the guest is busy
+    // coalesce in the LAPIC, so only their presence is certain, not one per request.
     assert!(
-        field(&oob, "irqs").unwrap().parse::<u32>().unwrap() >= 7,
+        field(&oob, "irqs").unwrap().parse::<u32>().unwrap() >= 1,
         "completions by interrupt"
     );
 
