@@ -330,6 +330,11 @@ impl Device {
             unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
         }
         apic::stop_watchdog();
+        // A completion seen by polling still raised its interrupt: take it now rather than at
+        // some later wait.
+        // SAFETY: opens a one-instruction window for pending interrupts; the handlers only
+        // count.
+        unsafe { core::arch::asm!("sti; nop; cli", options(nomem, nostack)) };
         let isr = self.reg(0x060);
         self.set_reg(0x064, isr);
         let slot = u64::from(target.wrapping_sub(1) % QUEUE_SIZE);
