@@ -85,6 +85,27 @@ fn line(dev: usize, what: &[u8]) {
     puts(what);
 }
 
+/// Initialises device `slot`, or reports `@<tag> dev=<slot> error=...` and gives up.
+fn init_or_report(
+    tag: &[u8],
+    slot: usize,
+    mmio: virtio::MmioDevice,
+    wanted: u64,
+    bsp: u8,
+) -> Option<Device> {
+    match Device::init(slot, mmio, wanted, apic::VIRTIO_VECTOR, bsp) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            puts(tag);
+            field(b"dev", slot as u64, false);
+            puts(b" error=");
+            puts(e);
+            puts(b"\n");
+            None
+        }
+    }
+}
+
 fn status_field(ok: Option<u32>, status: u64) {
     match ok {
         Some(len) => {
@@ -96,14 +117,8 @@ fn status_field(ok: Option<u32>, status: u64) {
 }
 
 fn blk_test(slot: usize, mmio: virtio::MmioDevice, bsp: u8) {
-    let mut d = match Device::init(slot, mmio, BLK_WANTED, apic::VIRTIO_VECTOR, bsp) {
-        Ok(d) => d,
-        Err(e) => {
-            line(slot, b"error=");
-            puts(e);
-            puts(b"\n");
-            return;
-        }
+    let Some(mut d) = init_or_report(b"@blk", slot, mmio, BLK_WANTED, bsp) else {
+        return;
     };
     let (a, b, hdr, st, range, table) = addr_of_bufs();
     let seed = slot as u8 + 1;
@@ -215,14 +230,8 @@ fn blk_test(slot: usize, mmio: virtio::MmioDevice, bsp: u8) {
 }
 
 fn rng_test(slot: usize, mmio: virtio::MmioDevice, bsp: u8) {
-    let mut d = match Device::init(slot, mmio, 0, apic::VIRTIO_VECTOR, bsp) {
-        Ok(d) => d,
-        Err(e) => {
-            puts(b"@rng error=");
-            puts(e);
-            puts(b"\n");
-            return;
-        }
+    let Some(mut d) = init_or_report(b"@rng", slot, mmio, 0, bsp) else {
+        return;
     };
     let (a, ..) = addr_of_bufs();
     for i in 0..32 {
@@ -245,14 +254,8 @@ fn rng_test(slot: usize, mmio: virtio::MmioDevice, bsp: u8) {
 /// Reports capacity and config generation, waits for the host to change the drive's image
 /// (a configuration-change interrupt), and reports them again.
 fn blk_watch(slot: usize, mmio: virtio::MmioDevice, bsp: u8) {
-    let mut d = match Device::init(slot, mmio, 0, apic::VIRTIO_VECTOR, bsp) {
-        Ok(d) => d,
-        Err(e) => {
-            line(slot, b"error=");
-            puts(e);
-            puts(b"\n");
-            return;
-        }
+    let Some(mut d) = init_or_report(b"@blk", slot, mmio, 0, bsp) else {
+        return;
     };
     line(slot, b"watch");
     field(b"capacity", d.config_u64(0), false);
@@ -294,14 +297,8 @@ fn phase(name: &[u8], end: Option<(u64, u64, u64)>) {
 /// the guest CPU: 1 MiB sequential reads and writes at queue depth 1, then 4 KiB random reads at
 /// queue depth 8. The host times the phases from the `@bench` lines.
 fn blk_bench(slot: usize, mmio: virtio::MmioDevice, bsp: u8) {
-    let mut d = match Device::init(slot, mmio, 0, apic::VIRTIO_VECTOR, bsp) {
-        Ok(d) => d,
-        Err(e) => {
-            puts(b"@bench error=");
-            puts(e);
-            puts(b"\n");
-            return;
-        }
+    let Some(mut d) = init_or_report(b"@bench", slot, mmio, 0, bsp) else {
+        return;
     };
     let big = BENCH_BASE;
     let small = big + MIB;

@@ -270,15 +270,12 @@ impl Device {
 
     fn publish_and_wait(&mut self, head: u16) -> Option<u32> {
         self.publish(head);
-        self.notify();
         self.wait(1)
     }
 
     fn publish(&mut self, head: u16) {
         let avail = self.rings + 1024;
         poke::<u16>(avail + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2, head);
-        // used_event: interrupt me as soon as the next request completes.
-        poke::<u16>(avail + 4 + u64::from(QUEUE_SIZE) * 2, self.used_seen);
         fence(Ordering::SeqCst);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         poke::<u16>(avail + 2, self.avail_idx);
