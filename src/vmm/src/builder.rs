@@ -58,31 +58,33 @@ fn host_memory_mib() -> Option<u64> {
     Some(kib / 1024)
 }
 
-pub(crate) fn validate(config: &VmConfig) -> Result<(), Error> {
+/// Checks a vCPU count and memory size against vireo's and the host's limits (not KVM's,
+/// which needs an open VM).
+pub(crate) fn validate_machine(vcpus: u32, mem_mib: u64) -> Result<(), Error> {
     let min_mib = arch::layout::MIN_MEMORY >> 20;
-    if config.mem_mib < min_mib {
+    if mem_mib < min_mib {
         return Err(Error::InvalidConfig(format!(
             "memory size {} MiB is too small: a guest needs at least {min_mib} MiB",
-            config.mem_mib
+            mem_mib
         )));
     }
     if let Some(host) = host_memory_mib() {
-        if config.mem_mib > host {
+        if mem_mib > host {
             return Err(Error::InvalidConfig(format!(
                 "memory size {} MiB is more than this host's {host} MiB of RAM",
-                config.mem_mib
+                mem_mib
             )));
         }
     }
-    if config.vcpus == 0 {
+    if vcpus == 0 {
         return Err(Error::InvalidConfig(
             "vCPU count 0 is invalid: a VM needs at least 1 vCPU".into(),
         ));
     }
-    if config.vcpus > u32::from(arch::mptable::MAX_CPUS) {
+    if vcpus > u32::from(arch::mptable::MAX_CPUS) {
         return Err(Error::InvalidConfig(format!(
             "vCPU count {} is more than vireo supports ({})",
-            config.vcpus,
+            vcpus,
             arch::mptable::MAX_CPUS
         )));
     }
@@ -90,7 +92,7 @@ pub(crate) fn validate(config: &VmConfig) -> Result<(), Error> {
 }
 
 pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
-    validate(config)?;
+    validate_machine(config.vcpus, config.mem_mib)?;
     let mut kernel = open("kernel image", &config.kernel)?;
     let mut initrd = match &config.initrd {
         Some(p) => Some((p.as_path(), open("initrd", p)?)),

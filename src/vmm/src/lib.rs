@@ -130,9 +130,9 @@ const VCPU_KICK_INTERVAL: Duration = Duration::from_millis(5);
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Checks a configuration without touching KVM (sizes, counts); [`run`] does this too.
-pub fn validate(config: &VmConfig) -> Result<(), Error> {
-    builder::validate(config)
+/// Checks a vCPU count and memory size without touching KVM; [`run`] does this too.
+pub fn validate_machine(vcpus: u32, mem_mib: u64) -> Result<(), Error> {
+    builder::validate_machine(vcpus, mem_mib)
 }
 
 /// Builds the VM described by `config`, runs it until it ends and returns how it ended.

@@ -264,17 +264,8 @@ impl VmResources {
 
     /// Replaces the machine configuration.
     pub fn set_machine_config(&mut self, m: MachineConfig) -> Result<(), ResourceError> {
-        let check = VmConfig {
-            kernel: PathBuf::new(),
-            initrd: None,
-            cmdline: String::new(),
-            vcpus: m.vcpu_count,
-            mem_mib: m.mem_size_mib,
-            serial: SerialConfig::None,
-            drives: Vec::new(),
-            rng: false,
-        };
-        crate::validate(&check).map_err(|e| ResourceError(e.to_string()))?;
+        crate::validate_machine(m.vcpu_count, m.mem_size_mib)
+            .map_err(|e| ResourceError(e.to_string()))?;
         if m.smt {
             return err("smt: simultaneous multithreading is not supported by vireo");
         }

@@ -255,17 +255,20 @@ fn load_kernel(
             })
         }
         _ => {
-            let result = Elf::load(mem, None, file, Some(GuestAddress(layout::HIMEM_START)))
-                .map_err(|e| match e {
-                    linux_loader::loader::Error::Elf(
-                        linux_loader::loader::elf::Error::ReadKernelImage,
-                    ) => Error::KernelTooBig {
-                        path: path.to_owned(),
-                        end: u64::MAX,
-                        ram_end,
-                    },
-                    e => invalid("x86_64 ELF kernel", e.to_string()),
-                })?;
+            let loaded = Elf::load(mem, None, file, Some(GuestAddress(layout::HIMEM_START)));
+            // The segments' footprint (bss included) tells a kernel too big for guest memory
+            // apart from one whose file is cut short.
+            let footprint = elf_memory_end(file).unwrap_or(0);
+            let result = loaded.map_err(|e| match e {
+                linux_loader::loader::Error::Elf(
+                    linux_loader::loader::elf::Error::ReadKernelImage,
+                ) if footprint > ram_end => Error::KernelTooBig {
+                    path: path.to_owned(),
+                    end: footprint,
+                    ram_end,
+                },
+                e => invalid("x86_64 ELF kernel", e.to_string()),
+            })?;
             let setup = match result.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(entry) => BootSetup {
                     format: KernelFormat::Pvh,
@@ -280,7 +283,7 @@ fn load_kernel(
             };
             Ok(LoadedKernel {
                 setup,
-                end: result.kernel_end.max(elf_memory_end(file).unwrap_or(0)),
+                end: result.kernel_end.max(footprint),
                 header: None,
             })
         }
