@@ -7,7 +7,6 @@ a binary, Firecracker in the same run.
 """
 
 import argparse
-import glob
 import http.client
 import os
 import socket
@@ -16,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from benchlib import process_cpu_ns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIREO = os.path.join(ROOT, "target/release/vireo")
@@ -29,17 +30,6 @@ class UnixConnection(http.client.HTTPConnection):
     def connect(self):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(self.unix_path)
-
-
-def cpu_ms(pid):
-    total = 0
-    for f in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        try:
-            with open(f) as fh:
-                total += int(fh.read().split()[0])
-        except OSError:
-            pass
-    return total / 1e6
 
 
 def one(cmd_for, requests):
@@ -60,7 +50,7 @@ def one(cmd_for, requests):
                     raise RuntimeError("socket never appeared")
                 time.sleep(0.0002)
         ready_ms = (time.perf_counter() - t0) * 1e3
-        ready_cpu = cpu_ms(p.pid)
+        ready_cpu = process_cpu_ns(p.pid) / 1e6
         lat = []
         c = UnixConnection(sock)
         for i in range(requests):

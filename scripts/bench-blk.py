@@ -13,28 +13,18 @@ CPU is the whole VMM process (all threads) from /proc/<pid>/task/*/schedstat.
 """
 
 import argparse
-import glob
 import os
 import statistics
 import subprocess
 import sys
 import time
 
+from benchlib import process_cpu_ns
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = os.path.join(ROOT, "guest/target/x86_64-unknown-none/release")
 VIREO = os.path.join(ROOT, "target/release/vireo")
 GIB = 1 << 30
-
-
-def cpu_ns(pid):
-    total = 0
-    for f in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        try:
-            with open(f) as fh:
-                total += int(fh.read().split()[0])
-        except OSError:
-            pass
-    return total
 
 
 def commands(image):
@@ -75,14 +65,14 @@ def one_run(cmd):
             fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
             name = fields.get("phase")
             if line.endswith(" start"):
-                starts[name] = (now, cpu_ns(p.pid))
+                starts[name] = (now, process_cpu_ns(p.pid))
             elif " end" in line and name in starts:
                 t0, c0 = starts[name]
                 if fields.get("errors") != "0":
                     raise RuntimeError(f"{cmd[0]}: {line}")
                 phases[name] = {
                     "seconds": now - t0,
-                    "cpu_s": (cpu_ns(p.pid) - c0) / 1e9,
+                    "cpu_s": (process_cpu_ns(p.pid) - c0) / 1e9,
                     "bytes": int(fields["bytes"]),
                     "requests": int(fields["requests"]),
                 }

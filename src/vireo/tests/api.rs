@@ -408,8 +408,9 @@ fn garbage_silent_and_many_clients() {
         .unwrap();
     let start = Instant::now();
     let mut buf = [0u8; 64];
-    let n = silent.read(&mut buf).unwrap_or(0);
-    let _ = n;
+    // Returns 0 (closed by the server) or, if the server never closed it, an error after the
+    // 20 s read timeout, which the elapsed-time check below catches.
+    let _ = silent.read(&mut buf);
     assert!(
         start.elapsed() < Duration::from_secs(15),
         "idle client closed by the server"
@@ -673,14 +674,13 @@ fn patching_a_drive_on_a_running_vm_changes_what_the_guest_sees() {
             .0,
         204
     );
-    let mut seen = v.wait_line("@blk dev=0 watch capacity=2048 generation=0");
-    assert!(!seen.is_empty());
+    v.wait_line("@blk dev=0 watch capacity=2048 generation=0");
     let patch = format!(
         r#"{{"drive_id":"data","path_on_host":"{}"}}"#,
         big.display()
     );
     assert_eq!(v.req("PATCH", "/drives/data", &patch).0, 204);
-    seen.extend(v.wait_line("@blk dev=0 resized capacity=6144 generation=1"));
+    v.wait_line("@blk dev=0 resized capacity=6144 generation=1");
     // The guest goes on to its end: the device still works after the swap.
     v.wait_line("@end hang");
     assert_eq!(v.stop(libc::SIGTERM), Some(143));

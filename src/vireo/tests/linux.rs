@@ -188,13 +188,34 @@ fn extract_vmlinux(bzimage: &Path, dir: &Path) -> PathBuf {
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off rdinit=/init";
 
+/// The value of a `VIREO-LINUX key=value` line on the console.
+fn linux_report(seen: &[String], key: &str) -> String {
+    seen.iter()
+        .find_map(|l| l.strip_prefix(&format!("VIREO-LINUX {key}=")))
+        .unwrap_or_else(|| panic!("no {key} report from Linux; console:\n{}", seen.join("\n")))
+        .to_owned()
+}
+
+/// Boots `kernel` with `initrd` and the test command line, plus `extra` flags.
+fn boot_linux(
+    kernel: &Path,
+    initrd: &Path,
+    extra: &[&str],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut args = vec![
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        CMDLINE,
+    ];
+    args.extend_from_slice(extra);
+    spawn_interactive(&args)
+}
+
 fn check_report(seen: &[String], cpus: u32, mem_mib: u64) {
-    let find = |key: &str| {
-        seen.iter()
-            .find_map(|l| l.strip_prefix(&format!("VIREO-LINUX {key}=")))
-            .unwrap_or_else(|| panic!("no {key} report from Linux; console:\n{}", seen.join("\n")))
-            .to_owned()
-    };
+    let find = |key: &str| linux_report(seen, key);
     assert_eq!(find("cpus"), cpus.to_string());
     let memtotal_kib: u64 = find("memtotal").parse().unwrap();
     assert!(memtotal_kib > (mem_mib << 10) / 2 && memtotal_kib <= mem_mib << 10);
@@ -210,18 +231,7 @@ fn linux_bzimage_boots_to_a_shell() {
     let dir = scratch("linux-bzimage");
     let kernel = linux_kernel();
     let initrd = initramfs(&dir, "echo VIREO-LINUX-SHELL\nexec sh");
-    let (mut child, rx) = spawn_interactive(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--cmdline",
-        CMDLINE,
-        "--cpus",
-        "2",
-        "--memory",
-        "512",
-    ]);
+    let (mut child, rx) = boot_linux(&kernel, &initrd, &["--cpus", "2", "--memory", "512"]);
     let mut seen = Vec::new();
     wait_line(&rx, "VIREO-LINUX-SHELL", &mut seen);
     check_report(&seen, 2, 512);
@@ -249,16 +259,7 @@ fn linux_vmlinux_boots() {
     let vmlinux = extract_vmlinux(&linux_kernel(), &dir);
     // poweroff: Linux enters S5 through the FADT's sleep control register.
     let initrd = initramfs(&dir, "echo VIREO-LINUX-DONE\npoweroff -f");
-    let (mut child, rx) = spawn_interactive(&[
-        "--kernel",
-        vmlinux.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--cmdline",
-        CMDLINE,
-        "--memory",
-        "256",
-    ]);
+    let (mut child, rx) = boot_linux(&vmlinux, &initrd, &["--memory", "256"]);
     let mut seen = Vec::new();
     wait_line(&rx, "VIREO-LINUX-DONE", &mut seen);
     check_report(&seen, 1, 256);
@@ -292,28 +293,21 @@ fn linux_uses_virtio_blk_and_rng() {
          echo VIREO-LINUX-DONE\n\
          poweroff -f",
     );
-    let (mut child, rx) = spawn_interactive(&[
-        "--kernel",
-        linux_kernel().to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--cmdline",
-        CMDLINE,
-        "--memory",
-        "256",
-        "--drive",
-        &format!("path={},id=linux-test-disk", disk.display()),
-        "--rng",
-    ]);
+    let (mut child, rx) = boot_linux(
+        &linux_kernel(),
+        &initrd,
+        &[
+            "--memory",
+            "256",
+            "--drive",
+            &format!("path={},id=linux-test-disk", disk.display()),
+            "--rng",
+        ],
+    );
     let mut seen = Vec::new();
     wait_line(&rx, "VIREO-LINUX-DONE", &mut seen);
     assert_eq!(wait_exit(&mut child).code(), Some(0));
-    let find = |key: &str| {
-        seen.iter()
-            .find_map(|l| l.strip_prefix(&format!("VIREO-LINUX {key}=")))
-            .unwrap_or_else(|| panic!("no {key}; console:\n{}", seen.join("\n")))
-            .to_owned()
-    };
+    let find = |key: &str| linux_report(&seen, key);
     assert_eq!(find("serial"), "linux-test-disk", "GET_ID");
     assert_eq!(find("size"), "16384", "capacity in sectors");
     assert_eq!(find("mark"), "VIREO-DISK-MARK");
