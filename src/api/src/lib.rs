@@ -5,5 +5,5 @@
 pub mod parse;
 mod server;
 
-pub use parse::{parse_request, MAX_BODY, ROUTES};
-pub use server::{ApiServer, BindError};
+pub use parse::{parse_request, ROUTES};
+pub use server::{ApiServer, BindError, ServerOptions, DEFAULT_MAX_PAYLOAD, MAX_CONNECTIONS};

@@ -7,9 +7,6 @@ use vmm::resources::{
     MachineConfigUpdate, MetricsConfig, PartialDrive, SerialDevice, VmStateUpdate,
 };
 
-/// Largest request body accepted.
-pub const MAX_BODY: usize = 50 * 1024;
-
 /// Every (method, path) the server answers; `{..}` marks a path parameter. docs/api.yaml must
 /// list exactly these (a test checks).
 pub const ROUTES: &[(&str, &str)] = &[

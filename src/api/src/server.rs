@@ -1,22 +1,33 @@
 //! The API thread: a current-thread tokio runtime serving HTTP/1.1 connections with hyper.
 
-use crate::parse::{parse_request, MAX_BODY};
+use crate::parse::parse_request;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use vmm::controller::{VmmAction, VmmData, VmmResult};
 use vmm_sys_util::eventfd::EventFd;
 
 /// How long a client may take to send its request headers before the connection is closed.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a client may take to send a request body once its headers are in.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections served at once, as in Firecracker; one more is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 10;
+/// Firecracker's default for `--http-api-max-payload-size`.
+pub const DEFAULT_MAX_PAYLOAD: usize = 50 * 1024;
 
 /// Errors creating the API socket.
 #[derive(Debug, Error)]
@@ -40,19 +51,53 @@ pub enum BindError {
 /// A request and where its answer goes.
 pub type Envelope = (VmmAction, Sender<VmmResult>);
 
-/// The running API server. Dropping it removes the socket file.
+/// Called once for every request the API thread answers itself with an error (bad HTTP,
+/// bad JSON, unknown path, too many connections), so that the metrics count every request.
+pub type RejectHook = Arc<dyn Fn() + Send + Sync>;
+
+/// How the server behaves; [`Default`] is Firecracker's behaviour.
+#[derive(Clone)]
+pub struct ServerOptions {
+    /// Largest request body accepted (`--http-api-max-payload-size`).
+    pub max_payload: usize,
+    /// Counts requests rejected before they reach the VMM.
+    pub on_reject: RejectHook,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            on_reject: Arc::new(|| {}),
+        }
+    }
+}
+
+/// The running API server. Dropping it removes the socket file, if it is still the one this
+/// server created.
 pub struct ApiServer {
     path: PathBuf,
+    identity: (u64, u64),
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // Another process may have replaced the socket since (a newer vireo on the same path
+        // after ours was unlinked): remove only our own inode.
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
+            if (meta.dev(), meta.ino()) == self.identity {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
     }
 }
 
-fn bind(path: &Path) -> Result<UnixListener, BindError> {
+fn bind(path: &Path) -> Result<(UnixListener, (u64, u64)), BindError> {
     use std::os::unix::fs::FileTypeExt;
+    let bind_err = |err| BindError::Bind {
+        path: path.to_owned(),
+        err,
+    };
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(BindError::NotASocket(path.to_owned()));
@@ -63,10 +108,9 @@ fn bind(path: &Path) -> Result<UnixListener, BindError> {
         // Nobody answers: a stale socket from a process that died.
         let _ = std::fs::remove_file(path);
     }
-    UnixListener::bind(path).map_err(|err| BindError::Bind {
-        path: path.to_owned(),
-        err,
-    })
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    let meta = std::fs::symlink_metadata(path).map_err(bind_err)?;
+    Ok((listener, (meta.dev(), meta.ino())))
 }
 
 fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -79,32 +123,63 @@ fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
+fn fault_body(msg: &str) -> String {
+    serde_json::json!({ "fault_message": msg }).to_string()
+}
+
+fn fault_with(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
+    json_response(status, fault_body(msg))
+}
+
 fn fault(msg: &str) -> Response<Full<Bytes>> {
-    json_response(
-        StatusCode::BAD_REQUEST,
-        serde_json::json!({ "fault_message": msg }).to_string(),
+    fault_with(StatusCode::BAD_REQUEST, msg)
+}
+
+/// A whole response written without hyper, for connections that hyper never serves.
+fn raw_response(status: &str, msg: &str) -> Vec<u8> {
+    let body = fault_body(msg);
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
+    .into_bytes()
 }
 
 struct Shared {
     to_vmm: std::sync::Mutex<Sender<Envelope>>,
     notify: EventFd,
+    options: ServerOptions,
 }
 
 async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    let max = shared.options.max_payload;
+    let collected =
+        tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), max).collect()).await;
+    let body = match collected {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => {
+            (shared.options.on_reject)();
             return fault(&format!(
-                "{method} {path}: the request body is larger than {MAX_BODY} bytes or broken"
-            ))
+                "{method} {path}: the request body is larger than the limit of {max} bytes, or broken"
+            ));
+        }
+        Err(_) => {
+            (shared.options.on_reject)();
+            return fault_with(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "{method} {path}: the request body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            );
         }
     };
     let action = match parse_request(&method, &path, &body) {
         Ok(a) => a,
         Err(msg) => {
+            (shared.options.on_reject)();
             tracing::info!("API: {msg}");
             return fault(&msg);
         }
@@ -136,6 +211,155 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<By
     }
 }
 
+/// The connection as hyper sees it. hyper answers requests it cannot parse on its own, with a
+/// status and an empty body; this puts the `fault_message` body every API error carries into
+/// those answers (vireo's own error responses always have a body, so an empty 4xx is hyper's).
+struct FaultBodies<S> {
+    inner: S,
+    /// A replacement response still being written: bytes and how many are out.
+    pending: Option<(Vec<u8>, usize)>,
+    on_reject: RejectHook,
+}
+
+impl<S: AsyncWrite + Unpin> FaultBodies<S> {
+    fn replacement(buf: &[u8]) -> Option<Vec<u8>> {
+        let head = std::str::from_utf8(buf).ok()?;
+        let status = head.strip_prefix("HTTP/1.1 ")?.get(..3)?;
+        if !(status.starts_with('4') || status.starts_with('5'))
+            || !head.ends_with("\r\n\r\n")
+            || !head
+                .to_ascii_lowercase()
+                .contains("\r\ncontent-length: 0\r\n")
+        {
+            return None;
+        }
+        let msg = match status {
+            "414" => "the request URI is too long",
+            "431" => "the request headers are too large",
+            _ => "malformed HTTP/1.1 request: bad request line, method, URI (it must be UTF-8), HTTP version, or header (such as Content-Length), or bytes left over after a request's body",
+        };
+        Some(raw_response("400 Bad Request", msg))
+    }
+
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while let Some((bytes, done)) = &mut self.pending {
+            if *done == bytes.len() {
+                self.pending = None;
+                break;
+            }
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*done..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            *done += n;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FaultBodies<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FaultBodies<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        ready!(self.drain(cx))?;
+        if let Some(bytes) = Self::replacement(buf) {
+            (self.on_reject)();
+            self.pending = Some((bytes, 0));
+            let _ = self.drain(cx)?;
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.drain(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.drain(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Releases a connection slot when the connection ends, however it ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn serve(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
+    let open = Arc::new(AtomicUsize::new(0));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors, most likely: wait for connections to close.
+                utils::warn_limited!("api_accept_failed", "API: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::SeqCst);
+            (shared.options.on_reject)();
+            utils::warn_limited!(
+                "api_too_many_connections",
+                "API: more than {MAX_CONNECTIONS} connections at once; answered 503"
+            );
+            let answer = raw_response(
+                "503 Service Unavailable",
+                &format!("too many open connections (at most {MAX_CONNECTIONS})"),
+            );
+            // A fresh socket's buffer takes the whole answer; never wait on this client.
+            let _ = stream.try_write(&answer);
+            continue;
+        }
+        let slot = Slot(open.clone());
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let io = FaultBodies {
+                inner: stream,
+                pending: None,
+                on_reject: shared.options.on_reject.clone(),
+            };
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(req, shared).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                // Clients that shut down their sending side after the request (socat, nc -N)
+                // still get the answer.
+                .half_close(true)
+                // One contiguous write per response, so FaultBodies sees whole heads.
+                .writev(false)
+                .serve_connection(TokioIo::new(io), service)
+                .await
+            {
+                tracing::debug!("API: connection ended: {e}");
+            }
+        });
+    }
+}
+
 impl ApiServer {
     /// Binds `path` (refusing a live socket, replacing a stale one) and serves it on a new
     /// thread. Requests go to `to_vmm`; `notify` is signalled after each.
@@ -143,17 +367,22 @@ impl ApiServer {
         path: &Path,
         to_vmm: Sender<Envelope>,
         notify: EventFd,
+        options: ServerOptions,
     ) -> Result<Self, BindError> {
-        let listener = bind(path)?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|err| BindError::Bind {
-                path: path.to_owned(),
-                err,
-            })?;
+        let (listener, identity) = bind(path)?;
+        let server = Self {
+            path: path.to_owned(),
+            identity,
+        };
+        let bind_err = |err| BindError::Bind {
+            path: path.to_owned(),
+            err,
+        };
+        listener.set_nonblocking(true).map_err(bind_err)?;
         let shared = Arc::new(Shared {
             to_vmm: std::sync::Mutex::new(to_vmm),
             notify,
+            options,
         });
         let err_path = path.to_owned();
         std::thread::Builder::new()
@@ -162,7 +391,7 @@ impl ApiServer {
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_io()
                     .enable_time()
-                    .max_blocking_threads(4)
+                    .max_blocking_threads(MAX_CONNECTIONS)
                     .build()
                 {
                     Ok(rt) => rt,
@@ -172,48 +401,36 @@ impl ApiServer {
                     }
                 };
                 rt.block_on(async move {
-                    let listener = match tokio::net::UnixListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!("API: cannot serve {}: {e}", err_path.display());
-                            return;
-                        }
-                    };
-                    loop {
-                        let stream = match listener.accept().await {
-                            Ok((s, _)) => s,
-                            Err(e) => {
-                                tracing::warn!("API: accept failed: {e}");
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                                continue;
-                            }
-                        };
-                        let shared = shared.clone();
-                        tokio::spawn(async move {
-                            let service = hyper::service::service_fn(move |req| {
-                                let shared = shared.clone();
-                                async move {
-                                    Ok::<_, std::convert::Infallible>(handle(req, shared).await)
-                                }
-                            });
-                            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                                .timer(TokioTimer::new())
-                                .header_read_timeout(HEADER_TIMEOUT)
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await
-                            {
-                                tracing::debug!("API: connection ended: {e}");
-                            }
-                        });
+                    match tokio::net::UnixListener::from_std(listener) {
+                        Ok(l) => serve(l, shared).await,
+                        Err(e) => tracing::error!("API: cannot serve {}: {e}", err_path.display()),
                     }
                 });
             })
-            .map_err(|err| BindError::Bind {
-                path: path.to_owned(),
-                err,
-            })?;
-        Ok(Self {
-            path: path.to_owned(),
-        })
+            .map_err(bind_err)?;
+        Ok(server)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_bodiless_error_heads_are_replaced() {
+        type F = FaultBodies<tokio::net::UnixStream>;
+        let hyper_400 = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        let r = String::from_utf8(F::replacement(hyper_400).unwrap()).unwrap();
+        assert!(r.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{r}");
+        let body = r.split("\r\n\r\n").nth(1).unwrap();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert!(v["fault_message"].as_str().unwrap().contains("malformed"));
+        assert!(r.contains(&format!("Content-Length: {}\r\n", body.len())));
+        // vireo's own answers: 204 without a body, 400 with one.
+        assert!(F::replacement(b"HTTP/1.1 204 No Content\r\ndate: x\r\n\r\n").is_none());
+        assert!(F::replacement(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 20\r\n\r\n"
+        )
+        .is_none());
     }
 }

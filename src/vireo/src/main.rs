@@ -12,6 +12,8 @@ use telemetry::ProcessTelemetry;
 ///
 /// Boot a kernel directly with `vireo run`, or drive vireo like Firecracker: serve its HTTP API
 /// on a Unix socket (`--api-sock`) and/or boot from a Firecracker config file (`--config-file`).
+/// Firecracker's own command-line flags are accepted, so tools that exec `firecracker` can exec
+/// vireo instead.
 #[derive(Parser, Debug)]
 #[command(name = "vireo", version, about)]
 struct Cli {
@@ -27,11 +29,137 @@ struct Cli {
     /// With --config-file: boot without serving the API.
     #[arg(long)]
     no_api: bool,
-    /// Instance ID reported by GET /.
-    #[arg(long, value_name = "ID", default_value = "anonymous-instance")]
+    /// Instance ID reported by GET / (letters, digits and '-', at most 64).
+    #[arg(long, value_name = "ID", default_value = "anonymous-instance", value_parser = parse_id)]
     id: String,
+    #[command(flatten)]
+    firecracker: FirecrackerFlags,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// Firecracker's flags that vireo's own interface names differently or not at all.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Firecracker's flags")]
+struct FirecrackerFlags {
+    /// Logger level (Error, Warning, Info, Debug, Trace, Off), as PUT /logger's `level`.
+    #[arg(long, value_name = "LEVEL")]
+    level: Option<String>,
+    /// Log to this file or named pipe, as PUT /logger's `log_path`.
+    #[arg(long, value_name = "PATH")]
+    log_path: Option<String>,
+    /// Put the level in each log line.
+    #[arg(long)]
+    show_level: bool,
+    /// Put the source file and line in each log line.
+    #[arg(long)]
+    show_log_origin: bool,
+    /// Only log messages from this module path.
+    #[arg(long, value_name = "MODULE")]
+    module: Option<String>,
+    /// Write metrics to this file or named pipe, as PUT /metrics.
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<String>,
+    /// Largest API request body in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = api::DEFAULT_MAX_PAYLOAD)]
+    http_api_max_payload_size: usize,
+    /// Accepted for Firecracker compatibility: vireo does not install seccomp filters yet.
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Process start time in microseconds of CLOCK_MONOTONIC (passed by Firecracker's jailer).
+    #[arg(long, value_name = "US")]
+    start_time_us: Option<u64>,
+    /// Process start CPU time in microseconds (passed by Firecracker's jailer).
+    #[arg(long, value_name = "US")]
+    start_time_cpu_us: Option<u64>,
+    /// Parent process CPU time in microseconds (passed by Firecracker's jailer).
+    #[arg(long, value_name = "US")]
+    parent_cpu_time_us: Option<u64>,
+    /// Not supported yet (boot timer device).
+    #[arg(long)]
+    boot_timer: bool,
+    /// Not supported yet (custom seccomp filters).
+    #[arg(long, value_name = "PATH")]
+    seccomp_filter: Option<PathBuf>,
+    /// Not supported yet (MMDS).
+    #[arg(long, value_name = "BYTES")]
+    mmds_size_limit: Option<u64>,
+    /// Not supported yet (MMDS).
+    #[arg(long, value_name = "PATH")]
+    metadata: Option<PathBuf>,
+    /// Not supported yet (snapshots).
+    #[arg(long, value_name = "PATH")]
+    describe_snapshot: Option<PathBuf>,
+    /// Not supported yet (snapshots).
+    #[arg(long)]
+    snapshot_version: bool,
+    /// Not supported yet (PCI).
+    #[arg(long)]
+    enable_pci: bool,
+}
+
+impl FirecrackerFlags {
+    /// The first flag that asks for something vireo does not have, with the reason.
+    fn unsupported(&self) -> Option<String> {
+        let not_yet = [
+            ("--boot-timer", self.boot_timer, "the boot timer device"),
+            (
+                "--seccomp-filter",
+                self.seccomp_filter.is_some(),
+                "seccomp filtering",
+            ),
+            (
+                "--mmds-size-limit",
+                self.mmds_size_limit.is_some(),
+                "MMDS (the metadata service)",
+            ),
+            (
+                "--metadata",
+                self.metadata.is_some(),
+                "MMDS (the metadata service)",
+            ),
+            (
+                "--describe-snapshot",
+                self.describe_snapshot.is_some(),
+                "snapshotting",
+            ),
+            ("--snapshot-version", self.snapshot_version, "snapshotting"),
+            ("--enable-pci", self.enable_pci, "PCI"),
+        ];
+        not_yet
+            .iter()
+            .find(|(_, set, _)| *set)
+            .map(|(flag, _, what)| format!("{flag}: {what} is not supported by vireo yet"))
+    }
+
+    /// `--level`, `--log-path`, `--show-level`, `--show-log-origin`, `--module` as PUT /logger.
+    fn logger(&self) -> Option<vmm::resources::LoggerConfig> {
+        let any = self.level.is_some()
+            || self.log_path.is_some()
+            || self.show_level
+            || self.show_log_origin
+            || self.module.is_some();
+        any.then(|| vmm::resources::LoggerConfig {
+            level: self.level.clone(),
+            log_path: self.log_path.clone(),
+            show_level: Some(self.show_level),
+            show_log_origin: Some(self.show_log_origin),
+            module: self.module.clone(),
+        })
+    }
+}
+
+/// Firecracker's rule for instance IDs.
+fn parse_id(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 64 {
+        return Err(format!("instance ID '{s}' must be 1 to 64 characters"));
+    }
+    if let Some(c) = s.chars().find(|c| !c.is_ascii_alphanumeric() && *c != '-') {
+        return Err(format!(
+            "instance ID '{s}': '{c}' is not allowed (letters, digits and '-' only)"
+        ));
+    }
+    Ok(s.to_owned())
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,6 +216,7 @@ fn parse_drive(s: &str) -> Result<DriveConfig, String> {
     for (i, item) in s.split(',').enumerate() {
         match item.split_once('=') {
             Some(("path", v)) => drive.path = PathBuf::from(v),
+            Some(("id", "")) => return Err("id= needs a value: the drive's ID".into()),
             Some(("id", v)) => drive.id = Some(v.to_owned()),
             Some(("readonly", v)) => drive.read_only = parse_on_off("readonly", v)?,
             Some(("root", v)) => drive.root = parse_on_off("root", v)?,
@@ -131,7 +260,7 @@ fn main() -> ExitCode {
     match cli.command {
         None => ExitCode::from(control_plane(
             &cli,
-            ProcessTelemetry::new(sink, level, cli.log_level),
+            ProcessTelemetry::new(cli.id.clone(), sink, level, cli.log_level),
         ) as u8),
         Some(Command::Run(args)) => {
             let config = VmConfig {
@@ -162,8 +291,8 @@ fn main() -> ExitCode {
 fn report(reason: &ExitReason) {
     let code = reason.exit_code();
     match reason {
-        ExitReason::PowerOff(v) => tracing::info!("guest powered off (value {v:#x})"),
-        ExitReason::Reset => tracing::info!("guest reset"),
+        ExitReason::PowerOff(v) => tracing::info!("VM ended: the guest powered off (value {v:#x})"),
+        ExitReason::Reset => tracing::info!("VM ended: the guest reset"),
         ExitReason::TripleFault(regs) => {
             eprintln!("vireo: guest triple fault (exit code {code})\n{regs}")
         }
@@ -181,10 +310,46 @@ fn report(reason: &ExitReason) {
     }
 }
 
+/// Largest config file read: far above any real configuration, far below what hurts.
+const CONFIG_FILE_MAX: u64 = 1 << 20;
+
+/// Reads a Firecracker config file: a regular file of at most [`CONFIG_FILE_MAX`] bytes.
+fn read_config_file(path: &std::path::Path) -> Result<vmm::resources::VmResources, String> {
+    use std::io::Read;
+    use vmm::resources::ConfigFile;
+    let name = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("config file {name}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "config file {name} is not a regular file ({})",
+            utils::files::file_kind(&meta)
+        ));
+    }
+    let file = std::fs::File::open(path).map_err(|e| format!("config file {name}: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(CONFIG_FILE_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read config file {name}: {e}"))?;
+    if bytes.len() as u64 > CONFIG_FILE_MAX {
+        return Err(format!(
+            "config file {name} is larger than {CONFIG_FILE_MAX} bytes"
+        ));
+    }
+    let cfg: ConfigFile = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("config file {name} is not valid: {e}"))?;
+    cfg.into_resources()
+        .map_err(|e| format!("config file {name}: {e}"))
+}
+
 /// The Firecracker-style routes: API socket and/or config file, one shared controller.
-fn control_plane(cli: &Cli, telemetry: ProcessTelemetry) -> i32 {
-    use vmm::controller::{serve, Controller, RequestQueue, VmmAction};
-    use vmm::resources::{ActionType, ConfigFile, VmResources};
+fn control_plane(cli: &Cli, mut telemetry: ProcessTelemetry) -> i32 {
+    use vmm::controller::{serve, Controller, RequestQueue, Telemetry, VmmAction};
+    use vmm::resources::{ActionType, MetricsConfig, VmResources};
+    let fc = &cli.firecracker;
+    if let Some(msg) = fc.unsupported() {
+        eprintln!("vireo: error: {msg}");
+        return vmm::EXIT_CODE_ERROR;
+    }
     if cli.api_sock.is_none() && !(cli.config_file.is_some() && cli.no_api) {
         eprintln!(
             "vireo: error: give --api-sock PATH, --config-file FILE [--no-api], or the run subcommand (see --help)"
@@ -195,41 +360,47 @@ fn control_plane(cli: &Cli, telemetry: ProcessTelemetry) -> i32 {
         eprintln!("vireo: error: --no-api and --api-sock contradict each other");
         return 2;
     }
-    let resources = match &cli.config_file {
+    if fc.no_seccomp {
+        tracing::info!("--no-seccomp: vireo installs no seccomp filters yet");
+    }
+    telemetry.set_startup_times(
+        fc.start_time_us,
+        fc.start_time_cpu_us,
+        fc.parent_cpu_time_us,
+    );
+    let mut resources = match &cli.config_file {
         None => VmResources::default(),
-        Some(path) => {
-            let parsed = std::fs::read(path)
-                .map_err(|e| format!("cannot read config file {}: {e}", path.display()))
-                .and_then(|bytes| {
-                    serde_json::from_slice::<ConfigFile>(&bytes)
-                        .map_err(|e| format!("config file {} is not valid: {e}", path.display()))
-                })
-                .and_then(|cfg| {
-                    cfg.into_resources()
-                        .map_err(|e| format!("config file {}: {e}", path.display()))
-                });
-            match parsed {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("vireo: error: {e}");
-                    return vmm::EXIT_CODE_ERROR;
-                }
+        Some(path) => match read_config_file(path) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("vireo: error: {e}");
+                return vmm::EXIT_CODE_ERROR;
             }
-        }
+        },
     };
-    let mut telemetry = telemetry;
+    // Flags first, then the config file's objects, as Firecracker applies them.
+    if resources.logger.is_none() {
+        resources.logger = fc.logger();
+    }
+    if resources.metrics.is_none() {
+        resources.metrics = fc.metrics_path.clone().map(|metrics_path| MetricsConfig {
+            metrics_path,
+            emit_id: None,
+        });
+    }
     if let Some(l) = &resources.logger {
-        if let Err(e) = vmm::controller::Telemetry::configure_logger(&mut telemetry, l) {
+        if let Err(e) = telemetry.configure_logger(l) {
             eprintln!("vireo: error: logger: {e}");
             return vmm::EXIT_CODE_ERROR;
         }
     }
     if let Some(m) = &resources.metrics {
-        if let Err(e) = vmm::controller::Telemetry::configure_metrics(&mut telemetry, m) {
+        if let Err(e) = telemetry.configure_metrics(m) {
             eprintln!("vireo: error: metrics: {e}");
             return vmm::EXIT_CODE_ERROR;
         }
     }
+    let on_reject = telemetry.reject_hook();
     let mut controller = Controller::new(cli.id.clone(), resources, Box::new(telemetry));
     let (tx, rx) = std::sync::mpsc::channel();
     let notify = match vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK) {
@@ -239,6 +410,14 @@ fn control_plane(cli: &Cli, telemetry: ProcessTelemetry) -> i32 {
             return vmm::EXIT_CODE_ERROR;
         }
     };
+    // Signals are caught before the socket exists, so that no signal can leave it behind.
+    let signal = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for sig in vmm::STOP_SIGNALS {
+        if let Err(e) = signal_hook::flag::register_usize(sig, signal.clone(), sig as usize) {
+            eprintln!("vireo: error: cannot handle signal {sig}: {e}");
+            return vmm::EXIT_CODE_ERROR;
+        }
+    }
     let _server = match &cli.api_sock {
         Some(path) => {
             let notify_api = match notify.try_clone() {
@@ -248,7 +427,11 @@ fn control_plane(cli: &Cli, telemetry: ProcessTelemetry) -> i32 {
                     return vmm::EXIT_CODE_ERROR;
                 }
             };
-            match api::ApiServer::start(path, tx.clone(), notify_api) {
+            let options = api::ServerOptions {
+                max_payload: fc.http_api_max_payload_size,
+                on_reject,
+            };
+            match api::ApiServer::start(path, tx.clone(), notify_api, options) {
                 Ok(s) => Some(s),
                 Err(e) => {
                     eprintln!("vireo: error: {e}");
@@ -270,13 +453,6 @@ fn control_plane(cli: &Cli, telemetry: ProcessTelemetry) -> i32 {
     };
     // Keep a sender so the queue never reports closed while the VM runs without an API.
     let _keep = tx;
-    let signal = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        if let Err(e) = signal_hook::flag::register_usize(sig, signal.clone(), sig as usize) {
-            eprintln!("vireo: error: cannot handle signal {sig}: {e}");
-            return vmm::EXIT_CODE_ERROR;
-        }
-    }
     match serve(&mut controller, &queue, &signal) {
         Some(reason) => {
             report(&reason);

@@ -2,9 +2,8 @@
 //! `PUT /metrics`.
 
 use serde_json::json;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -53,22 +52,11 @@ impl<'a> MakeWriter<'a> for LogSink {
     }
 }
 
-/// Opens a log or metrics destination: appended to if a file; if a named pipe, opened so that
+/// Opens a log or metrics destination: appended to if a file; a named pipe is opened so that
 /// neither the open nor later writes block when nobody reads (full pipe: the line is counted
 /// as lost).
 fn open_sink(path: &str) -> Result<File, String> {
-    use std::os::unix::fs::FileTypeExt;
-    let is_fifo = std::fs::metadata(path)
-        .map(|m| m.file_type().is_fifo())
-        .unwrap_or(false);
-    let mut opts = OpenOptions::new();
-    if is_fifo {
-        opts.read(true).write(true);
-    } else {
-        opts.append(true).create(true);
-    }
-    opts.custom_flags(libc::O_NONBLOCK)
-        .open(path)
+    utils::files::open_output(std::path::Path::new(path), false)
         .map_err(|e| format!("cannot open {path}: {e}"))
 }
 
@@ -114,6 +102,7 @@ pub fn init_logging(level: tracing::Level) -> (LogSink, LogControl) {
 
 /// The binary's side of [`Telemetry`].
 pub struct ProcessTelemetry {
+    id: String,
     sink: LogSink,
     log: LogControl,
     level: LevelFilter,
@@ -128,6 +117,23 @@ struct Counters {
     failed_requests: AtomicU64,
     flushes: AtomicU64,
     lost_metrics: AtomicU64,
+    guest_resets: AtomicU64,
+    guest_power_offs: AtomicU64,
+    startup_us: AtomicU64,
+    startup_cpu_us: AtomicU64,
+    emit_id: std::sync::atomic::AtomicBool,
+}
+
+/// Microseconds on `clock` (CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME_ID), as Firecracker's
+/// jailer measures the times it passes.
+fn clock_us(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) writes only the timespec it is given.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
 /// How often metrics are written once a path is set.
@@ -149,8 +155,9 @@ fn parse_level(s: &str) -> Result<LevelFilter, String> {
 
 impl ProcessTelemetry {
     /// Telemetry over the subscriber from [`init_logging`], which was set to `level`.
-    pub fn new(sink: LogSink, log: LogControl, level: tracing::Level) -> Self {
+    pub fn new(id: String, sink: LogSink, log: LogControl, level: tracing::Level) -> Self {
         Self {
+            id,
             sink,
             log,
             level: LevelFilter::from_level(level),
@@ -160,7 +167,43 @@ impl ProcessTelemetry {
         }
     }
 
-    fn write_metrics(metrics: &Mutex<Option<File>>, counters: &Counters, started: Instant) {
+    /// Counts a request answered by the API thread itself (malformed, unknown, refused).
+    pub fn reject_hook(&self) -> Arc<dyn Fn() + Send + Sync> {
+        let counters = self.counters.clone();
+        Arc::new(move || {
+            counters.requests.fetch_add(1, Ordering::Relaxed);
+            counters.failed_requests.fetch_add(1, Ordering::Relaxed);
+        })
+    }
+
+    /// Firecracker's `--start-time-us`, `--start-time-cpu-us` and `--parent-cpu-time-us`:
+    /// the process's start-up time (until now, when the API is about to serve) goes into the
+    /// metrics as Firecracker reports it.
+    pub fn set_startup_times(
+        &self,
+        start_us: Option<u64>,
+        cpu_us: Option<u64>,
+        parent_cpu_us: Option<u64>,
+    ) {
+        if let Some(start) = start_us {
+            let us = clock_us(libc::CLOCK_MONOTONIC).saturating_sub(start);
+            self.counters.startup_us.store(us, Ordering::Relaxed);
+            tracing::info!("process start-up took {us} us");
+        }
+        if let Some(start) = cpu_us {
+            let us = clock_us(libc::CLOCK_PROCESS_CPUTIME_ID).saturating_sub(start)
+                + parent_cpu_us.unwrap_or(0);
+            self.counters.startup_cpu_us.store(us, Ordering::Relaxed);
+            tracing::info!("process start-up took {us} us of CPU time");
+        }
+    }
+
+    fn write_metrics(
+        metrics: &Mutex<Option<File>>,
+        counters: &Counters,
+        started: Instant,
+        id: &str,
+    ) {
         let mut devices = serde_json::Map::new();
         for (name, m) in devices::metrics::all() {
             let counters: serde_json::Map<String, serde_json::Value> = m
@@ -171,21 +214,35 @@ impl ProcessTelemetry {
             devices.insert(name, serde_json::Value::Object(counters));
         }
         let (pio, mmio, other) = vmm::vstate::vcpu::exit_counts();
-        let line = json!({
+        let limited: serde_json::Map<String, serde_json::Value> = utils::ratelimit::counts()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), json!(v)))
+            .collect();
+        let mut line = json!({
             "devices": devices,
             "vcpu": { "exits_io": pio, "exits_mmio": mmio, "exits_other": other },
             "utc_timestamp_ms": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
             "api_server": {
                 "requests": counters.requests.load(Ordering::Relaxed),
                 "failed_requests": counters.failed_requests.load(Ordering::Relaxed),
+                "process_startup_time_us": counters.startup_us.load(Ordering::Relaxed),
+                "process_startup_time_cpu_us": counters.startup_cpu_us.load(Ordering::Relaxed),
             },
-            "vmm": { "uptime_ms": started.elapsed().as_millis() as u64 },
+            "vmm": {
+                "uptime_ms": started.elapsed().as_millis() as u64,
+                "guest_resets": counters.guest_resets.load(Ordering::Relaxed),
+                "guest_power_offs": counters.guest_power_offs.load(Ordering::Relaxed),
+            },
+            "events": limited,
             "logger": { "lost_logs": LOST_LOGS.load(Ordering::Relaxed) },
             "metrics": {
                 "flushes": counters.flushes.fetch_add(1, Ordering::Relaxed) + 1,
                 "lost_metrics": counters.lost_metrics.load(Ordering::Relaxed),
             },
         });
+        if counters.emit_id.load(Ordering::Relaxed) {
+            line["id"] = json!(id);
+        }
         let mut guard = metrics.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = guard.as_mut() {
             if writeln!(f, "{line}").is_err() {
@@ -228,6 +285,9 @@ impl Telemetry for ProcessTelemetry {
 
     fn configure_metrics(&mut self, cfg: &MetricsConfig) -> Result<(), String> {
         let file = open_sink(&cfg.metrics_path)?;
+        self.counters
+            .emit_id
+            .store(cfg.emit_id.unwrap_or(false), Ordering::Relaxed);
         let first = self
             .metrics
             .lock()
@@ -237,12 +297,13 @@ impl Telemetry for ProcessTelemetry {
         if first {
             let (metrics, counters) = (self.metrics.clone(), self.counters.clone());
             let started = self.started;
+            let id = self.id.clone();
             let _ = std::thread::Builder::new()
                 .name("metrics".into())
                 .stack_size(64 << 10)
                 .spawn(move || loop {
                     std::thread::sleep(METRICS_PERIOD);
-                    Self::write_metrics(&metrics, &counters, started);
+                    Self::write_metrics(&metrics, &counters, started, &id);
                 });
         }
         Ok(())
@@ -257,8 +318,19 @@ impl Telemetry for ProcessTelemetry {
         {
             return Err("FlushMetrics: no metrics path configured (PUT /metrics first)".into());
         }
-        Self::write_metrics(&self.metrics, &self.counters, self.started);
+        Self::write_metrics(&self.metrics, &self.counters, self.started, &self.id);
         Ok(())
+    }
+
+    fn vm_ended(&mut self, reason: &vmm::ExitReason) {
+        let counter = match reason {
+            vmm::ExitReason::Reset => &self.counters.guest_resets,
+            vmm::ExitReason::PowerOff(_) => &self.counters.guest_power_offs,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        // The last word on how the VM ended, as Firecracker writes metrics at exit.
+        Self::write_metrics(&self.metrics, &self.counters, self.started, &self.id);
     }
 
     fn record_request(&mut self, ok: bool) {

@@ -197,7 +197,7 @@ fn kernel_larger_than_memory() {
     data[0x260..0x264].copy_from_slice(&(64u32 << 20).to_le_bytes()); // init_size = 64 MiB
     write_file(&k, &data);
     let r = run(&["--kernel", k.to_str().unwrap(), "--memory", "32"]);
-    assert_rejected(&r, &[k.to_str().unwrap(), "raise --memory"]);
+    assert_rejected(&r, &[k.to_str().unwrap(), "more memory"]);
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -35,17 +35,15 @@ pub(crate) struct Machine {
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, Error> {
-    let file = File::open(path).map_err(|err| Error::OpenFile {
+    let err = |err| Error::OpenFile {
         what,
         path: path.to_owned(),
         err,
-    })?;
+    };
+    let file = utils::files::open_input(path, utils::files::Kind::Regular, false).map_err(err)?;
+    // An empty kernel or initrd is a mistake (Firecracker refuses an empty initrd too).
     match file.metadata() {
-        Ok(m) if m.is_dir() => Err(Error::OpenFile {
-            what,
-            path: path.to_owned(),
-            err: std::io::Error::other("it is a directory"),
-        }),
+        Ok(m) if m.len() == 0 => Err(err(std::io::Error::other("it is empty"))),
         _ => Ok(file),
     }
 }
@@ -124,6 +122,7 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
             kernel: &mut kernel,
             initrd: initrd.as_mut().map(|(p, f)| (*p, f)),
             cmdline: &cmdline,
+            cmdline_added: virtio.cmdline.len(),
             mem_size,
         },
     )?;

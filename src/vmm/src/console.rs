@@ -5,7 +5,6 @@ use crate::config::SerialConfig;
 use devices::bus::lock;
 use devices::legacy::Serial;
 use nix::sys::termios::{self, SetArg, Termios};
-use std::fs::OpenOptions;
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -64,17 +63,12 @@ impl Drop for Console {
 pub fn output(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, Error> {
     Ok(match cfg {
         SerialConfig::Stdio => Box::new(std::io::stdout()),
-        SerialConfig::File(path) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .open(path)
-                .map_err(|err| Error::File {
-                    path: path.clone(),
-                    err,
-                })?,
-        ),
+        SerialConfig::File(path) => Box::new(utils::files::open_output(path, true).map_err(
+            |err| Error::File {
+                path: path.clone(),
+                err,
+            },
+        )?),
         SerialConfig::None => Box::new(std::io::sink()),
     })
 }

@@ -66,6 +66,8 @@ pub trait Telemetry: Send {
     fn flush_metrics(&mut self) -> Result<(), String>;
     /// Counts one API request and whether it succeeded.
     fn record_request(&mut self, ok: bool);
+    /// Records how the VM ended.
+    fn vm_ended(&mut self, reason: &ExitReason);
 }
 
 /// What vireo reports as its version.
@@ -170,7 +172,12 @@ impl Controller {
                 Ok(VmmData::Empty)
             }
             PutMetrics(m) => {
-                pre_boot("PUT /metrics")?;
+                if let Some(old) = &self.resources.metrics {
+                    return fail(format!(
+                        "PUT /metrics: reinitialization of metrics is not allowed (they already go to {})",
+                        old.metrics_path
+                    ));
+                }
                 self.telemetry
                     .configure_metrics(&m)
                     .map_err(ResourceError)?;
@@ -295,6 +302,7 @@ pub fn serve(
         }
         match vm.wait() {
             VmEvent::Ended(reason) => {
+                controller.telemetry.vm_ended(&reason);
                 controller.shutdown();
                 return Some(reason);
             }

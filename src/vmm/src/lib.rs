@@ -115,6 +115,16 @@ impl ExitReason {
 /// Process exit code for errors found before the guest ran (bad input, host setup).
 pub const EXIT_CODE_ERROR: i32 = 1;
 
+/// Signals that stop the VM and end vireo cleanly (terminal restored, API socket removed),
+/// with exit code 128 + the signal's number.
+pub const STOP_SIGNALS: [i32; 5] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+];
+
 const TOKEN_RESET: u64 = 0;
 const TOKEN_POWER: u64 = 1;
 const TOKEN_VCPU: u64 = 2;
@@ -196,7 +206,7 @@ impl RunningVm {
         };
         // One pipe per signal so the event loop knows which one arrived.
         let mut signal_pipes = Vec::new();
-        for sig in [libc::SIGINT, libc::SIGTERM] {
+        for sig in STOP_SIGNALS {
             let (rx, tx) = UnixStream::pair().map_err(Error::EventLoop)?;
             signal_hook::low_level::pipe::register(sig, tx).map_err(Error::EventLoop)?;
             add(rx.as_raw_fd(), TOKEN_SIGNAL_BASE + sig as u64)?;

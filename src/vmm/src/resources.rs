@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::PathBuf;
 use thiserror::Error;
+use utils::files::Kind;
 
 /// A configuration request that cannot be applied; the text is the API's fault_message.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -175,6 +176,9 @@ pub struct LoggerConfig {
 pub struct MetricsConfig {
     /// File or named pipe metrics are written to.
     pub metrics_path: String,
+    /// Put the instance ID in each metrics line as `"id"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emit_id: Option<bool>,
 }
 
 /// `PUT /actions`.
@@ -241,10 +245,12 @@ fn no_rate_limiter(what: &str, rl: &Option<Value>) -> Result<(), ResourceError> 
     }
 }
 
-fn readable_file(what: &str, path: &str) -> Result<(), ResourceError> {
-    match std::fs::File::open(path) {
-        Ok(f) if f.metadata().map(|m| m.is_dir()).unwrap_or(false) => {
-            err(format!("{what} {path} is a directory"))
+/// Checks an input the user names now, as Firecracker does, so that a bad path is a 400 on
+/// its own request rather than a failed InstanceStart.
+fn readable_file(what: &str, path: &str, kind: Kind) -> Result<(), ResourceError> {
+    match utils::files::open_input(std::path::Path::new(path), kind, false) {
+        Ok(f) if kind == Kind::Regular && f.metadata().is_ok_and(|m| m.len() == 0) => {
+            err(format!("{what} {path} is empty"))
         }
         Ok(_) => Ok(()),
         Err(e) => err(format!("cannot open {what} {path}: {e}")),
@@ -254,9 +260,9 @@ fn readable_file(what: &str, path: &str) -> Result<(), ResourceError> {
 impl VmResources {
     /// Sets the boot source; the files must be readable now.
     pub fn set_boot_source(&mut self, b: BootSource) -> Result<(), ResourceError> {
-        readable_file("kernel image", &b.kernel_image_path)?;
+        readable_file("kernel image", &b.kernel_image_path, Kind::Regular)?;
         if let Some(initrd) = &b.initrd_path {
-            readable_file("initrd", initrd)?;
+            readable_file("initrd", initrd, Kind::Regular)?;
         }
         self.boot_source = Some(b);
         Ok(())
@@ -324,7 +330,7 @@ impl VmResources {
         let Some(path) = &d.path_on_host else {
             return err("path_on_host is required for a virtio-blk drive");
         };
-        readable_file("drive image", path)?;
+        readable_file("drive image", path, Kind::Image)?;
         if d.is_root_device
             && self
                 .drives
@@ -333,8 +339,19 @@ impl VmResources {
         {
             return err("a root device is already configured");
         }
-        match self.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
-            Some(o) => *o = d,
+        // The root drive is always first (/dev/vda), as in Firecracker: an update that makes a
+        // drive root moves it to the front; one that makes the root drive a plain drive moves
+        // it to the back.
+        match self.drives.iter().position(|o| o.drive_id == d.drive_id) {
+            Some(i) if self.drives[i].is_root_device == d.is_root_device => self.drives[i] = d,
+            Some(i) => {
+                self.drives.remove(i);
+                if d.is_root_device {
+                    self.drives.insert(0, d);
+                } else {
+                    self.drives.push(d);
+                }
+            }
             None if d.is_root_device => self.drives.insert(0, d),
             None => self.drives.push(d),
         }
@@ -348,7 +365,7 @@ impl VmResources {
             return err(format!("drive '{}' does not exist", p.drive_id));
         };
         if let Some(path) = p.path_on_host {
-            readable_file("drive image", &path)?;
+            readable_file("drive image", &path, Kind::Image)?;
             d.path_on_host = Some(path);
         }
         Ok(())
@@ -364,6 +381,11 @@ impl VmResources {
     /// Sets the serial output.
     pub fn set_serial(&mut self, s: SerialDevice) -> Result<(), ResourceError> {
         no_rate_limiter("serial", &s.rate_limiter)?;
+        if let Some(path) = &s.serial_out_path {
+            // Checked (and created) now, truncated when the VM starts.
+            utils::files::open_output(std::path::Path::new(path), false)
+                .map_err(|e| ResourceError(format!("cannot open serial output {path}: {e}")))?;
+        }
         self.serial = Some(s);
         Ok(())
     }
@@ -509,5 +531,105 @@ impl ConfigFile {
         r.logger = self.logger;
         r.metrics = self.metrics;
         Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("vireo-res-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn drive(id: &str, path: &std::path::Path, root: bool) -> Drive {
+        Drive {
+            drive_id: id.into(),
+            path_on_host: Some(path.to_str().unwrap().into()),
+            is_root_device: root,
+            is_read_only: None,
+            partuuid: None,
+            cache_type: None,
+            rate_limiter: None,
+            io_engine: None,
+            socket: None,
+        }
+    }
+
+    #[test]
+    fn a_drive_made_root_moves_first_and_back_when_it_stops_being_root() {
+        let dir = scratch("root-order");
+        let img = dir.join("img");
+        std::fs::write(&img, [0u8; 512]).unwrap();
+        let mut r = VmResources::default();
+        r.insert_drive(drive("a", &img, false)).unwrap();
+        r.insert_drive(drive("b", &img, false)).unwrap();
+        r.insert_drive(drive("b", &img, true)).unwrap();
+        let order: Vec<&str> = r.drives.iter().map(|d| d.drive_id.as_str()).collect();
+        assert_eq!(order, ["b", "a"]);
+        r.insert_drive(drive("b", &img, false)).unwrap();
+        r.insert_drive(drive("a", &img, true)).unwrap();
+        let order: Vec<&str> = r.drives.iter().map(|d| d.drive_id.as_str()).collect();
+        assert_eq!(order, ["a", "b"]);
+        // The VM config then has the root drive first, as the device model requires.
+        r.set_boot_source(BootSource {
+            kernel_image_path: img.to_str().unwrap().into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let cfg = r.vm_config().unwrap();
+        assert!(cfg.drives[0].root && !cfg.drives[1].root);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn fifos_and_empty_files_are_refused_at_once() {
+        let dir = scratch("fifo");
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) on a NUL-terminated path this test owns.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let empty = dir.join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        let kernel = dir.join("kernel");
+        std::fs::write(&kernel, b"x").unwrap();
+        let p = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+        let mut r = VmResources::default();
+        let boot = |k: &std::path::Path, i: Option<&std::path::Path>| BootSource {
+            kernel_image_path: p(k),
+            initrd_path: i.map(p),
+            boot_args: None,
+        };
+        let e = r.set_boot_source(boot(&fifo, None)).unwrap_err();
+        assert!(
+            e.0.contains("kernel image") && e.0.contains("named pipe"),
+            "{e}"
+        );
+        let e = r.set_boot_source(boot(&kernel, Some(&fifo))).unwrap_err();
+        assert!(e.0.contains("initrd") && e.0.contains("named pipe"), "{e}");
+        let e = r.set_boot_source(boot(&kernel, Some(&empty))).unwrap_err();
+        assert!(e.0.contains("initrd") && e.0.contains("empty"), "{e}");
+        let e = r.insert_drive(drive("d", &fifo, false)).unwrap_err();
+        assert!(
+            e.0.contains("drive image") && e.0.contains("named pipe"),
+            "{e}"
+        );
+        // Serial output may be a FIFO (opened without waiting for a reader), not a directory.
+        let serial = |path: &std::path::Path| SerialDevice {
+            serial_out_path: Some(p(path)),
+            rate_limiter: None,
+        };
+        r.set_serial(serial(&fifo)).unwrap();
+        let e = r.set_serial(serial(&dir)).unwrap_err();
+        assert!(
+            e.0.contains("serial output") && e.0.contains("directory"),
+            "{e}"
+        );
+        let e = r.set_serial(serial(&dir.join("no/such/dir"))).unwrap_err();
+        assert!(e.0.contains("No such file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

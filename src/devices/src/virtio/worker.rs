@@ -69,7 +69,10 @@ impl<H: QueueHandler> Subscriber<H> {
             Ok(true) => self.interrupt.trigger(INTERRUPT_USED_RING),
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!("virtio: queue {index} is broken ({e}); device needs reset");
+                utils::warn_limited!(
+                    "virtio_broken_queue",
+                    "virtio: queue {index} is broken ({e}); device needs reset"
+                );
                 self.broken[index] = true;
                 self.interrupt.set_needs_reset();
             }

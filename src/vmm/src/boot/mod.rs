@@ -77,7 +77,7 @@ pub enum Error {
         minor: u16,
     },
     /// The kernel does not fit in guest memory.
-    #[error("kernel image {path} needs memory up to {end:#x} but the guest's low memory ends at {ram_end:#x}: raise --memory")]
+    #[error("kernel image {path} needs memory up to {end:#x} but the guest's low memory ends at {ram_end:#x}: give the guest more memory (--memory, mem_size_mib)")]
     KernelTooBig {
         /// The file.
         path: PathBuf,
@@ -87,10 +87,12 @@ pub enum Error {
         ram_end: u64,
     },
     /// The command line is longer than the protocol allows.
-    #[error("kernel command line is {len} bytes but this kernel accepts at most {max}")]
+    #[error("kernel command line is {len} bytes ({added} of them the device entries vireo appends, such as virtio_mmio.device= and root=) but this kernel accepts at most {max}")]
     CmdlineTooLong {
         /// Length given.
         len: usize,
+        /// Bytes vireo appended to the user's command line.
+        added: usize,
         /// Longest accepted, without the terminating NUL.
         max: usize,
     },
@@ -98,7 +100,7 @@ pub enum Error {
     #[error("kernel command line contains a NUL byte at offset {0}")]
     CmdlineNul(usize),
     /// The initrd does not fit between the kernel and the end of reachable memory.
-    #[error("initrd {path} is {size} bytes but only {room} bytes fit between the kernel's end ({kernel_end:#x}) and {limit:#x}: raise --memory or use a smaller initrd")]
+    #[error("initrd {path} is {size} bytes but only {room} bytes fit between the kernel's end ({kernel_end:#x}) and {limit:#x}: give the guest more memory (--memory, mem_size_mib) or use a smaller initrd")]
     InitrdTooBig {
         /// The file.
         path: PathBuf,
@@ -317,6 +319,7 @@ fn elf_memory_end(file: &mut File) -> Option<u64> {
 fn write_cmdline(
     mem: &GuestMemoryMmap,
     cmdline: &str,
+    added: usize,
     header: Option<&setup_header>,
 ) -> Result<(), Error> {
     let protocol_max = match header {
@@ -332,6 +335,7 @@ fn write_cmdline(
     if cmdline.len() > max {
         return Err(Error::CmdlineTooLong {
             len: cmdline.len(),
+            added,
             max,
         });
     }
@@ -417,6 +421,8 @@ pub struct BootInputs<'a> {
     pub initrd: Option<(&'a Path, &'a mut File)>,
     /// Kernel command line.
     pub cmdline: &'a str,
+    /// How many bytes at the end of `cmdline` vireo added (device entries), for messages.
+    pub cmdline_added: usize,
     /// Guest memory size in bytes.
     pub mem_size: u64,
 }
@@ -425,7 +431,12 @@ pub struct BootInputs<'a> {
 /// (zero page or hvm_start_info, GDT, page tables) for the protocol the image calls for.
 pub fn load(mem: &GuestMemoryMmap, inputs: BootInputs<'_>) -> Result<BootSetup, Error> {
     let kernel = load_kernel(mem, inputs.kernel_path, inputs.kernel, inputs.mem_size)?;
-    write_cmdline(mem, inputs.cmdline, kernel.header.as_ref())?;
+    write_cmdline(
+        mem,
+        inputs.cmdline,
+        inputs.cmdline_added,
+        kernel.header.as_ref(),
+    )?;
     let initrd = match inputs.initrd {
         Some((path, file)) => Some(load_initrd(mem, path, file, &kernel, inputs.mem_size)?),
         None => None,

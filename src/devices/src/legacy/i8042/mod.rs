@@ -73,7 +73,7 @@ impl I8042 {
             self.status |= STATUS_OUT_FULL;
             if self.ctr & CTR_KBD_INT != 0 {
                 if let Err(e) = self.irq.0.write(1) {
-                    tracing::warn!("i8042: cannot raise IRQ 1: {e}");
+                    utils::warn_limited!("i8042_irq_error", "i8042: cannot raise IRQ 1: {e}");
                 }
             }
         }

@@ -36,7 +36,10 @@ impl Serial {
             Ok(n) => n,
             Err(vm_superio::serial::Error::FullFifo) => 0,
             Err(e) => {
-                tracing::warn!("serial: cannot queue guest input: {e}");
+                utils::warn_limited!(
+                    "serial_input_error",
+                    "serial: cannot queue guest input: {e}"
+                );
                 0
             }
         }
@@ -61,7 +64,10 @@ impl BusDevice for Serial {
             // A closed or full output sink must not stop the guest; the byte is dropped.
             if !self.output_failed {
                 self.output_failed = true;
-                tracing::warn!("serial: guest output is being lost: {e}");
+                utils::warn_limited!(
+                    "serial_output_lost",
+                    "serial: guest output is being lost: {e}"
+                );
             }
         }
     }

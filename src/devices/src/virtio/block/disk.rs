@@ -1,14 +1,19 @@
-//! The host file behind a virtio-blk device: synchronous positioned I/O straight between the
-//! file and guest memory (no bounce buffer), flush, and hole punching.
+//! The host file behind a virtio-blk device: positioned vectored I/O (preadv/pwritev) straight
+//! between the file and guest memory (no bounce buffer, no shared file offset), flush, and hole
+//! punching. The file may be a regular file or a block device.
 
 use crate::virtio::GuestMemoryMmap;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use vm_memory::{Bytes, GuestAddress};
+use std::os::fd::AsRawFd;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
+
+/// Most buffers one preadv/pwritev call takes (Linux's UIO_MAXIOV).
+const MAX_IOVECS: usize = 1024;
 
 /// A disk image file.
 pub struct Disk {
@@ -19,11 +24,75 @@ pub struct Disk {
 /// A guest buffer: address and length.
 pub type Segment = (GuestAddress, u32);
 
+/// The host addresses of the guest buffers, split where guest memory regions end.
+fn iovecs(mem: &GuestMemoryMmap, segments: &[Segment]) -> std::io::Result<Vec<libc::iovec>> {
+    let mut iov = Vec::with_capacity(segments.len());
+    for &(addr, len) in segments {
+        for slice in mem.get_slices(addr, len as usize) {
+            let slice = slice.map_err(std::io::Error::other)?;
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    Ok(iov)
+}
+
+/// Moves all of `iov` between the file at `offset` and memory, however many calls it takes.
+fn transfer(
+    file: &File,
+    mut iov: &mut [libc::iovec],
+    mut offset: u64,
+    write: bool,
+) -> std::io::Result<()> {
+    while !iov.is_empty() {
+        let count = iov.len().min(MAX_IOVECS) as libc::c_int;
+        // SAFETY: every iovec points into guest memory that `mem` (borrowed by the caller for
+        // the whole call) keeps mapped, within one region, for exactly its length; the kernel
+        // only reads from or writes to those ranges.
+        let n = unsafe {
+            if write {
+                libc::pwritev(file.as_raw_fd(), iov.as_ptr(), count, offset as libc::off_t)
+            } else {
+                libc::preadv(file.as_raw_fd(), iov.as_ptr(), count, offset as libc::off_t)
+            }
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        offset += n as u64;
+        let mut done = n as usize;
+        while let Some(first) = iov.first_mut() {
+            if done < first.iov_len {
+                // SAFETY: advancing within the same buffer, by less than its length.
+                first.iov_base = unsafe { first.iov_base.cast::<u8>().add(done) }.cast();
+                first.iov_len -= done;
+                break;
+            }
+            done -= first.iov_len;
+            iov = &mut iov[1..];
+        }
+    }
+    Ok(())
+}
+
 impl Disk {
-    /// Wraps an open image; its capacity is its size in whole sectors.
-    pub fn new(file: File) -> std::io::Result<Self> {
-        let sectors = file.metadata()?.len() / SECTOR_SIZE;
-        Ok(Self { file, sectors })
+    /// Wraps an open image; its capacity is its size in whole sectors (a block device's size
+    /// is found by seeking to its end: its metadata says 0).
+    pub fn new(mut file: File) -> std::io::Result<Self> {
+        let bytes = file.seek(SeekFrom::End(0))?;
+        Ok(Self {
+            file,
+            sectors: bytes / SECTOR_SIZE,
+        })
     }
 
     /// Capacity in 512-byte sectors.
@@ -38,12 +107,8 @@ impl Disk {
         offset: u64,
         segments: &[Segment],
     ) -> std::io::Result<()> {
-        self.file.seek(SeekFrom::Start(offset))?;
-        for &(addr, len) in segments {
-            mem.read_exact_volatile_from(addr, &mut self.file, len as usize)
-                .map_err(std::io::Error::other)?;
-        }
-        Ok(())
+        let mut iov = iovecs(mem, segments)?;
+        transfer(&self.file, &mut iov, offset, false)
     }
 
     /// Writes the guest buffers, in order, to byte `offset` of the file.
@@ -53,12 +118,8 @@ impl Disk {
         offset: u64,
         segments: &[Segment],
     ) -> std::io::Result<()> {
-        self.file.seek(SeekFrom::Start(offset))?;
-        for &(addr, len) in segments {
-            mem.write_all_volatile_to(addr, &mut self.file, len as usize)
-                .map_err(std::io::Error::other)?;
-        }
-        Ok(())
+        let mut iov = iovecs(mem, segments)?;
+        transfer(&self.file, &mut iov, offset, true)
     }
 
     /// Makes written data durable (fdatasync).

@@ -10,7 +10,6 @@ use super::worker::{QueueHandler, Worker};
 use super::{features, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice};
 use disk::Disk;
 use request::{Limits, Request, ID_BYTES};
-use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
@@ -52,9 +51,6 @@ pub enum BlockError {
         /// Cause.
         err: std::io::Error,
     },
-    /// The image is not a regular file or block device.
-    #[error("drive image {0} is a directory")]
-    Directory(PathBuf),
     /// The ID does not fit GET_ID's 20 bytes.
     #[error("drive id '{0}' is longer than 20 bytes")]
     IdTooLong(String),
@@ -76,23 +72,22 @@ fn feature(bit: u32) -> u64 {
     1 << bit
 }
 
+/// A drive image: a regular file or a block device, opened without blocking; I/O on it is
+/// positioned (pread/pwrite), which O_NONBLOCK does not affect for these kinds of file.
+fn open_image(path: &std::path::Path, read_only: bool) -> std::io::Result<std::fs::File> {
+    utils::files::open_input(path, utils::files::Kind::Image, !read_only)
+}
+
 impl Block {
     /// Opens the image of `config`.
     pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
         if config.id.len() > ID_BYTES {
             return Err(BlockError::IdTooLong(config.id.clone()));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(&config.path)
-            .map_err(|err| BlockError::Open {
-                path: config.path.clone(),
-                err,
-            })?;
-        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(BlockError::Directory(config.path.clone()));
-        }
+        let file = open_image(&config.path, config.read_only).map_err(|err| BlockError::Open {
+            path: config.path.clone(),
+            err,
+        })?;
         let disk = Disk::new(file).map_err(|err| BlockError::Open {
             path: config.path.clone(),
             err,
@@ -164,7 +159,10 @@ impl QueueHandler for Handler {
             Ok(r) => r,
             Err((e, status)) => {
                 M::add(&self.metrics.errors, 1);
-                tracing::warn!("virtio-blk: malformed request: {e:?}");
+                utils::warn_limited!(
+                    "virtio_blk_bad_request",
+                    "virtio-blk: malformed request: {e:?}"
+                );
                 // Fail it with IOERR if it has a writable last byte; otherwise nothing can be
                 // reported and the chain goes back with nothing written.
                 return match status {
@@ -236,14 +234,8 @@ impl VirtioDevice for Block {
     }
 
     fn replace_backing(&mut self, path: &std::path::Path) -> Result<(), String> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!self.config.read_only)
-            .open(path)
+        let file = open_image(path, self.config.read_only)
             .map_err(|e| format!("cannot open drive image {}: {e}", path.display()))?;
-        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(format!("drive image {} is a directory", path.display()));
-        }
         let disk = Disk::new(file)
             .map_err(|e| format!("cannot read drive image {}: {e}", path.display()))?;
         self.config_space = Self::config_image(disk.sectors());

@@ -232,7 +232,11 @@ impl Request {
                 match disk.read(mem, offset, &self.writable) {
                     Ok(()) => (status(VIRTIO_BLK_S_OK), len as u32 + 1),
                     Err(e) => {
-                        tracing::warn!("virtio-blk: read at sector {} failed: {e}", self.sector);
+                        utils::warn_limited!(
+                            "virtio_blk_io_error",
+                            "virtio-blk: read at sector {} failed: {e}",
+                            self.sector
+                        );
                         (status(VIRTIO_BLK_S_IOERR), 1)
                     }
                 }
@@ -248,7 +252,11 @@ impl Request {
                 match disk.write(mem, offset, &self.readable) {
                     Ok(()) => (status(VIRTIO_BLK_S_OK), 1),
                     Err(e) => {
-                        tracing::warn!("virtio-blk: write at sector {} failed: {e}", self.sector);
+                        utils::warn_limited!(
+                            "virtio_blk_io_error",
+                            "virtio-blk: write at sector {} failed: {e}",
+                            self.sector
+                        );
                         (status(VIRTIO_BLK_S_IOERR), 1)
                     }
                 }
@@ -256,7 +264,7 @@ impl Request {
             VIRTIO_BLK_T_FLUSH => match disk.flush() {
                 Ok(()) => (status(VIRTIO_BLK_S_OK), 1),
                 Err(e) => {
-                    tracing::warn!("virtio-blk: flush failed: {e}");
+                    utils::warn_limited!("virtio_blk_io_error", "virtio-blk: flush failed: {e}");
                     (status(VIRTIO_BLK_S_IOERR), 1)
                 }
             },
@@ -323,7 +331,8 @@ impl Request {
                 disk.write_zeroes(offset, len)
             };
             if let Err(e) = result {
-                tracing::warn!(
+                utils::warn_limited!(
+                    "virtio_blk_io_error",
                     "virtio-blk: discard/write-zeroes at sector {} failed: {e}",
                     range.sector
                 );

@@ -157,11 +157,17 @@ impl MmioTransport {
         match self.queues.get_mut(self.queue_sel as usize) {
             Some(q) if !q.ready && !live => Some(q),
             Some(_) => {
-                tracing::warn!("virtio-mmio: queue register written while the queue is live");
+                utils::warn_limited!(
+                    "virtio_mmio_queue_live",
+                    "virtio-mmio: queue register written while the queue is live"
+                );
                 None
             }
             None => {
-                tracing::warn!("virtio-mmio: queue register written for absent queue");
+                utils::warn_limited!(
+                    "virtio_mmio_absent_queue",
+                    "virtio-mmio: queue register written for absent queue"
+                );
                 None
             }
         }
@@ -216,7 +222,7 @@ impl MmioTransport {
         let queues = match self.build_queues() {
             Ok(q) => q,
             Err(i) => {
-                tracing::warn!(
+                utils::warn_limited!("virtio_mmio_bad_queue", 
                     "virtio-mmio: device type {}: queue {i} is not usable (not ready, bad size or outside guest memory); device needs reset",
                     self.device.device_type()
                 );
@@ -261,7 +267,8 @@ impl MmioTransport {
         }
         // Bits are only ever added (until a reset); anything else is a driver bug.
         if v & self.status != self.status {
-            tracing::warn!(
+            utils::warn_limited!(
+                "virtio_mmio_bad_status",
                 "virtio-mmio: status {v:#x} drops bits of {:#x}; ignored",
                 self.status
             );
@@ -275,7 +282,7 @@ impl MmioTransport {
                 && self.driver_features & features::VERSION_1 != 0
                 && self.status & status::DRIVER != 0;
             if !ok {
-                tracing::warn!(
+                utils::warn_limited!("virtio_mmio_bad_features", 
                     "virtio-mmio: driver features {:#x} refused (offered {offered:#x}, VERSION_1 required)",
                     self.driver_features
                 );
@@ -283,7 +290,10 @@ impl MmioTransport {
             }
         }
         if added & status::DRIVER_OK != 0 && new & status::FEATURES_OK == 0 {
-            tracing::warn!("virtio-mmio: DRIVER_OK without FEATURES_OK; ignored");
+            utils::warn_limited!(
+                "virtio_mmio_bad_status",
+                "virtio-mmio: DRIVER_OK without FEATURES_OK; ignored"
+            );
             new &= !status::DRIVER_OK;
         }
         self.status = new;
@@ -326,7 +336,8 @@ impl MmioTransport {
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             REG_DRIVER_FEATURES => {
                 if self.status & status::DRIVER == 0 || self.status & status::FEATURES_OK != 0 {
-                    tracing::warn!(
+                    utils::warn_limited!(
+                        "virtio_mmio_bad_features",
                         "virtio-mmio: driver features written outside negotiation; ignored"
                     );
                     return;
@@ -349,7 +360,10 @@ impl MmioTransport {
                 let live = self.status & status::DRIVER_OK != 0;
                 match self.queues.get_mut(self.queue_sel as usize) {
                     Some(q) if !live => q.ready = v == 1,
-                    _ => tracing::warn!("virtio-mmio: QueueReady write ignored"),
+                    _ => utils::warn_limited!(
+                        "virtio_mmio_bad_queue",
+                        "virtio-mmio: QueueReady write ignored"
+                    ),
                 }
             }
             REG_QUEUE_DESC_LOW => {
@@ -410,7 +424,8 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            tracing::warn!(
+            utils::warn_limited!(
+                "virtio_mmio_bad_access",
                 "virtio-mmio: {}-byte read at {offset:#x}: registers are 32-bit",
                 data.len()
             );
@@ -426,14 +441,18 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::warn!(
+            utils::warn_limited!(
+                "virtio_mmio_bad_access",
                 "virtio-mmio: {}-byte write at {offset:#x}: registers are 32-bit",
                 data.len()
             );
             return;
         };
         if !offset.is_multiple_of(4) {
-            tracing::warn!("virtio-mmio: unaligned write at {offset:#x}");
+            utils::warn_limited!(
+                "virtio_mmio_bad_access",
+                "virtio-mmio: unaligned write at {offset:#x}"
+            );
             return;
         }
         self.write_register(offset, u32::from_le_bytes(bytes));

@@ -53,7 +53,10 @@ impl QueueHandler for Handler {
                 break;
             }
             if !mem.check_range(desc.addr(), len as usize) {
-                tracing::warn!("virtio-rng: buffer outside guest memory");
+                utils::warn_limited!(
+                    "virtio_rng_bad_buffer",
+                    "virtio-rng: buffer outside guest memory"
+                );
                 break;
             }
             let buf = &mut self.buf[..len as usize];

@@ -1,0 +1,4 @@
+//! Small pieces shared by vireo's crates.
+
+pub mod files;
+pub mod ratelimit;
