@@ -162,7 +162,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<By
         Ok(Err(_)) => {
             (shared.options.on_reject)();
             return fault(&format!(
-                "{method} {path}: the request body is larger than the limit of {max} bytes, or broken"
+                "{method} {path}: the request body is larger than {max} bytes, or broken"
             ));
         }
         Err(_) => {

@@ -321,7 +321,7 @@ fn read_config_file(path: &std::path::Path) -> Result<vmm::resources::VmResource
     let meta = std::fs::metadata(path).map_err(|e| format!("config file {name}: {e}"))?;
     if !meta.is_file() {
         return Err(format!(
-            "config file {name} is not a regular file ({})",
+            "config file {name} is not a regular file (it is {})",
             utils::files::file_kind(&meta)
         ));
     }

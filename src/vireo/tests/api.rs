@@ -40,6 +40,58 @@ fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
     })
 }
 
+/// Sends raw bytes on a fresh connection (then shuts down the sending side if `half_close`),
+/// reads until the server closes or goes quiet, and splits what came back into responses.
+fn raw(sock: &Path, bytes: &[u8], half_close: bool) -> Vec<(u16, String)> {
+    let mut s = UnixStream::connect(sock).unwrap();
+    // A server at its connection cap answers and closes before reading: keep its answer.
+    let _ = s.write_all(bytes);
+    if half_close {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
+    s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut responses = Vec::new();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+        responses = split_responses(&out);
+        // Half-closed: one answer is all there is; otherwise wait for the close.
+        if half_close && !responses.is_empty() {
+            break;
+        }
+    }
+    responses
+}
+
+/// (status, body) of each complete response in `bytes`.
+fn split_responses(mut bytes: &[u8]) -> Vec<(u16, String)> {
+    let mut out = Vec::new();
+    while let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&bytes[..end]).to_string();
+        let status: u16 = head[9..12].parse().unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        let body_start = end + 4;
+        if bytes.len() < body_start + len {
+            break;
+        }
+        let body = String::from_utf8_lossy(&bytes[body_start..body_start + len]).to_string();
+        out.push((status, body));
+        bytes = &bytes[body_start + len..];
+    }
+    out
+}
+
 fn fault(resp: &(u16, String)) -> String {
     assert_eq!(resp.0, 400, "expected 400, got {resp:?}");
     let v: serde_json::Value = serde_json::from_str(&resp.1).expect("JSON error body");
@@ -415,12 +467,19 @@ fn garbage_silent_and_many_clients() {
         start.elapsed() < Duration::from_secs(15),
         "idle client closed by the server"
     );
-    // Many concurrent clients all get answers.
+    // Many concurrent clients all get answers: beyond the connection cap a client is told 503
+    // and tries again, as Firecracker's clients do.
     let sock = v.sock.clone();
     let threads: Vec<_> = (0..40)
         .map(|_| {
             let sock = sock.clone();
-            std::thread::spawn(move || http(&sock, "GET", "/version", "").0)
+            std::thread::spawn(move || loop {
+                match raw(&sock, b"GET /version HTTP/1.1\r\n\r\n", true).first() {
+                    Some((503, _)) => std::thread::sleep(Duration::from_millis(20)),
+                    Some((code, _)) => return *code,
+                    None => panic!("no answer"),
+                }
+            })
         })
         .collect();
     for t in threads {
@@ -684,4 +743,439 @@ fn patching_a_drive_on_a_running_vm_changes_what_the_guest_sees() {
     // The guest goes on to its end: the device still works after the swap.
     v.wait_line("@end hang");
     assert_eq!(v.stop(libc::SIGTERM), Some(143));
+}
+
+#[test]
+fn half_closed_clients_get_their_answer() {
+    let v = Vireo::start("api-half-close");
+    let body = r#"{"vcpu_count":2,"mem_size_mib":64}"#;
+    let req = format!(
+        "PUT /machine-config HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answers = raw(&v.sock, req.as_bytes(), true);
+    assert_eq!(answers.first().map(|a| a.0), Some(204), "{answers:?}");
+    let answers = raw(&v.sock, b"GET /machine-config HTTP/1.1\r\n\r\n", true);
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert!(answers[0].1.contains(r#""mem_size_mib":64"#), "{answers:?}");
+    assert_eq!(v.stop(libc::SIGTERM), Some(143));
+}
+
+#[test]
+fn an_exiting_vireo_leaves_a_newer_socket_alone() {
+    let dir = scratch("api-sock-identity");
+    let sock = dir.join("api.sock");
+    let start = || {
+        let c = Command::new(env!("CARGO_BIN_EXE_vireo"))
+            .arg("--api-sock")
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        while http_ok(&sock).is_none() {
+            assert!(Instant::now() < end, "vireo never served {sock:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        c
+    };
+    let mut a = start();
+    std::fs::remove_file(&sock).unwrap();
+    let mut b = start();
+    // SAFETY: kill(2) on our own children.
+    unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+    assert_eq!(wait_exit(&mut a).code(), Some(143));
+    assert_eq!(http_ok(&sock), Some(200), "B's socket survives A's exit");
+    // SAFETY: as above.
+    unsafe { libc::kill(b.id() as i32, libc::SIGTERM) };
+    assert_eq!(wait_exit(&mut b).code(), Some(143));
+    assert!(!sock.exists(), "B removes its own socket");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn connections_are_capped_and_slow_bodies_time_out() {
+    let v = Vireo::start("api-cap");
+    // Let the server see the start-up probe's connection close before counting.
+    std::thread::sleep(Duration::from_millis(200));
+    let held: Vec<UnixStream> = (0..api::MAX_CONNECTIONS)
+        .map(|_| UnixStream::connect(&v.sock).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let answers = raw(&v.sock, b"GET / HTTP/1.1\r\n\r\n", false);
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(answers[0].0, 503);
+    let v503: serde_json::Value = serde_json::from_str(&answers[0].1).unwrap();
+    assert!(
+        v503["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("too many open connections"),
+        "{answers:?}"
+    );
+    drop(held);
+    let end = Instant::now() + Duration::from_secs(5);
+    while get_status(&v.sock) != Some(200) {
+        assert!(
+            Instant::now() < end,
+            "slots are released when clients leave"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Headers, then one byte of a ten-byte body, then nothing.
+    let start = Instant::now();
+    let answers = raw(
+        &v.sock,
+        b"PUT /logger HTTP/1.1\r\nContent-Length: 10\r\n\r\n{",
+        false,
+    );
+    assert!(start.elapsed() < Duration::from_secs(8));
+    assert_eq!(answers.first().map(|a| a.0), Some(408), "{answers:?}");
+    assert!(
+        answers[0].1.contains("did not arrive within"),
+        "{answers:?}"
+    );
+    // Hundreds of such clients at once cannot lock the API out for longer than the timeout.
+    let hogs: Vec<UnixStream> = (0..300)
+        .filter_map(|_| {
+            let mut s = UnixStream::connect(&v.sock).ok()?;
+            let _ = s.write_all(b"PUT /logger HTTP/1.1\r\nContent-Length: 10\r\n\r\n{");
+            Some(s)
+        })
+        .collect();
+    let end = Instant::now() + Duration::from_secs(15);
+    while get_status(&v.sock) != Some(200) {
+        assert!(
+            Instant::now() < end,
+            "the API came back after the hogs timed out"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(hogs);
+    assert_eq!(v.stop(libc::SIGTERM), Some(143));
+}
+
+#[test]
+fn every_400_has_a_fault_message_even_for_broken_http() {
+    let v = Vireo::start("api-broken-http");
+    let cases: [&[u8]; 6] = [
+        b"GET / HTTP/2.0\r\n\r\n",
+        b"PUT /logger HTTP/1.1\r\nContent-Length: abc\r\n\r\n{}",
+        b"GET /\xff\xfe HTTP/1.1\r\n\r\n",
+        b"PUT /logger HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}garbage\r\n\r\n",
+        b"THIS IS NOT HTTP\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+    ];
+    for case in cases {
+        let answers = raw(&v.sock, case, false);
+        let errors: Vec<_> = answers.iter().filter(|a| a.0 >= 400).collect();
+        assert!(
+            !errors.is_empty(),
+            "{:?}: {answers:?}",
+            String::from_utf8_lossy(case)
+        );
+        for e in errors {
+            assert_eq!(e.0, 400);
+            let m = fault(e);
+            assert!(!m.is_empty());
+        }
+    }
+    assert_eq!(http_ok(&v.sock), Some(200));
+    assert_eq!(v.stop(libc::SIGTERM), Some(143));
+}
+
+#[test]
+fn rejected_requests_are_counted_and_metrics_set_once() {
+    let v = Vireo::start("api-metrics-count");
+    let metrics = v.dir.join("metrics.json");
+    let body = format!(r#"{{"metrics_path":"{}"}}"#, metrics.display());
+    assert_eq!(v.req("PUT", "/metrics", &body).0, 204);
+    fault(&v.req("PUT", "/machine-config", "{not json"));
+    fault(&v.req("GET", "/no/such/path", ""));
+    assert_eq!(raw(&v.sock, b"NOT HTTP\r\n\r\n", false)[0].0, 400);
+    let again = format!(r#"{{"metrics_path":"{}"}}"#, v.dir.join("other").display());
+    let m = fault(&v.req("PUT", "/metrics", &again));
+    assert!(
+        m.contains("reinitialization of metrics is not allowed"),
+        "{m}"
+    );
+    assert_eq!(
+        v.req("PUT", "/actions", r#"{"action_type":"FlushMetrics"}"#)
+            .0,
+        204
+    );
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    // PUT /metrics, three rejected requests and the refused second PUT /metrics; FlushMetrics
+    // itself is counted after it writes.
+    assert_eq!(last["api_server"]["requests"], 5, "{last}");
+    assert_eq!(last["api_server"]["failed_requests"], 4, "{last}");
+    assert_eq!(v.stop(libc::SIGTERM), Some(143));
+}
+
+#[test]
+fn hangup_quit_and_usr1_end_vireo_cleanly() {
+    for sig in [libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1] {
+        let v = Vireo::start(&format!("api-signal-{sig}"));
+        // stop() also checks that the socket is gone.
+        assert_eq!(v.stop(sig), Some(128 + sig));
+    }
+}
+
+/// Status of `GET /` sent raw (a 503 before the request is read is a status like any other).
+fn get_status(sock: &Path) -> Option<u16> {
+    raw(sock, b"GET / HTTP/1.1\r\n\r\n", true)
+        .first()
+        .map(|a| a.0)
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path the test owns.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn fifos_never_block_the_vmm() {
+    let v = Vireo::start("api-fifo");
+    let fifo = v.dir.join("fifo");
+    mkfifo(&fifo);
+    let f = fifo.display();
+    for (path, body, needle) in [
+        (
+            "/boot-source",
+            format!(r#"{{"kernel_image_path":"{f}"}}"#),
+            "kernel image",
+        ),
+        (
+            "/boot-source",
+            format!(
+                r#"{{"kernel_image_path":"{}","initrd_path":"{f}"}}"#,
+                guest("elf").display()
+            ),
+            "initrd",
+        ),
+        (
+            "/drives/d",
+            format!(
+                r#"{{"drive_id":"d","path_on_host":"{f}","is_root_device":false,"is_read_only":true}}"#
+            ),
+            "drive image",
+        ),
+    ] {
+        let m = fault(&v.req("PUT", path, &body));
+        assert!(m.contains(needle) && m.contains("named pipe"), "{m}");
+    }
+    // Output destinations may be FIFOs nobody reads: accepted at once.
+    for (path, body) in [
+        ("/serial", format!(r#"{{"serial_out_path":"{f}"}}"#)),
+        ("/logger", format!(r#"{{"log_path":"{f}","level":"Info"}}"#)),
+        ("/metrics", format!(r#"{{"metrics_path":"{f}"}}"#)),
+    ] {
+        assert_eq!(v.req("PUT", path, &body).0, 204, "{path}");
+    }
+    // A running VM's drive cannot be swapped for a FIFO either.
+    let img = v.dir.join("d.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let boot = format!(
+        r#"{{"kernel_image_path":"{}","boot_args":"vireo.end=hang"}}"#,
+        guest("elf").display()
+    );
+    assert_eq!(v.req("PUT", "/boot-source", &boot).0, 204);
+    let drive = format!(
+        r#"{{"drive_id":"d","path_on_host":"{}","is_root_device":false}}"#,
+        img.display()
+    );
+    assert_eq!(v.req("PUT", "/drives/d", &drive).0, 204);
+    assert_eq!(
+        v.req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#)
+            .0,
+        204
+    );
+    let m = fault(&v.req(
+        "PATCH",
+        "/drives/d",
+        &format!(r#"{{"drive_id":"d","path_on_host":"{f}"}}"#),
+    ));
+    assert!(m.contains("named pipe"), "{m}");
+    assert_eq!(http_ok(&v.sock), Some(200));
+    assert_eq!(v.stop(libc::SIGTERM), Some(143));
+}
+
+#[test]
+fn config_file_must_be_a_small_regular_file() {
+    let dir = scratch("config-limits");
+    let r = run_raw(&["--config-file", "/dev/zero", "--no-api"]);
+    assert_eq!(r.code(), 1);
+    assert!(
+        r.stderr
+            .contains("/dev/zero is not a regular file (it is a character device)"),
+        "{}",
+        r.stderr
+    );
+    let big = dir.join("big.json");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let r = run_raw(&["--config-file", big.to_str().unwrap(), "--no-api"]);
+    assert_eq!(r.code(), 1);
+    assert!(
+        r.stderr.contains("is larger than 1048576 bytes"),
+        "{}",
+        r.stderr
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Firecracker's getting-started flow with Firecracker's own flags, as its docs and jailer
+/// pass them.
+#[test]
+fn firecracker_command_line_flags() {
+    let dir = scratch("fc-flags");
+    let sock = dir.join("firecracker.socket");
+    let log = dir.join("fc.log");
+    let metrics = dir.join("fc.metrics");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vireo"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .args([
+            "--id",
+            "fc-vm-1",
+            "--level",
+            "Info",
+            "--show-level",
+            "--show-log-origin",
+        ])
+        .arg("--log-path")
+        .arg(&log)
+        .arg("--metrics-path")
+        .arg(&metrics)
+        .args([
+            "--no-seccomp",
+            "--start-time-us",
+            "1",
+            "--start-time-cpu-us",
+            "0",
+            "--parent-cpu-time-us",
+            "5",
+            "--http-api-max-payload-size",
+            "1000",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while http_ok(&sock).is_none() {
+        assert!(Instant::now() < end, "API socket never came up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (code, body) = http(&sock, "GET", "/", "");
+    assert_eq!(code, 200);
+    assert!(body.contains(r#""id":"fc-vm-1""#), "{body}");
+    let m = fault(&http(&sock, "PUT", "/boot-source", &"x".repeat(2000)));
+    assert!(m.contains("larger than 1000 bytes"), "{m}");
+    let (_, cfg) = http(&sock, "GET", "/vm/config", "");
+    assert!(cfg.contains(&metrics.display().to_string()), "{cfg}");
+    let kernel = guest("elf");
+    let boot = format!(
+        r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 vireo.end=poweroff"}}"#,
+        kernel.display()
+    );
+    assert_eq!(http(&sock, "PUT", "/boot-source", &boot).0, 204);
+    assert_eq!(
+        http(
+            &sock,
+            "PUT",
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#
+        )
+        .0,
+        204
+    );
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("INFO"), "--show-level: {log_text}");
+    assert!(log_text.contains(".rs:"), "--show-log-origin: {log_text}");
+    assert!(
+        log_text.contains("VM ended: the guest powered off"),
+        "{log_text}"
+    );
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["vmm"]["guest_power_offs"], 1, "{last}");
+    assert_eq!(last["vmm"]["guest_resets"], 0, "{last}");
+    assert!(
+        last["api_server"]["process_startup_time_us"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(!sock.exists());
+
+    // Flags for features vireo does not have are refused by name.
+    for flag in [
+        &["--boot-timer"][..],
+        &["--enable-pci"],
+        &["--seccomp-filter", "/x.bpf"],
+        &["--mmds-size-limit", "100"],
+        &["--describe-snapshot", "/x"],
+        &["--snapshot-version"],
+    ] {
+        let r = run_raw(&[&["--api-sock", sock.to_str().unwrap()][..], flag].concat());
+        assert_eq!(r.code(), 1, "{flag:?}");
+        assert!(r.stderr.contains(flag[0]), "{flag:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("not supported by vireo yet"),
+            "{}",
+            r.stderr
+        );
+        assert!(!sock.exists());
+    }
+    let r = run_raw(&["--api-sock", sock.to_str().unwrap(), "--id", "bad id!"]);
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    assert!(r.stderr.contains("instance ID"), "{}", r.stderr);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A reset and a power-off both exit 0; the log and the metrics tell them apart.
+#[test]
+fn reset_and_power_off_are_told_apart() {
+    let dir = scratch("reset-vs-off");
+    for (how, key, log_line) in [
+        ("reset", "guest_resets", "VM ended: the guest reset"),
+        (
+            "poweroff",
+            "guest_power_offs",
+            "VM ended: the guest powered off",
+        ),
+    ] {
+        let metrics = dir.join(format!("{how}.metrics"));
+        let log = dir.join(format!("{how}.log"));
+        let cfg = dir.join(format!("{how}.json"));
+        let json = serde_json::json!({
+            "boot-source": {
+                "kernel_image_path": guest("elf"),
+                "boot_args": format!("console=ttyS0 vireo.end={how}")
+            },
+            "logger": { "log_path": log, "level": "Info" },
+            "metrics": { "metrics_path": metrics },
+        });
+        write_file(&cfg, json.to_string().as_bytes());
+        let r = run_raw(&["--config-file", cfg.to_str().unwrap(), "--no-api"]);
+        assert_eq!(r.code(), 0, "{}", r.stderr);
+        assert_eq!(r.report("end").as_deref(), Some(how));
+        let log_text = std::fs::read_to_string(&log).unwrap();
+        assert!(log_text.contains(log_line), "{how}: {log_text}");
+        let text = std::fs::read_to_string(&metrics).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["vmm"][key], 1, "{how}: {last}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -82,7 +82,10 @@ fn file_that_is_no_kernel() {
     let empty = dir.join("empty");
     write_file(&empty, b"");
     let r = run(&["--kernel", empty.to_str().unwrap()]);
-    assert_rejected(&r, &[empty.to_str().unwrap(), "not a kernel"]);
+    assert_rejected(
+        &r,
+        &["kernel image", empty.to_str().unwrap(), "it is empty"],
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -229,6 +232,46 @@ fn malformed_flags_are_usage_errors() {
     let r = run(&["--memory", "128"]);
     assert_eq!(r.code(), 2);
     assert!(r.stderr.contains("--kernel"), "{}", r.stderr);
+    // An empty drive ID, which the API refuses too.
+    let r = run(&["--kernel", &elf(), "--drive", "path=/dev/null,id="]);
+    assert_eq!(r.code(), 2);
+    assert!(r.stderr.contains("id= needs a value"), "{}", r.stderr);
+}
+
+#[test]
+fn fifo_inputs_are_refused_before_they_are_opened() {
+    let dir = scratch("fifo-inputs");
+    let fifo = dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path this test owns.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let f = fifo.to_str().unwrap();
+    let r = run(&["--kernel", f]);
+    assert_rejected(&r, &["kernel image", f, "named pipe"]);
+    let r = run(&["--kernel", &elf(), "--initrd", f]);
+    assert_rejected(&r, &["initrd", f, "named pipe"]);
+    let r = run(&[
+        "--kernel",
+        &elf(),
+        "--drive",
+        &format!("path={f},readonly=on"),
+    ]);
+    assert_rejected(&r, &["drive image", f, "named pipe"]);
+    let empty = dir.join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let r = run(&["--kernel", &elf(), "--initrd", empty.to_str().unwrap()]);
+    assert_rejected(&r, &["initrd", "empty"]);
+    // Serial output into a FIFO nobody reads: the guest runs to its end regardless.
+    let r = run(&[
+        "--kernel",
+        &elf(),
+        "--serial",
+        &format!("file:{f}"),
+        "--cmdline",
+        "vireo.end=poweroff",
+    ]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
