@@ -1,14 +1,15 @@
 //! Entry points for fuzzing the guest-facing parsers with arbitrary bytes: the virtio-blk
 //! request path and the MMIO transport registers. Used by the in-tree randomized tests (which
-//! CI runs) and by the cargo-fuzz targets in `fuzz/`.
+//! CI runs) and by the cargo-fuzz targets in `fuzz/` (feature `fuzzing`); not part of a
+//! production build.
 //!
 //! Both must hold for every input: no panic, no access outside the test guest memory (which
 //! vm-memory guarantees by construction), and the device keeps serving afterwards.
 
-use super::block::disk::Disk;
-use super::block::request::{Limits, Request, ID_BYTES};
+use super::block::{Block, BlockConfig, Handler};
 use super::mmio::MmioTransport;
 use super::rng::Rng;
+use super::worker::QueueHandler;
 use super::{GuestMemoryMmap, Interrupt};
 use crate::bus::BusDevice;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -23,25 +24,33 @@ const USED: u64 = 0x3000;
 const DATA: u64 = 0x8000;
 const QUEUE: u16 = 16;
 
-fn disk() -> &'static Mutex<Disk> {
-    static DISK: OnceLock<Mutex<Disk>> = OnceLock::new();
-    DISK.get_or_init(|| {
+/// The request handlers of two real block devices on one scratch image: read-write and
+/// read-only, as the device thread runs them.
+fn handlers() -> &'static [Mutex<Handler>; 2] {
+    static HANDLERS: OnceLock<[Mutex<Handler>; 2]> = OnceLock::new();
+    HANDLERS.get_or_init(|| {
         let path = std::env::temp_dir().join(format!("vireo-fuzz-{}.img", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(64 << 10))
             .expect("fuzz disk image");
-        file.set_len(64 << 10).expect("fuzz disk size");
+        let device = |read_only| {
+            let block = Block::new(BlockConfig {
+                path: path.clone(),
+                id: "f".repeat(20),
+                read_only,
+            })
+            .expect("fuzz block device");
+            Mutex::new(block.handler())
+        };
+        let handlers = [device(false), device(true)];
         let _ = std::fs::remove_file(&path);
-        Mutex::new(Disk::new(file).expect("fuzz disk"))
+        handlers
     })
 }
 
 /// Lays `data` out as a descriptor table (16 entries), avail ring and buffer contents, then
-/// parses and executes every chain the ring offers.
+/// serves every chain the ring offers with the block device's own request handler, returning
+/// each to the used ring as the device thread does.
 pub fn block_request(data: &[u8]) {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("fuzz memory");
     let table_len = (QUEUE as usize * 16).min(data.len());
@@ -56,14 +65,10 @@ pub fn block_request(data: &[u8]) {
     let _ = queue.try_set_desc_table_address(GuestAddress(DESC));
     let _ = queue.try_set_avail_ring_address(GuestAddress(AVAIL));
     let _ = queue.try_set_used_ring_address(GuestAddress(USED));
-    let limits = Limits {
-        seg_max: 14,
-        size_max: 4096,
-        max_ranges: 4,
-        max_range_sectors: 64,
-    };
-    let id = [b'f'; ID_BYTES];
-    let mut disk = disk().lock().unwrap_or_else(|e| e.into_inner());
+    let read_only = usize::from(data.first() == Some(&1));
+    let mut handler = handlers()[read_only]
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     for _ in 0..QUEUE {
         let chain = match queue.iter(&mem) {
             Ok(mut it) => it.next(),
@@ -71,15 +76,7 @@ pub fn block_request(data: &[u8]) {
         };
         let Some(chain) = chain else { return };
         let head = chain.head_index();
-        let len = match Request::parse(chain, &mem) {
-            Ok(req) => {
-                let (status, len) =
-                    req.execute(&mut disk, &mem, data.first() == Some(&1), &id, &limits);
-                let _ = mem.write_obj(status, req.status_addr());
-                len
-            }
-            Err(_) => 0,
-        };
+        let len = handler.handle(0, chain, &mem);
         if queue.add_used(&mem, head, len).is_err() {
             return;
         }

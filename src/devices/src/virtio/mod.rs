@@ -8,6 +8,7 @@
 
 pub mod block;
 #[doc(hidden)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod mmio;
 pub mod rng;

@@ -130,6 +130,22 @@ impl Block {
         c
     }
 
+    /// The request loop the device thread runs (the fuzz targets drive it directly).
+    pub(crate) fn handler(&self) -> Handler {
+        Handler {
+            disk: self.disk.clone(),
+            read_only: self.config.read_only,
+            id: self.id_bytes(),
+            limits: Limits {
+                seg_max: SEG_MAX,
+                size_max: SIZE_MAX,
+                max_ranges: MAX_RANGES,
+                max_range_sectors: MAX_RANGE_SECTORS,
+            },
+            metrics: self.metrics.clone(),
+        }
+    }
+
     fn id_bytes(&self) -> [u8; ID_BYTES] {
         let mut id = [0u8; ID_BYTES];
         id[..self.config.id.len()].copy_from_slice(self.config.id.as_bytes());
@@ -138,7 +154,7 @@ impl Block {
 }
 
 /// The request loop's state, owned by the device thread while the device is active.
-struct Handler {
+pub(crate) struct Handler {
     disk: Arc<Mutex<Disk>>,
     read_only: bool,
     id: [u8; ID_BYTES],
@@ -213,18 +229,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let handler = Handler {
-            disk: self.disk.clone(),
-            read_only: self.config.read_only,
-            id: self.id_bytes(),
-            limits: Limits {
-                seg_max: SEG_MAX,
-                size_max: SIZE_MAX,
-                max_ranges: MAX_RANGES,
-                max_range_sectors: MAX_RANGE_SECTORS,
-            },
-            metrics: self.metrics.clone(),
-        };
+        let handler = self.handler();
         self.worker = Some(Worker::spawn("virtio-blk", handler, ctx)?);
         Ok(())
     }
