@@ -325,3 +325,65 @@ fn hostile_register_traffic_does_not_break_vireo() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Attaches `image` to a free loop device; detaches it when dropped.
+struct Loop(String);
+
+impl Loop {
+    fn attach(image: &Path) -> Loop {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(image)
+            .output()
+            .expect("run losetup (util-linux)");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(String::from_utf8(out.stdout).unwrap().trim().to_owned())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+/// A host block device as a drive: its size comes from the device (its metadata says 0), and
+/// guest writes reach it.
+#[test]
+fn host_block_device_as_a_drive() {
+    let dir = scratch("virtio-blkdev");
+    let img = dir.join("backing.img");
+    std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    let dev = Loop::attach(&img);
+    let kernel = guest("pvh");
+    let r = run(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--drive",
+        &format!("path={}", dev.0),
+        "--cmdline",
+        "vireo.blktest",
+    ]);
+    assert_eq!(r.code(), 0, "{}\n{}", r.stderr, r.stdout);
+    let config = blk_line(&r, 0, "config");
+    assert_eq!(field(&config, "capacity"), Some("16384"), "{config}");
+    assert_eq!(field(&blk_line(&r, 0, "write"), "status"), Some("0"));
+    let read = blk_line(&r, 0, "read");
+    assert_eq!(
+        (field(&read, "status"), field(&read, "match")),
+        (Some("0"), Some("1"))
+    );
+    drop(dev);
+    assert_eq!(
+        read_at(&img, TEST_SECTOR * 512, TEST_BYTES),
+        guest_pattern(0),
+        "the guest's write is in the backing file"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
