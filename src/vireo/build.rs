@@ -1,5 +1,6 @@
 //! Marks whether this host can boot a real Linux guest (hardware virtualisation visible in
-//! /proc/cpuinfo), so the Linux-guest tests are reported as ignored, with the reason, elsewhere.
+//! /proc/cpuinfo), so the Linux-guest tests are reported as ignored, with the reason, elsewhere;
+//! and whether Firecracker's API description is at hand for the spec-coverage test.
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(vireo_hw_virt)");
     println!("cargo:rerun-if-changed=/proc/cpuinfo");
@@ -10,5 +11,22 @@ fn main() {
         .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
     if hw_virt {
         println!("cargo:rustc-cfg=vireo_hw_virt");
+    }
+
+    // Firecracker's API description, which the spec-coverage test compares vireo's routes
+    // with: from VIREO_FIRECRACKER_API_SPEC, or the workplace's shared reference folder.
+    println!("cargo:rustc-check-cfg=cfg(vireo_fc_spec)");
+    println!("cargo:rerun-if-env-changed=VIREO_FIRECRACKER_API_SPEC");
+    let spec = std::env::var("VIREO_FIRECRACKER_API_SPEC").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/reference/firecracker-api.yaml"
+        )
+        .into()
+    });
+    println!("cargo:rerun-if-changed={spec}");
+    if std::path::Path::new(&spec).is_file() {
+        println!("cargo:rustc-cfg=vireo_fc_spec");
+        println!("cargo:rustc-env=VIREO_FC_SPEC={spec}");
     }
 }

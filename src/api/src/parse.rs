@@ -35,6 +35,19 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/vm/config"),
     ("PUT", "/snapshot/create"),
     ("PUT", "/snapshot/load"),
+    ("PATCH", "/balloon/hinting/start"),
+    ("GET", "/balloon/hinting/status"),
+    ("PATCH", "/balloon/hinting/stop"),
+    ("PUT", "/cpu-config"),
+    ("PUT", "/pmem/{id}"),
+    ("PATCH", "/pmem/{id}"),
+    ("GET", "/mmds"),
+    ("PUT", "/mmds"),
+    ("PATCH", "/mmds"),
+    ("PUT", "/mmds/config"),
+    ("GET", "/hotplug/memory"),
+    ("PUT", "/hotplug/memory"),
+    ("PATCH", "/hotplug/memory"),
 ];
 
 fn body<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, String> {
@@ -110,6 +123,16 @@ pub fn parse_request(method: &str, path: &str, raw: &[u8]) -> Result<VmmAction, 
             not_yet("the balloon device")
         }
         ("PUT", ["snapshot", "create" | "load"]) => not_yet("snapshotting"),
+        ("GET", ["balloon", "hinting", "status"])
+        | ("PATCH", ["balloon", "hinting", "start" | "stop"]) => {
+            not_yet("the balloon device (free page hinting)")
+        }
+        ("PUT", ["cpu-config"]) => not_yet("custom CPU templates (cpu-config)"),
+        ("PUT" | "PATCH", ["pmem", _]) => not_yet("the virtio-pmem device (pmem)"),
+        ("GET" | "PUT" | "PATCH", ["mmds"]) | ("PUT", ["mmds", "config"]) => {
+            not_yet("MMDS, the microVM metadata service,")
+        }
+        ("GET" | "PUT" | "PATCH", ["hotplug", "memory"]) => not_yet("memory hotplug (virtio-mem)"),
         _ if ROUTES.iter().any(|(_, p)| route_matches(p, trimmed)) => Err(format!(
             "{what}: method {method} is not allowed on this path"
         )),

@@ -359,7 +359,10 @@ impl Drop for Loop {
 fn host_block_device_as_a_drive() {
     let dir = scratch("virtio-blkdev");
     let img = dir.join("backing.img");
-    std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
     let dev = Loop::attach(&img);
     let kernel = guest("pvh");
     let r = run(&[

@@ -445,13 +445,16 @@ impl VmResources {
         serde_json::json!({
             "balloon": null,
             "boot-source": self.boot_source,
+            "cpu-config": null,
             "drives": self.drives,
             "entropy": self.entropy,
             "logger": self.logger,
             "machine-config": self.machine,
+            "memory-hotplug": null,
             "metrics": self.metrics,
             "mmds-config": null,
             "network-interfaces": [],
+            "pmem": [],
             "vsock": null,
         })
     }
