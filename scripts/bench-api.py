@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """API benchmark: how soon after exec the API socket answers (wall ms and the process's CPU ms
-at that moment), and the latency of PUT /machine-config, for vireo and, when $FIRECRACKER names
-a binary, Firecracker in the same run.
+at that moment), and the latency of GET / and PUT /machine-config, for vireo and Firecracker
+($FIRECRACKER, default ../shared/peers/firecracker; empty to leave it out) in the same run,
+runs interleaved.
 
     scripts/bench-api.py [--runs N] [--requests N]
 """
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import process_cpu_ns
+from benchlib import peer, process_cpu_ns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIREO = os.path.join(ROOT, "target/release/vireo")
@@ -51,8 +52,17 @@ def one(cmd_for, requests):
                 time.sleep(0.0002)
         ready_ms = (time.perf_counter() - t0) * 1e3
         ready_cpu = process_cpu_ns(p.pid) / 1e6
-        lat = []
         c = UnixConnection(sock)
+        get = []
+        for _ in range(requests):
+            t = time.perf_counter()
+            c.request("GET", "/")
+            r = c.getresponse()
+            r.read()
+            get.append((time.perf_counter() - t) * 1e6)
+            if r.status != 200:
+                raise RuntimeError(f"GET / answered {r.status}")
+        lat = []
         for i in range(requests):
             body = '{"vcpu_count": %d, "mem_size_mib": 128}' % (1 + i % 2)
             t = time.perf_counter()
@@ -65,7 +75,7 @@ def one(cmd_for, requests):
         c.close()
         p.terminate()
         p.wait()
-        return ready_ms, ready_cpu, statistics.median(lat)
+        return ready_ms, ready_cpu, statistics.median(get), statistics.median(lat)
 
 
 def main():
@@ -77,16 +87,27 @@ def main():
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo"], cwd=ROOT, check=True)
     vmms = {"vireo": lambda s: [VIREO, "--api-sock", s]}
-    fc = os.environ.get("FIRECRACKER")
+    fc = peer("FIRECRACKER", "firecracker")
     if fc:
-        vmms["firecracker"] = lambda s: [fc, "--api-sock", s]
-    print(f"API socket ready after exec, and PUT /machine-config latency; medians of {args.runs} runs\n")
-    print("| VMM | socket ready (wall ms) | CPU ms until ready | PUT /machine-config (µs) |")
-    print("|---|---:|---:|---:|")
-    for name, cmd in vmms.items():
-        rs = [one(cmd, args.requests) for _ in range(args.runs)]
-        print(f"| {name} | {statistics.median(r[0] for r in rs):.2f} | "
-              f"{statistics.median(r[1] for r in rs):.2f} | {statistics.median(r[2] for r in rs):.0f} |")
+        vmms["firecracker"] = lambda s: [fc, "--api-sock", s, "--level", "Error"]
+    results = {name: [] for name in vmms}
+    for _ in range(args.runs):
+        for name, cmd in vmms.items():
+            results[name].append(one(cmd, args.requests))
+    print(f"API socket ready after exec, GET / and PUT /machine-config latency; "
+          f"medians of {args.runs} runs ({args.requests} requests each)\n")
+    print("| VMM | socket ready (wall ms) | CPU ms until ready | GET / (µs) | PUT /machine-config (µs) |")
+    print("|---|---:|---:|---:|---:|")
+    med = {}
+    for name, rs in results.items():
+        med[name] = [statistics.median(r[i] for r in rs) for i in range(4)]
+        m = med[name]
+        print(f"| {name} | {m[0]:.2f} | {m[1]:.2f} | {m[2]:.0f} | {m[3]:.0f} |")
+    if "firecracker" in med:
+        v, f = med["vireo"], med["firecracker"]
+        print("\nvireo / Firecracker: " + ", ".join(
+            f"{label} {a / b:.2f}x" for label, a, b in
+            zip(["ready", "CPU", "GET", "PUT"], v, f)))
     return 0
 
 

@@ -6,7 +6,7 @@ and powers off at once. 128 MiB, 1 vCPU. Every VMM boots the same image in the s
 interleaved, and the figures are medians over --runs boots.
 
 Peers: QEMU's microvm machine (qemu-system-x86_64, always), Firecracker ($FIRECRACKER) and
-Cloud Hypervisor ($CLOUD_HYPERVISOR) when those variables name their binaries. Needs GNU time
+Cloud Hypervisor ($CLOUD_HYPERVISOR; default: ../shared/peers/, empty to leave one out). Needs GNU time
 (/usr/bin/time, Debian package `time`) and python3.
 
     scripts/bench-boot.py [--runs N]
@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from benchlib import peer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = os.path.join(ROOT, "guest/target/x86_64-unknown-none/release")
@@ -62,7 +64,7 @@ def vmm_commands(tmp):
         cmds = {k: v for k, v in cmds.items() if "musl" not in k}
     # The harness's own floor: spawning GNU time and a program that prints one byte.
     cmds["floor (printf !)"] = ["/usr/bin/printf", "!"]
-    fc = os.environ.get("FIRECRACKER")
+    fc = peer("FIRECRACKER", "firecracker")
     if fc:
         cfg = os.path.join(tmp, "fc.json")
         with open(cfg, "w") as f:
@@ -70,7 +72,7 @@ def vmm_commands(tmp):
                        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
                        "drives": []}, f)
         cmds["firecracker"] = [fc, "--no-api", "--config-file", cfg, "--level", "Error"]
-    ch = os.environ.get("CLOUD_HYPERVISOR")
+    ch = peer("CLOUD_HYPERVISOR", "cloud-hypervisor")
     if ch:
         cmds["cloud-hypervisor"] = [ch, "--kernel", GUEST, "--cmdline", CMDLINE,
                                     "--memory", "size=128M", "--cpus", "boot=1",

@@ -1,6 +1,9 @@
 """Helpers shared by the benchmark scripts."""
 
 import glob
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def process_cpu_ns(pid):
@@ -13,3 +16,12 @@ def process_cpu_ns(pid):
         except OSError:
             pass
     return total
+
+
+def peer(env, name):
+    """The peer binary named by $env, else ../shared/peers/<name> beside the checkout, else
+    None (an empty $env turns the peer off)."""
+    if env in os.environ:
+        return os.environ[env] or None
+    path = os.path.join(ROOT, "..", "shared", "peers", name)
+    return path if os.access(path, os.X_OK) else None

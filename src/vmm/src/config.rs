@@ -7,7 +7,7 @@ use std::path::PathBuf;
 pub enum SerialConfig {
     /// vireo's own stdin/stdout; the terminal is put in raw mode while the guest runs.
     Stdio,
-    /// Output appended to a file; no input.
+    /// Output to a file (truncated first) or a named pipe (not waited on); no input.
     File(PathBuf),
     /// The UART exists but its output is discarded.
     None,
