@@ -179,6 +179,29 @@ fn command_line_longer_than_the_protocol_allows() {
         &"b".repeat(1024),
     ]);
     assert_rejected(&r, &["command line is 1024 bytes", "at most 1023"]);
+    // What vireo appends for its devices counts, and the message says so.
+    let dir = scratch("cmdline-devices");
+    let img = dir.join("d.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let r = run(&[
+        "--kernel",
+        guest("elf").to_str().unwrap(),
+        "--drive",
+        &format!("path={},root=on", img.display()),
+        "--cmdline",
+        &"c".repeat(2040),
+    ]);
+    assert_rejected(
+        &r,
+        &[
+            "of them the device entries vireo appends",
+            "virtio_mmio.device=",
+        ],
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
