@@ -21,6 +21,7 @@ from benchlib import peer, process_cpu_ns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIREO = os.path.join(ROOT, "target/release/vireo")
+VIREO_MUSL = os.path.join(ROOT, "target/x86_64-unknown-linux-musl/release/vireo")
 
 
 class UnixConnection(http.client.HTTPConnection):
@@ -86,7 +87,12 @@ def main():
     args = ap.parse_args()
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo"], cwd=ROOT, check=True)
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo",
+                        "--target", "x86_64-unknown-linux-musl"], cwd=ROOT, check=False)
     vmms = {"vireo": lambda s: [VIREO, "--api-sock", s]}
+    if os.path.exists(VIREO_MUSL):
+        # Firecracker's release binary is static (musl): compare like with like too.
+        vmms["vireo musl"] = lambda s: [VIREO_MUSL, "--api-sock", s]
     fc = peer("FIRECRACKER", "firecracker")
     if fc:
         vmms["firecracker"] = lambda s: [fc, "--api-sock", s, "--level", "Error"]
@@ -104,10 +110,11 @@ def main():
         m = med[name]
         print(f"| {name} | {m[0]:.2f} | {m[1]:.2f} | {m[2]:.0f} | {m[3]:.0f} |")
     if "firecracker" in med:
-        v, f = med["vireo"], med["firecracker"]
-        print("\nvireo / Firecracker: " + ", ".join(
-            f"{label} {a / b:.2f}x" for label, a, b in
-            zip(["ready", "CPU", "GET", "PUT"], v, f)))
+        f = med["firecracker"]
+        for mine in (n for n in med if n.startswith("vireo")):
+            print(f"\n{mine} / Firecracker: " + ", ".join(
+                f"{label} {a / b:.2f}x" for label, a, b in
+                zip(["ready", "CPU", "GET", "PUT"], med[mine], f)))
     return 0
 
 

@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from benchlib import peer
@@ -90,6 +91,9 @@ def one_boot(cmd, tmp):
                          stderr=subprocess.DEVNULL)
     first = None
     data = b""
+    # A VMM that cannot end the guest would hang the whole run: give it 20 s.
+    killer = threading.Timer(20, p.kill)
+    killer.start()
     while True:
         chunk = os.read(p.stdout.fileno(), 4096)
         if first is None and chunk:
@@ -99,6 +103,9 @@ def one_boot(cmd, tmp):
         data += chunk
     _, status, ru = os.wait4(p.pid, 0)
     end = time.perf_counter()
+    killer.cancel()
+    if end - t0 > 19:
+        raise RuntimeError(f"{cmd[0]}: did not end within 20 s")
     p.returncode = os.waitstatus_to_exitcode(status)
     if b"!" not in data:
         raise RuntimeError(f"{cmd[0]}: no byte from the guest (exit {p.returncode})")

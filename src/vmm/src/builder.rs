@@ -48,12 +48,16 @@ fn open(what: &'static str, path: &Path) -> Result<File, Error> {
     }
 }
 
-/// Total RAM of the host in MiB, from /proc/meminfo.
+/// Total RAM of the host in MiB, from /proc/meminfo (read once: every PUT /machine-config
+/// checks against it, and it does not change while vireo runs).
 fn host_memory_mib() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024)
+    static HOST_MIB: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *HOST_MIB.get_or_init(|| {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024)
+    })
 }
 
 /// Checks a vCPU count and memory size against vireo's and the host's limits (not KVM's,
