@@ -6,6 +6,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::future::Future;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,10 @@ use vmm_sys_util::eventfd::EventFd;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a client may take to send a request body once its headers are in.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an answer may wait for a client that does not read it before the connection is
+/// dropped (a client that pipelines requests and never reads would otherwise hold its
+/// connection slot for ever).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once, as in Firecracker; one more is answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 10;
 /// Firecracker's default for `--http-api-max-payload-size`.
@@ -219,9 +224,45 @@ struct FaultBodies<S> {
     /// A replacement response still being written: bytes and how many are out.
     pending: Option<(Vec<u8>, usize)>,
     on_reject: RejectHook,
+    /// Set while a write waits for the client to read.
+    write_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S: AsyncWrite + Unpin> FaultBodies<S> {
+    fn new(inner: S, on_reject: RejectHook) -> Self {
+        Self {
+            inner,
+            pending: None,
+            on_reject,
+            write_deadline: None,
+        }
+    }
+
+    /// Fails a write that has waited [`WRITE_TIMEOUT`] for the client to make room.
+    fn bounded<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if r.is_ready() {
+            self.write_deadline = None;
+            return r;
+        }
+        let deadline = self
+            .write_deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_TIMEOUT)));
+        if deadline.as_mut().poll(cx).is_ready() {
+            self.write_deadline = None;
+            utils::warn_limited!(
+                "api_client_not_reading",
+                "API: a client did not read its answer within {} s; connection dropped",
+                WRITE_TIMEOUT.as_secs()
+            );
+            return Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()));
+        }
+        Poll::Pending
+    }
+
     fn replacement(buf: &[u8]) -> Option<Vec<u8>> {
         let head = std::str::from_utf8(buf).ok()?;
         let status = head.strip_prefix("HTTP/1.1 ")?.get(..3)?;
@@ -247,7 +288,11 @@ impl<S: AsyncWrite + Unpin> FaultBodies<S> {
                 self.pending = None;
                 break;
             }
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*done..]))?;
+            let r = Pin::new(&mut self.inner).poll_write(cx, &bytes[*done..]);
+            let n = ready!(self.bounded(cx, r))?;
+            let Some((_, done)) = &mut self.pending else {
+                break;
+            };
             if n == 0 {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
@@ -280,7 +325,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FaultBodies<S> {
             let _ = self.drain(cx)?;
             return Poll::Ready(Ok(buf.len()));
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.bounded(cx, r)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -334,11 +380,7 @@ async fn serve(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
         let shared = shared.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let io = FaultBodies {
-                inner: stream,
-                pending: None,
-                on_reject: shared.options.on_reject.clone(),
-            };
+            let io = FaultBodies::new(stream, shared.options.on_reject.clone());
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(req, shared).await) }

@@ -1317,3 +1317,37 @@ fn firecracker_route_table_covers_the_api_description() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Clients that pipeline requests and never read the answers cannot hold the API's connection
+/// slots: once an answer has waited too long, their connections are dropped.
+#[test]
+fn clients_that_never_read_cannot_lock_the_api_out() {
+    let v = Vireo::start("api-no-readers");
+    std::thread::sleep(Duration::from_millis(200));
+    let request = b"GET /version HTTP/1.1\r\n\r\n".repeat(4096);
+    let stallers: Vec<UnixStream> = (0..api::MAX_CONNECTIONS)
+        .map(|_| {
+            let mut s = UnixStream::connect(&v.sock).unwrap();
+            s.set_nonblocking(true).unwrap();
+            // Fill both directions: requests the server reads, answers nobody reads.
+            for _ in 0..200 {
+                if s.write(&request).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            s
+        })
+        .collect();
+    assert_eq!(get_status(&v.sock), Some(503), "every slot is held");
+    let end = Instant::now() + Duration::from_secs(20);
+    while get_status(&v.sock) != Some(200) {
+        assert!(
+            Instant::now() < end,
+            "slots held by clients that never read were never released"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(stallers);
+    assert_eq!(v.stop(libc::SIGTERM), Some(143));
+}
