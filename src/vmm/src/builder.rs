@@ -3,17 +3,15 @@
 
 use crate::boot::{self, BootInputs, BootSetup};
 use crate::config::VmConfig;
+use crate::device_manager::DeviceManager;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
 use crate::Error;
 use devices::bus::Bus;
-use devices::legacy::{i8042, power, serial, AcpiPmDevice, PowerDevice, Serial, I8042};
-use devices::EventFdTrigger;
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::AtomicU8;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress};
 
 /// A VM with everything in place, its vCPUs not yet started.
@@ -25,13 +23,8 @@ pub(crate) struct Machine {
     pub vcpus: Vec<Vcpu>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
-    pub serial: Arc<Mutex<Serial>>,
-    pub reset_evt: EventFdTrigger,
-    pub power_evt: EventFdTrigger,
-    pub power_value: Arc<AtomicU8>,
+    pub devices: DeviceManager,
     pub boot: BootSetup,
-    pub drives: Vec<(String, Arc<Mutex<devices::virtio::mmio::MmioTransport>>)>,
-    pub i8042: Arc<Mutex<I8042>>,
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, Error> {
@@ -115,10 +108,9 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
     vm.setup_irqchip()?;
     tracing::debug!("guest memory and interrupt controllers ready");
 
-    // virtio devices first: they add to the kernel command line.
-    let mut mmio = Bus::new();
-    let virtio = crate::device_manager::create(config, &vm, &memory, &mut mmio)?;
-    let cmdline = format!("{}{}", config.cmdline, virtio.cmdline);
+    // Devices before the kernel: they add to the kernel command line.
+    let mut devices = DeviceManager::create(config, &vm, &memory)?;
+    let cmdline = format!("{}{}", config.cmdline, devices.cmdline());
     let boot = boot::load(
         &memory,
         BootInputs {
@@ -126,7 +118,7 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
             kernel: &mut kernel,
             initrd: initrd.as_mut().map(|(p, f)| (*p, f)),
             cmdline: &cmdline,
-            cmdline_added: virtio.cmdline.len(),
+            cmdline_added: devices.cmdline().len(),
             mem_size,
         },
     )?;
@@ -138,46 +130,10 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
         .map_err(|_| Error::Boot(boot::Error::GuestMemory("the MP table")))?;
     memory
         .write_slice(
-            &crate::acpi::build(config.vcpus, &virtio.acpi),
+            &crate::acpi::build(config.vcpus, devices.acpi_devices()),
             GuestAddress(arch::layout::ACPI_START),
         )
         .map_err(|_| Error::Boot(boot::Error::GuestMemory("the ACPI tables")))?;
-
-    // Legacy devices.
-    let serial_irq = EventFdTrigger::new().map_err(Error::EventFd)?;
-    vm.register_irqfd(&serial_irq.0, serial::COM1_IRQ)?;
-    let serial = Arc::new(Mutex::new(Serial::new(
-        serial_irq,
-        crate::console::output(&config.serial)?,
-    )));
-    let reset_evt = EventFdTrigger::new().map_err(Error::EventFd)?;
-    let power_evt = EventFdTrigger::new().map_err(Error::EventFd)?;
-    let power_value = Arc::new(AtomicU8::new(0));
-    let kbd_irq = EventFdTrigger::new().map_err(Error::EventFd)?;
-    vm.register_irqfd(&kbd_irq.0, i8042::KBD_IRQ)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(
-        reset_evt.try_clone().map_err(Error::EventFd)?,
-        kbd_irq,
-    )));
-    let mut pio = Bus::new();
-    pio.insert(serial.clone(), serial::COM1_BASE, serial::PORT_SIZE)?;
-    pio.insert(i8042.clone(), i8042::I8042_BASE, i8042::PORT_SIZE)?;
-    pio.insert(
-        Arc::new(Mutex::new(PowerDevice::new(
-            power_evt.try_clone().map_err(Error::EventFd)?,
-            power_value.clone(),
-        ))),
-        power::POWER_PORT,
-        power::PORT_SIZE,
-    )?;
-    pio.insert(
-        Arc::new(Mutex::new(AcpiPmDevice::new(
-            power_evt.try_clone().map_err(Error::EventFd)?,
-            reset_evt.try_clone().map_err(Error::EventFd)?,
-        ))),
-        power::acpi::ACPI_PM_BASE,
-        power::acpi::PORT_SIZE,
-    )?;
 
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
@@ -188,18 +144,14 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
     }
 
     tracing::debug!("vCPUs configured");
+    let (pio, mmio) = devices.take_buses();
     Ok(Machine {
         _vm: vm,
         _memory: memory,
         vcpus,
-        pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
-        serial,
-        reset_evt,
-        power_evt,
-        power_value,
+        pio,
+        mmio,
+        devices,
         boot,
-        drives: virtio.drives,
-        i8042,
     })
 }

@@ -1,6 +1,7 @@
 //! Serves API requests: configuration before boot, then control of the running VM. One request
 //! at a time, on the VMM thread, so vCPUs are never blocked by the API.
 
+use crate::device_manager::{DeviceKind, DeviceUpdate};
 use crate::resources::{
     ActionType, BootSource, Drive, EntropyDevice, LoggerConfig, MachineConfig, MachineConfigUpdate,
     MetricsConfig, PartialDrive, ResourceError, SerialDevice, VmResources, VmState,
@@ -192,10 +193,10 @@ impl Controller {
                 .map_err(ResourceError),
             Action(ActionType::SendCtrlAltDel) => match &self.vm {
                 None => fail("cannot send Ctrl+Alt+Del: the microVM is not running"),
-                Some(vm) => vm
-                    .send_ctrl_alt_del()
-                    .map(|_| VmmData::Empty)
-                    .map_err(|e| ResourceError(e.to_string())),
+                Some(vm) => {
+                    vm.devices().send_ctrl_alt_del();
+                    Ok(VmmData::Empty)
+                }
             },
             SetVmState(state) => match (&mut self.vm, state) {
                 (None, _) => fail("cannot pause or resume: the microVM is not running"),
@@ -232,7 +233,12 @@ impl Controller {
         let Some(path) = p.path_on_host.clone() else {
             return Ok(VmmData::Empty);
         };
-        vm.replace_drive(&p.drive_id, std::path::Path::new(&path))
+        vm.devices()
+            .update(
+                DeviceKind::Drive,
+                &p.drive_id,
+                DeviceUpdate::Backing(path.clone().into()),
+            )
             .map_err(|e| ResourceError(e.to_string()))?;
         if let Some(d) = self
             .resources

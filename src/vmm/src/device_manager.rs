@@ -1,18 +1,28 @@
-//! Places virtio devices in the guest: an MMIO window and an interrupt line each, queue
-//! notifications as KVM ioeventfds, interrupts as KVM irqfds. Guests find them two ways: an
-//! `LNRO0005` device in the ACPI DSDT (what kernels configured like Firecracker's use) and a
-//! `virtio_mmio.device=` entry on the command line (kernels with
-//! CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, `acpi=off`, and vireo's test guest).
+//! Every device of a VM in one place: the legacy PC devices on the port I/O bus and the virtio
+//! devices on the MMIO bus. The manager allocates what each device occupies (an MMIO window and
+//! an interrupt line per virtio device, its queue ioeventfds and irqfd, its command-line and
+//! ACPI DSDT entries) and finds devices by kind and ID for changes while the guest runs.
+//!
+//! Guests find virtio devices two ways: an `LNRO0005` device in the ACPI DSDT (what kernels
+//! configured like Firecracker's use) and a `virtio_mmio.device=` entry on the command line
+//! (kernels with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, `acpi=off`, and vireo's test guest).
+//!
+//! Adding a kind of device: its model in one folder under `devices/`, and one registration in
+//! [`DeviceManager::create`].
 
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
 use crate::vstate::vm::Vm;
 use crate::Error;
 use devices::bus::Bus;
+use devices::legacy::{i8042, power, serial, AcpiPmDevice, PowerDevice, Serial, I8042};
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::rng::Rng;
 use devices::virtio::{Interrupt, VirtioDevice};
+use devices::EventFdTrigger;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -23,105 +33,253 @@ pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Last usable IOAPIC pin.
 pub const VIRTIO_IRQ_MAX: u32 = arch::layout::IOAPIC_PINS as u32 - 1;
 
-/// The virtio devices of a VM and the command-line fragment announcing them.
-pub struct VirtioDevices {
-    /// Kernel command line additions (`root=`, `virtio_mmio.device=`), with a leading space.
-    pub cmdline: String,
-    /// The devices' windows and interrupt lines, for the ACPI DSDT.
-    pub acpi: Vec<crate::acpi::VirtioMmioDevice>,
-    /// Drives by id, for changes while the guest runs.
-    pub drives: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+/// The kinds of device the API can address by ID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// A virtio-blk drive (`PUT /drives/{id}`).
+    Drive,
+    /// The virtio-rng entropy device (`PUT /entropy`; ID `entropy`).
+    Entropy,
 }
 
-fn attach(
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    bus: &mut Bus,
-    index: usize,
-    device: Box<dyn VirtioDevice>,
-    out: &mut VirtioDevices,
-) -> Result<Arc<Mutex<MmioTransport>>, Error> {
-    let irq = VIRTIO_IRQ_BASE + index as u32;
-    if irq > VIRTIO_IRQ_MAX {
-        return Err(Error::InvalidConfig(format!(
-            "too many virtio devices: at most {}",
-            VIRTIO_IRQ_MAX - VIRTIO_IRQ_BASE + 1
-        )));
-    }
-    let base = VIRTIO_MMIO_BASE + index as u64 * MMIO_WINDOW_SIZE;
-    let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
-    vm.register_irqfd(&irq_evt, irq)?;
-    let mut queue_evts = Vec::new();
-    for q in 0..device.queue_max_sizes().len() {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
-        vm.register_mmio_ioevent(&evt, base + QUEUE_NOTIFY_OFFSET, q as u32)?;
-        queue_evts.push(evt);
-    }
-    let transport = MmioTransport::new(
-        device,
-        mem.clone(),
-        Arc::new(Interrupt::new(irq_evt)),
-        queue_evts,
-    );
-    let transport = Arc::new(Mutex::new(transport));
-    bus.insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
-    out.cmdline.push_str(&format!(
-        " virtio_mmio.device={}K@{base:#x}:{irq}",
-        MMIO_WINDOW_SIZE >> 10
-    ));
-    out.acpi.push(crate::acpi::VirtioMmioDevice {
-        base,
-        size: MMIO_WINDOW_SIZE,
-        irq,
-    });
-    Ok(transport)
-}
-
-/// Creates the drives and the entropy device of `config` on `bus`.
-pub fn create(
-    config: &VmConfig,
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    bus: &mut Bus,
-) -> Result<VirtioDevices, Error> {
-    let mut out = VirtioDevices {
-        cmdline: String::new(),
-        acpi: Vec::new(),
-        drives: Vec::new(),
-    };
-    let mut index = 0;
-    let mut ids: Vec<String> = Vec::new();
-    for (n, drive) in config.drives.iter().enumerate() {
-        let id = drive.id.clone().unwrap_or_else(|| format!("drive{n}"));
-        if ids.contains(&id) {
-            return Err(Error::InvalidConfig(format!(
-                "drive id '{id}' is used twice"
-            )));
+impl DeviceKind {
+    fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Drive => "drive",
+            DeviceKind::Entropy => "entropy device",
         }
-        ids.push(id.clone());
-        if drive.root {
-            if n != 0 {
+    }
+}
+
+/// A change to a device while the guest runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceUpdate {
+    /// Re-open the device's backing file from this path (drives).
+    Backing(PathBuf),
+}
+
+struct VirtioEntry {
+    kind: DeviceKind,
+    id: String,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// Events the legacy devices raise for the VMM's event loop.
+pub struct PlatformEvents {
+    /// The guest asked for a reset (i8042, ACPI reset register).
+    pub reset: EventFdTrigger,
+    /// The guest asked to power off (power port, ACPI S5).
+    pub power: EventFdTrigger,
+    /// The value written to the power port.
+    pub power_value: Arc<AtomicU8>,
+}
+
+/// The devices of one VM.
+pub struct DeviceManager {
+    pio: Bus,
+    mmio: Bus,
+    cmdline: String,
+    acpi: Vec<crate::acpi::VirtioMmioDevice>,
+    virtio: Vec<VirtioEntry>,
+    serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
+    events: PlatformEvents,
+}
+
+impl DeviceManager {
+    /// Creates every device `config` asks for, plus the legacy platform every guest gets.
+    /// This is the one place each kind of device is registered.
+    pub fn create(config: &VmConfig, vm: &Vm, mem: &GuestMemoryMmap) -> Result<Self, Error> {
+        let mut dm = Self::legacy(config, vm)?;
+        let mut ids: Vec<String> = Vec::new();
+        for (n, drive) in config.drives.iter().enumerate() {
+            let id = drive.id.clone().unwrap_or_else(|| format!("drive{n}"));
+            if ids.contains(&id) {
                 return Err(Error::InvalidConfig(format!(
-                    "drive '{id}' cannot be the root device: only the first drive can"
+                    "drive id '{id}' is used twice"
                 )));
             }
-            out.cmdline.push_str(if drive.read_only {
-                " root=/dev/vda ro"
-            } else {
-                " root=/dev/vda rw"
-            });
+            ids.push(id.clone());
+            if drive.root {
+                if n != 0 {
+                    return Err(Error::InvalidConfig(format!(
+                        "drive '{id}' cannot be the root device: only the first drive can"
+                    )));
+                }
+                dm.cmdline.push_str(if drive.read_only {
+                    " root=/dev/vda ro"
+                } else {
+                    " root=/dev/vda rw"
+                });
+            }
+            let block = Block::new(BlockConfig {
+                path: drive.path.clone(),
+                id: id.clone(),
+                read_only: drive.read_only,
+            })?;
+            dm.add_virtio(vm, mem, DeviceKind::Drive, id, Box::new(block))?;
         }
-        let block = Block::new(BlockConfig {
-            path: drive.path.clone(),
-            id: id.clone(),
-            read_only: drive.read_only,
-        })?;
-        let transport = attach(vm, mem, bus, index, Box::new(block), &mut out)?;
-        out.drives.push((id, transport));
-        index += 1;
+        if config.rng {
+            dm.add_virtio(
+                vm,
+                mem,
+                DeviceKind::Entropy,
+                "entropy".into(),
+                Box::new(Rng::new()),
+            )?;
+        }
+        Ok(dm)
     }
-    if config.rng {
-        attach(vm, mem, bus, index, Box::new(Rng::new()), &mut out)?;
+
+    /// COM1, the i8042, the power port and the ACPI sleep/reset registers (their DSDT entries
+    /// are fixed: see `acpi`).
+    fn legacy(config: &VmConfig, vm: &Vm) -> Result<Self, Error> {
+        let serial_irq = EventFdTrigger::new().map_err(Error::EventFd)?;
+        vm.register_irqfd(&serial_irq.0, serial::COM1_IRQ)?;
+        let serial = Arc::new(Mutex::new(Serial::new(
+            serial_irq,
+            crate::console::output(&config.serial)?,
+        )));
+        let events = PlatformEvents {
+            reset: EventFdTrigger::new().map_err(Error::EventFd)?,
+            power: EventFdTrigger::new().map_err(Error::EventFd)?,
+            power_value: Arc::new(AtomicU8::new(0)),
+        };
+        let clone = |t: &EventFdTrigger| t.try_clone().map_err(Error::EventFd);
+        let kbd_irq = EventFdTrigger::new().map_err(Error::EventFd)?;
+        vm.register_irqfd(&kbd_irq.0, i8042::KBD_IRQ)?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(clone(&events.reset)?, kbd_irq)));
+        let mut pio = Bus::new();
+        pio.insert(serial.clone(), serial::COM1_BASE, serial::PORT_SIZE)?;
+        pio.insert(i8042.clone(), i8042::I8042_BASE, i8042::PORT_SIZE)?;
+        pio.insert(
+            Arc::new(Mutex::new(PowerDevice::new(
+                clone(&events.power)?,
+                events.power_value.clone(),
+            ))),
+            power::POWER_PORT,
+            power::PORT_SIZE,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiPmDevice::new(
+                clone(&events.power)?,
+                clone(&events.reset)?,
+            ))),
+            power::acpi::ACPI_PM_BASE,
+            power::acpi::PORT_SIZE,
+        )?;
+        Ok(Self {
+            pio,
+            mmio: Bus::new(),
+            cmdline: String::new(),
+            acpi: Vec::new(),
+            virtio: Vec::new(),
+            serial,
+            i8042,
+            events,
+        })
     }
-    Ok(out)
+
+    /// Places a virtio device: the next MMIO window and interrupt line, its queue
+    /// notifications as ioeventfds, its interrupt as an irqfd, its command-line and DSDT
+    /// entries.
+    fn add_virtio(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        kind: DeviceKind,
+        id: String,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(), Error> {
+        let index = self.virtio.len();
+        let irq = VIRTIO_IRQ_BASE + index as u32;
+        if irq > VIRTIO_IRQ_MAX {
+            return Err(Error::InvalidConfig(format!(
+                "too many virtio devices: at most {}",
+                VIRTIO_IRQ_MAX - VIRTIO_IRQ_BASE + 1
+            )));
+        }
+        let base = VIRTIO_MMIO_BASE + index as u64 * MMIO_WINDOW_SIZE;
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.register_irqfd(&irq_evt, irq)?;
+        let mut queue_evts = Vec::new();
+        for q in 0..device.queue_max_sizes().len() {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+            vm.register_mmio_ioevent(&evt, base + QUEUE_NOTIFY_OFFSET, q as u32)?;
+            queue_evts.push(evt);
+        }
+        let transport = MmioTransport::new(
+            device,
+            mem.clone(),
+            Arc::new(Interrupt::new(irq_evt)),
+            queue_evts,
+        );
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
+        self.cmdline.push_str(&format!(
+            " virtio_mmio.device={}K@{base:#x}:{irq}",
+            MMIO_WINDOW_SIZE >> 10
+        ));
+        self.acpi.push(crate::acpi::VirtioMmioDevice {
+            base,
+            size: MMIO_WINDOW_SIZE,
+            irq,
+        });
+        self.virtio.push(VirtioEntry {
+            kind,
+            id,
+            transport,
+        });
+        Ok(())
+    }
+
+    /// What the devices add to the kernel command line (with a leading space).
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// The virtio devices as the ACPI DSDT lists them.
+    pub fn acpi_devices(&self) -> &[crate::acpi::VirtioMmioDevice] {
+        &self.acpi
+    }
+
+    /// The buses the vCPUs dispatch port I/O and MMIO exits to.
+    pub(crate) fn take_buses(&mut self) -> (Arc<Bus>, Arc<Bus>) {
+        (
+            Arc::new(std::mem::replace(&mut self.pio, Bus::new())),
+            Arc::new(std::mem::replace(&mut self.mmio, Bus::new())),
+        )
+    }
+
+    /// The serial port, for the console's input.
+    pub fn serial(&self) -> Arc<Mutex<Serial>> {
+        self.serial.clone()
+    }
+
+    /// The events the platform devices raise.
+    pub fn events(&self) -> &PlatformEvents {
+        &self.events
+    }
+
+    /// Applies `update` to the device of `kind` named `id`.
+    pub fn update(&self, kind: DeviceKind, id: &str, update: DeviceUpdate) -> Result<(), Error> {
+        let entry = self
+            .virtio
+            .iter()
+            .find(|e| e.kind == kind && e.id == id)
+            .ok_or_else(|| {
+                Error::InvalidConfig(format!("{} '{id}' does not exist", kind.name()))
+            })?;
+        let mut transport = devices::bus::lock(&entry.transport);
+        match update {
+            DeviceUpdate::Backing(path) => transport.replace_backing(&path),
+        }
+        .map_err(Error::InvalidConfig)
+    }
+
+    /// Presses Ctrl+Alt+Del on the guest's keyboard.
+    pub fn send_ctrl_alt_del(&self) {
+        devices::bus::lock(&self.i8042).trigger_ctrl_alt_del();
+    }
 }

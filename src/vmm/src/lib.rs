@@ -214,8 +214,8 @@ impl RunningVm {
         }
         let vcpu_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         let quit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
-        add(machine.reset_evt.0.as_raw_fd(), TOKEN_RESET)?;
-        add(machine.power_evt.0.as_raw_fd(), TOKEN_POWER)?;
+        add(machine.devices.events().reset.0.as_raw_fd(), TOKEN_RESET)?;
+        add(machine.devices.events().power.0.as_raw_fd(), TOKEN_POWER)?;
         add(vcpu_evt.as_raw_fd(), TOKEN_VCPU)?;
         add(quit_evt.as_raw_fd(), TOKEN_QUIT)?;
 
@@ -223,7 +223,7 @@ impl RunningVm {
             .map_err(|e| Error::EventLoop(std::io::Error::from_raw_os_error(e.errno())))?;
         let console = console::attach(
             &config.serial,
-            machine.serial.clone(),
+            machine.devices.serial(),
             quit_evt.try_clone().map_err(Error::EventFd)?,
         )?;
 
@@ -300,9 +300,13 @@ impl RunningVm {
             for ev in &events[..n] {
                 let reason = match ev.data() {
                     TOKEN_RESET => ExitReason::Reset,
-                    TOKEN_POWER => {
-                        ExitReason::PowerOff(self.machine.power_value.load(Ordering::SeqCst))
-                    }
+                    TOKEN_POWER => ExitReason::PowerOff(
+                        self.machine
+                            .devices
+                            .events()
+                            .power_value
+                            .load(Ordering::SeqCst),
+                    ),
                     TOKEN_VCPU => match devices::bus::lock(&self.first_stop).take() {
                         Some(VcpuStop::TripleFault(s)) => ExitReason::TripleFault(s),
                         Some(VcpuStop::InternalError(s)) => ExitReason::InternalError(s),
@@ -355,24 +359,9 @@ impl RunningVm {
         Ok(())
     }
 
-    /// Switches drive `id` to the image at `path` while the guest runs; the guest sees a
-    /// configuration change (and the new capacity).
-    pub fn replace_drive(&mut self, id: &str, path: &std::path::Path) -> Result<(), Error> {
-        let (_, transport) = self
-            .machine
-            .drives
-            .iter()
-            .find(|(d, _)| d == id)
-            .ok_or_else(|| Error::InvalidConfig(format!("drive '{id}' does not exist")))?;
-        devices::bus::lock(transport)
-            .replace_backing(path)
-            .map_err(Error::InvalidConfig)
-    }
-
-    /// Presses Ctrl+Alt+Del on the guest's keyboard (Linux then reboots, and vireo exits).
-    pub fn send_ctrl_alt_del(&self) -> Result<(), Error> {
-        devices::bus::lock(&self.machine.i8042).trigger_ctrl_alt_del();
-        Ok(())
+    /// The VM's devices, for changes while the guest runs (by kind and ID).
+    pub fn devices(&self) -> &device_manager::DeviceManager {
+        &self.machine.devices
     }
 
     /// Lets paused vCPUs run again.
