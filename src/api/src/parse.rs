@@ -4,7 +4,8 @@
 use vmm::controller::VmmAction;
 use vmm::resources::{
     BootSource, Drive, EntropyDevice, InstanceActionInfo, LoggerConfig, MachineConfig,
-    MachineConfigUpdate, MetricsConfig, PartialDrive, SerialDevice, VmStateUpdate,
+    MachineConfigUpdate, MetricsConfig, NetworkInterface, PartialDrive, PartialNetworkInterface,
+    SerialDevice, VmStateUpdate,
 };
 
 /// Every (method, path) the server answers; `{..}` marks a path parameter. docs/api.yaml must
@@ -115,8 +116,25 @@ pub fn parse_request(method: &str, path: &str, raw: &[u8]) -> Result<VmmAction, 
         ("PATCH", ["vm"]) => {
             body::<VmStateUpdate>(&what, raw).map(|v| VmmAction::SetVmState(v.state))
         }
-        ("PUT" | "PATCH", ["network-interfaces", _]) => {
-            not_yet("the network device (network-interfaces)")
+        ("PUT", ["network-interfaces", id]) => {
+            let n: NetworkInterface = body(&what, raw)?;
+            if n.iface_id != *id {
+                return Err(format!(
+                    "{what}: the iface_id in the body ('{}') does not match the path ('{id}')",
+                    n.iface_id
+                ));
+            }
+            Ok(VmmAction::PutNetworkInterface(n))
+        }
+        ("PATCH", ["network-interfaces", id]) => {
+            let n: PartialNetworkInterface = body(&what, raw)?;
+            if n.iface_id != *id {
+                return Err(format!(
+                    "{what}: the iface_id in the body ('{}') does not match the path ('{id}')",
+                    n.iface_id
+                ));
+            }
+            Ok(VmmAction::PatchNetworkInterface(n))
         }
         ("PUT", ["vsock"]) => not_yet("the vsock device"),
         ("GET" | "PUT" | "PATCH", ["balloon"]) | ("GET" | "PATCH", ["balloon", "statistics"]) => {

@@ -24,10 +24,17 @@ impl DeviceMetrics {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
+}
 
-    /// The counters as JSON-ready pairs.
-    pub fn snapshot(&self) -> [(&'static str, u64); 5] {
-        [
+/// A device's counters as the metrics file shows them.
+pub trait Counters: Send + Sync {
+    /// Name and value of every counter.
+    fn snapshot(&self) -> Vec<(&'static str, u64)>;
+}
+
+impl Counters for DeviceMetrics {
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        vec![
             ("requests", self.requests.load(Ordering::Relaxed)),
             ("errors", self.errors.load(Ordering::Relaxed)),
             ("read_bytes", self.read_bytes.load(Ordering::Relaxed)),
@@ -37,16 +44,26 @@ impl DeviceMetrics {
     }
 }
 
-static REGISTRY: Mutex<Vec<(String, Arc<DeviceMetrics>)>> = Mutex::new(Vec::new());
+type Registered = (String, Arc<dyn Counters>);
+
+static REGISTRY: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
 
 /// Creates and registers the counters of device `name` (for example `block_rootfs`).
 pub fn register(name: String) -> Arc<DeviceMetrics> {
-    let m = Arc::new(DeviceMetrics::default());
+    register_counters(name)
+}
+
+/// Creates and registers a device's own kind of counters.
+pub fn register_counters<T: Counters + Default + 'static>(name: String) -> Arc<T> {
+    let m = Arc::new(T::default());
     crate::bus::lock(&REGISTRY).push((name, m.clone()));
     m
 }
 
-/// Every registered device's counters.
-pub fn all() -> Vec<(String, Arc<DeviceMetrics>)> {
-    crate::bus::lock(&REGISTRY).clone()
+/// Every registered device's counters, by device.
+pub fn all() -> Vec<(String, Vec<(&'static str, u64)>)> {
+    crate::bus::lock(&REGISTRY)
+        .iter()
+        .map(|(name, c)| (name.clone(), c.snapshot()))
+        .collect()
 }

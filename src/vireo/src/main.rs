@@ -195,6 +195,57 @@ struct RunArgs {
     /// Give the guest a virtio-rng entropy device fed by the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// A virtio-net interface on an existing host TAP:
+    /// tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,id=ID][,mtu=N]. Repeat for more (eth0, eth1, ...).
+    /// Without mac= the guest picks a random address.
+    #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+    nets: Vec<PartialNet>,
+}
+
+/// A `--net` value before its default ID (`eth<N>`, by position) is known.
+#[derive(Clone, Debug)]
+struct PartialNet {
+    id: Option<String>,
+    tap: String,
+    mac: Option<[u8; 6]>,
+    mtu: Option<u16>,
+}
+
+/// `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,id=ID][,mtu=N]`; a bare first item is taken as the TAP.
+fn parse_net(s: &str) -> Result<PartialNet, String> {
+    let mut net = PartialNet {
+        id: None,
+        tap: String::new(),
+        mac: None,
+        mtu: None,
+    };
+    for (i, item) in s.split(',').enumerate() {
+        match item.split_once('=') {
+            Some(("tap", v)) => net.tap = v.to_owned(),
+            Some(("id", "")) => return Err("id= needs a value: the interface's ID".into()),
+            Some(("id", v)) => net.id = Some(v.to_owned()),
+            Some(("mac", v)) => net.mac = Some(vmm::config::parse_mac(v)?),
+            Some(("mtu", v)) => {
+                let mtu: u32 = v
+                    .parse()
+                    .map_err(|_| format!("mtu={v}: expected a number from 68 to 65535"))?;
+                if !vmm::config::MTU_RANGE.contains(&mtu) {
+                    return Err(format!("mtu={v}: expected a number from 68 to 65535"));
+                }
+                net.mtu = Some(mtu as u16);
+            }
+            None if i == 0 => net.tap = item.to_owned(),
+            _ => {
+                return Err(format!(
+                    "'{item}' is not a network option: use tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,id=ID][,mtu=N]"
+                ))
+            }
+        }
+    }
+    if net.tap.is_empty() {
+        return Err("a network interface needs tap=NAME (an existing TAP device)".into());
+    }
+    Ok(net)
 }
 
 fn parse_on_off(key: &str, v: &str) -> Result<bool, String> {
@@ -272,6 +323,17 @@ fn main() -> ExitCode {
                 serial: args.serial,
                 drives: args.drives,
                 rng: args.rng,
+                nets: args
+                    .nets
+                    .into_iter()
+                    .enumerate()
+                    .map(|(n, p)| vmm::NetConfig {
+                        id: p.id.unwrap_or_else(|| format!("eth{n}")),
+                        tap: p.tap,
+                        mac: p.mac,
+                        mtu: p.mtu,
+                    })
+                    .collect(),
             };
             let code = match vmm::run(&config) {
                 Ok(reason) => {

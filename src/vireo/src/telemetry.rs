@@ -206,11 +206,8 @@ impl ProcessTelemetry {
     ) {
         let mut devices = serde_json::Map::new();
         for (name, m) in devices::metrics::all() {
-            let counters: serde_json::Map<String, serde_json::Value> = m
-                .snapshot()
-                .iter()
-                .map(|(k, v)| (k.to_string(), json!(v)))
-                .collect();
+            let counters: serde_json::Map<String, serde_json::Value> =
+                m.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
             devices.insert(name, serde_json::Value::Object(counters));
         }
         let (pio, mmio, other) = vmm::vstate::vcpu::exit_counts();

@@ -32,7 +32,59 @@ pub struct VmConfig {
     pub drives: Vec<DriveConfig>,
     /// Whether the guest gets a virtio-rng entropy device.
     pub rng: bool,
+    /// virtio-net interfaces, in the order the guest sees them (eth0, eth1, ...).
+    pub nets: Vec<NetConfig>,
 }
+
+/// One virtio-net interface on a host TAP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Interface ID (`eth0` by default), how the API names it.
+    pub id: String,
+    /// The existing host TAP interface.
+    pub tap: String,
+    /// MAC address offered to the guest; without one the guest picks a random one.
+    pub mac: Option<[u8; 6]>,
+    /// MTU advertised to the guest (68 to 65535).
+    pub mtu: Option<u16>,
+}
+
+/// Parses `AA:BB:CC:DD:EE:FF`, refusing multicast addresses (no NIC can have one).
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!(
+            "MAC address '{s}' must be six hex pairs like 02:00:00:00:00:01"
+        ));
+    }
+    for (b, p) in mac.iter_mut().zip(&parts) {
+        if p.len() != 2 {
+            return Err(format!(
+                "MAC address '{s}' must be six hex pairs like 02:00:00:00:00:01"
+            ));
+        }
+        *b = u8::from_str_radix(p, 16)
+            .map_err(|_| format!("MAC address '{s}': '{p}' is not a hex byte"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "MAC address '{s}' is a multicast address, which no interface can have"
+        ));
+    }
+    Ok(mac)
+}
+
+/// Formats a MAC address as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The bounds of an advertised MTU (virtio's minimum, and what the header can carry).
+pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=65535;
 
 /// One virtio-blk drive.
 #[derive(Clone, Debug, PartialEq, Eq)]

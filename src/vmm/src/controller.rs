@@ -4,7 +4,8 @@
 use crate::device_manager::{DeviceKind, DeviceUpdate};
 use crate::resources::{
     ActionType, BootSource, Drive, EntropyDevice, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, PartialDrive, ResourceError, SerialDevice, VmResources, VmState,
+    MetricsConfig, NetworkInterface, PartialDrive, PartialNetworkInterface, ResourceError,
+    SerialDevice, VmResources, VmState,
 };
 use crate::{ExitReason, RunningVm, VmEvent};
 use serde_json::{json, Value};
@@ -30,6 +31,10 @@ pub enum VmmAction {
     PutDrive(Drive),
     /// `PATCH /drives/{id}`.
     PatchDrive(PartialDrive),
+    /// `PUT /network-interfaces/{id}`.
+    PutNetworkInterface(NetworkInterface),
+    /// `PATCH /network-interfaces/{id}`.
+    PatchNetworkInterface(PartialNetworkInterface),
     /// `PUT /entropy`.
     PutEntropy(EntropyDevice),
     /// `PUT /serial`.
@@ -159,6 +164,11 @@ impl Controller {
                 }
                 self.resources.patch_drive(p).map(|_| VmmData::Empty)
             }
+            PutNetworkInterface(n) => {
+                pre_boot("PUT /network-interfaces")?;
+                self.resources.insert_interface(n).map(|_| VmmData::Empty)
+            }
+            PatchNetworkInterface(p) => self.resources.patch_interface(p).map(|_| VmmData::Empty),
             PutEntropy(e) => {
                 pre_boot("PUT /entropy")?;
                 self.resources.set_entropy(e).map(|_| VmmData::Empty)

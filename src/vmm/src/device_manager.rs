@@ -18,6 +18,8 @@ use devices::bus::Bus;
 use devices::legacy::{i8042, power, serial, AcpiPmDevice, PowerDevice, Serial, I8042};
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::net::tap::Tap;
+use devices::virtio::net::{Net, NetConfig as NetDeviceConfig};
 use devices::virtio::rng::Rng;
 use devices::virtio::{Interrupt, VirtioDevice};
 use devices::EventFdTrigger;
@@ -40,6 +42,8 @@ pub enum DeviceKind {
     Drive,
     /// The virtio-rng entropy device (`PUT /entropy`; ID `entropy`).
     Entropy,
+    /// A virtio-net interface (`PUT /network-interfaces/{id}`).
+    Interface,
 }
 
 impl DeviceKind {
@@ -47,6 +51,7 @@ impl DeviceKind {
         match self {
             DeviceKind::Drive => "drive",
             DeviceKind::Entropy => "entropy device",
+            DeviceKind::Interface => "network interface",
         }
     }
 }
@@ -118,6 +123,41 @@ impl DeviceManager {
                 read_only: drive.read_only,
             })?;
             dm.add_virtio(vm, mem, DeviceKind::Drive, id, Box::new(block))?;
+        }
+        let mut taps: Vec<(&str, &str)> = Vec::new();
+        for net in &config.nets {
+            if let Some((other, _)) = taps.iter().find(|(_, t)| *t == net.tap) {
+                return Err(Error::InvalidConfig(format!(
+                    "network interfaces {other} and {} both use TAP {}: each needs its own",
+                    net.id, net.tap
+                )));
+            }
+            if taps.iter().any(|(id, _)| *id == net.id) {
+                return Err(Error::InvalidConfig(format!(
+                    "network interface id '{}' is used twice",
+                    net.id
+                )));
+            }
+            taps.push((&net.id, &net.tap));
+            let tap = Tap::open(&net.tap).map_err(|err| Error::Net {
+                id: net.id.clone(),
+                err,
+            })?;
+            let device = Net::new(
+                NetDeviceConfig {
+                    id: net.id.clone(),
+                    mac: net.mac,
+                    mtu: net.mtu,
+                },
+                tap,
+            );
+            dm.add_virtio(
+                vm,
+                mem,
+                DeviceKind::Interface,
+                net.id.clone(),
+                Box::new(device),
+            )?;
         }
         if config.rng {
             dm.add_virtio(

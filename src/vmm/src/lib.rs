@@ -14,7 +14,7 @@ pub mod memory;
 pub mod resources;
 pub mod vstate;
 
-pub use config::{DriveConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
+pub use config::{DriveConfig, NetConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -59,6 +59,14 @@ pub enum Error {
     /// A block device.
     #[error(transparent)]
     Block(#[from] devices::virtio::block::BlockError),
+    /// A network interface's TAP cannot be used.
+    #[error("network interface {id}: {err}")]
+    Net {
+        /// Interface ID.
+        id: String,
+        /// Cause.
+        err: devices::virtio::net::tap::TapError,
+    },
     /// Placing a device.
     #[error("cannot place a device: {0}")]
     Bus(#[from] devices::bus::Error),

@@ -2,7 +2,7 @@
 //! (the objects of its HTTP API and `--config-file`), checked as each piece arrives and turned
 //! into a [`VmConfig`] at start.
 
-use crate::config::{DriveConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
+use crate::config::{DriveConfig, NetConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -128,6 +128,40 @@ pub struct PartialDrive {
     pub rate_limiter: Option<Value>,
 }
 
+/// `PUT /network-interfaces/{iface_id}`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// Interface ID.
+    pub iface_id: String,
+    /// The host TAP interface.
+    pub host_dev_name: String,
+    /// MAC address for the guest; without one the guest picks its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// MTU advertised to the guest with VIRTIO_NET_F_MTU (68 to 65535).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Receive rate limiter (not offered yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<Value>,
+    /// Transmit rate limiter (not offered yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<Value>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    /// Interface ID.
+    pub iface_id: String,
+    /// Receive rate limiter (not offered yet).
+    pub rx_rate_limiter: Option<Value>,
+    /// Transmit rate limiter (not offered yet).
+    pub tx_rate_limiter: Option<Value>,
+}
+
 /// `PUT /entropy`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -226,6 +260,8 @@ pub struct VmResources {
     pub machine: MachineConfig,
     /// Drives in insertion order.
     pub drives: Vec<Drive>,
+    /// Network interfaces in insertion order.
+    pub interfaces: Vec<NetworkInterface>,
     /// Entropy device, if configured.
     pub entropy: Option<EntropyDevice>,
     /// Serial output.
@@ -371,6 +407,75 @@ impl VmResources {
         Ok(())
     }
 
+    /// Adds or replaces a network interface. The TAP is opened now, as Firecracker does, so
+    /// that a missing, busy or wrong TAP is refused on this request (and released again: the
+    /// VM opens it at start).
+    pub fn insert_interface(&mut self, n: NetworkInterface) -> Result<(), ResourceError> {
+        let what = format!("network interface '{}'", n.iface_id);
+        if n.iface_id.is_empty() || n.iface_id.len() > 64 {
+            return err(format!("{what}: iface_id must be 1 to 64 bytes"));
+        }
+        no_rate_limiter(&what, &n.rx_rate_limiter)?;
+        no_rate_limiter(&what, &n.tx_rate_limiter)?;
+        if let Some(mac) = &n.guest_mac {
+            crate::config::parse_mac(mac).map_err(|e| ResourceError(format!("{what}: {e}")))?;
+        }
+        if let Some(mtu) = n.mtu {
+            if !crate::config::MTU_RANGE.contains(&mtu) {
+                return err(format!("{what}: mtu {mtu} is outside 68 to 65535"));
+            }
+        }
+        if let Some(o) = self
+            .interfaces
+            .iter()
+            .find(|o| o.host_dev_name == n.host_dev_name && o.iface_id != n.iface_id)
+        {
+            return err(format!(
+                "{what}: TAP {} is already used by interface '{}'",
+                n.host_dev_name, o.iface_id
+            ));
+        }
+        if let Some(mac) = &n.guest_mac {
+            if let Some(o) = self.interfaces.iter().find(|o| {
+                o.iface_id != n.iface_id
+                    && o.guest_mac.as_deref().map(crate::config::parse_mac)
+                        == Some(crate::config::parse_mac(mac))
+            }) {
+                return err(format!(
+                    "{what}: MAC address {mac} is already used by interface '{}'",
+                    o.iface_id
+                ));
+            }
+        }
+        let already_ours = self
+            .interfaces
+            .iter()
+            .any(|o| o.iface_id == n.iface_id && o.host_dev_name == n.host_dev_name);
+        if !already_ours {
+            devices::virtio::net::tap::Tap::open(&n.host_dev_name)
+                .map_err(|e| ResourceError(format!("{what}: {e}")))?;
+        }
+        match self
+            .interfaces
+            .iter_mut()
+            .find(|o| o.iface_id == n.iface_id)
+        {
+            Some(o) => *o = n,
+            None => self.interfaces.push(n),
+        }
+        Ok(())
+    }
+
+    /// Applies `PATCH /network-interfaces` (rate limiters only, which are not built yet).
+    pub fn patch_interface(&mut self, p: PartialNetworkInterface) -> Result<(), ResourceError> {
+        let what = format!("network interface '{}'", p.iface_id);
+        if !self.interfaces.iter().any(|o| o.iface_id == p.iface_id) {
+            return err(format!("{what} does not exist"));
+        }
+        no_rate_limiter(&what, &p.rx_rate_limiter)?;
+        no_rate_limiter(&what, &p.tx_rate_limiter)
+    }
+
     /// Adds the entropy device.
     pub fn set_entropy(&mut self, e: EntropyDevice) -> Result<(), ResourceError> {
         no_rate_limiter("entropy", &e.rate_limiter)?;
@@ -437,6 +542,19 @@ impl VmResources {
             },
             drives,
             rng: self.entropy.is_some(),
+            nets: self
+                .interfaces
+                .iter()
+                .map(|n| NetConfig {
+                    id: n.iface_id.clone(),
+                    tap: n.host_dev_name.clone(),
+                    mac: n
+                        .guest_mac
+                        .as_deref()
+                        .and_then(|m| crate::config::parse_mac(m).ok()),
+                    mtu: n.mtu.map(|m| m as u16),
+                })
+                .collect(),
         })
     }
 
@@ -453,7 +571,7 @@ impl VmResources {
             "memory-hotplug": null,
             "metrics": self.metrics,
             "mmds-config": null,
-            "network-interfaces": [],
+            "network-interfaces": self.interfaces,
             "pmem": [],
             "vsock": null,
         })
@@ -471,7 +589,7 @@ pub struct ConfigFile {
     #[serde(default)]
     drives: Vec<Drive>,
     #[serde(rename = "network-interfaces", default)]
-    network_interfaces: Vec<Value>,
+    network_interfaces: Vec<NetworkInterface>,
     vsock: Option<Value>,
     balloon: Option<Value>,
     entropy: Option<EntropyDevice>,
@@ -491,7 +609,6 @@ impl ConfigFile {
     /// Parses and applies a config file, naming the first problem.
     pub fn into_resources(self) -> Result<VmResources, ResourceError> {
         let unsupported = [
-            ("network-interfaces", !self.network_interfaces.is_empty()),
             ("vsock", self.vsock.as_ref().is_some_and(|v| !v.is_null())),
             (
                 "balloon",
@@ -524,6 +641,9 @@ impl ConfigFile {
         r.set_boot_source(b)?;
         for d in self.drives {
             r.insert_drive(d)?;
+        }
+        for n in self.network_interfaces {
+            r.insert_interface(n)?;
         }
         if let Some(e) = self.entropy {
             r.set_entropy(e)?;

@@ -11,6 +11,7 @@ pub mod block;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 mod test_utils;

@@ -106,6 +106,19 @@ impl<H: QueueHandler> MutEventSubscriber for Subscriber<H> {
     }
 }
 
+/// A device thread's event handling: an event-manager subscriber that also says when the
+/// thread should end (after its kill eventfd fired).
+pub trait DeviceThread: MutEventSubscriber + Send + 'static {
+    /// True once the thread should return.
+    fn stopped(&self) -> bool;
+}
+
+impl<H: QueueHandler> DeviceThread for Subscriber<H> {
+    fn stopped(&self) -> bool {
+        self.stop
+    }
+}
+
 /// A running device thread. Dropping it stops the thread.
 pub struct Worker {
     kill: EventFd,
@@ -130,7 +143,17 @@ impl Worker {
             interrupt: ctx.interrupt,
             stop: false,
         };
-        let mut manager: EventManager<Subscriber<H>> =
+        Self::run(name, kill, subscriber)
+    }
+
+    /// Runs `subscriber` on a thread named `name` until `kill` (whose clone the subscriber
+    /// watches) is signalled; for devices with more to watch than their queues.
+    pub fn run<S: DeviceThread>(
+        name: &str,
+        kill: EventFd,
+        subscriber: S,
+    ) -> Result<Self, ActivateError> {
+        let mut manager: EventManager<S> =
             EventManager::new().map_err(|e| ActivateError::EventLoop(format!("{e:?}")))?;
         let id = manager.add_subscriber(subscriber);
         let thread = std::thread::Builder::new()
@@ -145,7 +168,7 @@ impl Worker {
                         return;
                     }
                     match manager.subscriber_mut(id) {
-                        Ok(s) if s.stop => return,
+                        Ok(s) if s.stopped() => return,
                         Ok(_) => {}
                         Err(_) => return,
                     }
