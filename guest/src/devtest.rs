@@ -3,6 +3,7 @@
 //! * `vireo.blktest`: on every virtio-blk device, GET_ID, a multi-descriptor write, flush,
 //!   read-back, an indirect read, discard, write-zeroes and an out-of-range read;
 //! * `vireo.rngtest`: 32 bytes from every entropy device;
+//! * `vireo.nettest`: the network test on the first virtio-net device (see `net`);
 //! * `vireo.blkbench`: the block benchmark on the first virtio-blk device;
 //! * `vireo.blkwatch`: wait for the host to replace the first drive's image and report the new
 //!   capacity;
@@ -16,6 +17,7 @@ use crate::{apic, field};
 
 const ID_BLOCK: u32 = 2;
 const ID_RNG: u32 = 4;
+const ID_NET: u32 = 1;
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
@@ -474,6 +476,9 @@ pub fn run(info: &BootInfo, cmdline: &[u8], bsp: u8) {
             blk_test(i, *dev, bsp);
         } else if id == ID_RNG && info.has_option(b"vireo.rngtest") {
             rng_test(i, *dev, bsp);
+        } else if id == ID_NET && info.has_option(b"vireo.nettest") {
+            crate::net::test(info, i, dev.base, dev.irq, bsp);
+            return;
         }
     }
 }

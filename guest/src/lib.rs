@@ -24,6 +24,7 @@ mod devtest;
 mod entry;
 pub mod io;
 pub mod mp;
+mod net;
 pub mod smp;
 pub mod virtio;
 

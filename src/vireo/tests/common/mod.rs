@@ -243,3 +243,92 @@ pub fn write_file(path: &Path, data: &[u8]) {
         .and_then(|mut f| f.write_all(data))
         .unwrap();
 }
+
+/// A private network namespace for one test: the calling thread enters it (network
+/// namespaces are per thread), so the sockets it opens and the processes it starts (vireo
+/// included) live there; dropping it returns the thread to where it was and deletes the
+/// namespace. Nothing touches the machine's own interfaces.
+pub struct NetNs {
+    name: String,
+    home: std::fs::File,
+}
+
+impl NetNs {
+    pub fn enter(tag: &str) -> NetNs {
+        use std::os::fd::AsRawFd;
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "vireo-{}-{}-{tag}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        );
+        let home = std::fs::File::open("/proc/thread-self/ns/net").expect("this thread's netns");
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip (iproute2)")
+            .success();
+        assert!(ok, "ip netns add {name}");
+        let ns = std::fs::File::open(format!("/run/netns/{name}")).expect("open the new netns");
+        // SAFETY: setns(2) on a namespace descriptor we hold; it changes only this thread.
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let ns = NetNs { name, home };
+        // No IPv6 chatter (router solicitations, MLD) in the tests' captures and counters.
+        ns.sh("ip link set lo up && sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
+        ns
+    }
+
+    /// Runs a shell command in the namespace, which must succeed.
+    pub fn sh(&self, cmd: &str) {
+        let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A TAP `name` with `addr` (CIDR) if given, up, with a long queue so bursts wait in it.
+    pub fn tap(&self, name: &str, addr: Option<&str>) {
+        self.sh(&format!(
+            "ip tuntap add {name} mode tap && ip link set {name} txqueuelen 10000 up"
+        ));
+        if let Some(a) = addr {
+            self.sh(&format!("ip addr add {a} dev {name}"));
+        }
+    }
+
+    /// The interface's counters (`ip -s -j link`), e.g. `("rx", "dropped")`.
+    pub fn link_stat(&self, dev: &str, dir: &str, what: &str) -> u64 {
+        let out = Command::new("ip")
+            .args(["-s", "-j", "link", "show", dev])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v[0]["stats64"][dir][what].as_u64().unwrap()
+    }
+
+    /// The MAC address of `dev`.
+    pub fn mac(&self, dev: &str) -> String {
+        let out = Command::new("ip")
+            .args(["-j", "link", "show", dev])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v[0]["address"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: back to the namespace this thread came from, by its descriptor.
+        unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) };
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

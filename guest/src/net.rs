@@ -1,0 +1,835 @@
+//! A virtio-net driver (two split queues) and the network test the host suite asks for with
+//! `vireo.nettest`. It speaks just enough Ethernet, ARP, IPv4 and UDP to talk to the host
+//! kernel on the other side of the TAP and to another guest on a bridge:
+//!
+//! * it answers ARP requests for its address and resolves the host's (or a peer's);
+//! * it sends a UDP datagram `hello from vireo` to port 6000 and a burst of numbered
+//!   datagrams to port 6001, then reports `@net ready`;
+//! * it reports the first datagram to its port 5000 byte for byte and counts a burst of
+//!   numbered datagrams to port 5001, checking every byte.
+//!
+//! Options: `vireo.netip=A.B.C.D` (default 10.0.0.2), `vireo.nethost=` (10.0.0.1),
+//! `vireo.netpeer=` (another guest to exchange hellos with instead), `vireo.netburst=N` (frames
+//! each way, default 0), `vireo.netrx=N` (receive buffers posted, default 64),
+//! `vireo.netbuf=BYTES` (their size, default 2048), `vireo.netmrg=0` (do not negotiate
+//! MRG_RXBUF), `vireo.netpause=N` (stop posting buffers for about a second after N burst frames),
+//! `vireo.nethostile` (send malformed chains first), `vireo.nettso` (send one 64 KiB TCP
+//! segment with TSO to `vireo.nettsodst`).
+//!
+//! Runs at CPL0, which on some hosts is emulated instruction by instruction: the host builds
+//! and checks the heavy data; the guest touches a few bytes per frame.
+
+use crate::io::{peek, poke, putc, puts};
+use crate::{apic, field};
+use core::sync::atomic::{fence, Ordering};
+
+const F_MAC: u64 = 1 << 5;
+const F_MRG_RXBUF: u64 = 1 << 15;
+const F_STATUS: u64 = 1 << 16;
+const F_MTU: u64 = 1 << 3;
+const F_CSUM: u64 = 1 << 0;
+const F_HOST_TSO4: u64 = 1 << 11;
+const VERSION_1: u64 = 1 << 32;
+const EVENT_IDX: u64 = 1 << 29;
+
+const QSIZE: u16 = 256;
+/// Where the driver's rings and buffers live (the test runs with at least 64 MiB).
+const BASE: u64 = 0x200_0000;
+const RX_RING: u64 = BASE;
+const TX_RING: u64 = BASE + 0x4000;
+const RX_BUFS: u64 = BASE + 0x10_0000;
+const TX_BUFS: u64 = BASE + 0x80_0000;
+const TX_SLOT: u64 = 2048;
+const TSO_BUF: u64 = BASE + 0xc0_0000;
+const HDR: u64 = 12;
+
+struct Queue {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl Queue {
+    fn new(ring: u64) -> Self {
+        for i in 0..0x3000u64 / 8 {
+            poke::<u64>(ring + i * 8, 0);
+        }
+        Queue {
+            desc: ring,
+            avail: ring + 0x1000,
+            used: ring + 0x2000,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = self.desc + u64::from(i) * 16;
+        poke(d, addr);
+        poke(d + 8, len);
+        poke(d + 12, flags);
+        poke(d + 14, next);
+    }
+
+    /// Makes chain `head` available; returns whether the device asked to be notified.
+    fn publish(&mut self, head: u16) -> bool {
+        poke::<u16>(self.avail + 4 + u64::from(self.avail_idx % QSIZE) * 2, head);
+        fence(Ordering::SeqCst);
+        let old = self.avail_idx;
+        self.avail_idx = old.wrapping_add(1);
+        poke::<u16>(self.avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+        // EVENT_IDX: the device's avail_event sits after the used ring.
+        let event: u16 = peek(self.used + 4 + u64::from(QSIZE) * 8);
+        self.avail_idx.wrapping_sub(event).wrapping_sub(1) < self.avail_idx.wrapping_sub(old)
+    }
+
+    fn used_idx(&self) -> u16 {
+        peek(self.used + 2)
+    }
+
+    /// The next used entry, if any: (id, len).
+    fn pop_used(&mut self) -> Option<(u16, u32)> {
+        if self.used_idx() == self.used_seen {
+            return None;
+        }
+        fence(Ordering::SeqCst);
+        let e = self.used + 4 + u64::from(self.used_seen % QSIZE) * 8;
+        self.used_seen = self.used_seen.wrapping_add(1);
+        Some((peek::<u32>(e) as u16, peek::<u32>(e + 4)))
+    }
+
+    /// Asks for an interrupt at the next used entry (EVENT_IDX used_event).
+    fn arm(&self) {
+        poke::<u16>(self.avail + 4 + u64::from(QSIZE) * 2, self.used_seen);
+        fence(Ordering::SeqCst);
+    }
+}
+
+struct Net {
+    base: u64,
+    features: u64,
+    mac: [u8; 6],
+    rx: Queue,
+    tx: Queue,
+    rx_count: u16,
+    rx_size: u32,
+    tx_next: u16,
+    ip: [u8; 4],
+    notifies: u64,
+}
+
+fn reg(base: u64, off: u64) -> u32 {
+    peek(base + off)
+}
+
+fn set_reg(base: u64, off: u64, v: u32) {
+    poke(base + off, v)
+}
+
+fn parse_u64(s: &[u8]) -> Option<u64> {
+    let mut v: u64 = 0;
+    if s.is_empty() {
+        return None;
+    }
+    for &c in s {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+    }
+    Some(v)
+}
+
+fn parse_ip(s: &[u8]) -> Option<[u8; 4]> {
+    let mut ip = [0u8; 4];
+    let mut n = 0;
+    for part in s.split(|&c| c == b'.') {
+        if n == 4 {
+            return None;
+        }
+        ip[n] = u8::try_from(parse_u64(part)?).ok()?;
+        n += 1;
+    }
+    (n == 4).then_some(ip)
+}
+
+fn hex_byte(v: u8) {
+    let h = |n: u8| if n < 10 { b'0' + n } else { b'a' + n - 10 };
+    putc(h(v >> 4));
+    putc(h(v & 0xf));
+}
+
+fn put_mac(m: &[u8; 6]) {
+    for (i, b) in m.iter().enumerate() {
+        if i > 0 {
+            putc(b':');
+        }
+        hex_byte(*b);
+    }
+}
+
+fn put_ip(ip: &[u8]) {
+    for (i, b) in ip.iter().enumerate() {
+        if i > 0 {
+            putc(b'.');
+        }
+        crate::io::put_dec(u64::from(*b));
+    }
+}
+
+/// Ones' complement sum of 16-bit big-endian words of `len` bytes at `addr`.
+fn sum16(addr: u64, len: u64, mut acc: u32) -> u32 {
+    let mut i = 0;
+    while i + 1 < len {
+        acc += u32::from(peek::<u8>(addr + i)) << 8 | u32::from(peek::<u8>(addr + i + 1));
+        i += 2;
+    }
+    if i < len {
+        acc += u32::from(peek::<u8>(addr + i)) << 8;
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+fn put_be16(addr: u64, v: u16) {
+    poke::<u8>(addr, (v >> 8) as u8);
+    poke::<u8>(addr + 1, v as u8);
+}
+
+fn be16(addr: u64) -> u16 {
+    u16::from(peek::<u8>(addr)) << 8 | u16::from(peek::<u8>(addr + 1))
+}
+
+fn copy(dst: u64, src: &[u8]) {
+    for (i, b) in src.iter().enumerate() {
+        poke::<u8>(dst + i as u64, *b);
+    }
+}
+
+fn read4(addr: u64) -> [u8; 4] {
+    [peek(addr), peek(addr + 1), peek(addr + 2), peek(addr + 3)]
+}
+
+fn read6(addr: u64) -> [u8; 6] {
+    [
+        peek(addr),
+        peek(addr + 1),
+        peek(addr + 2),
+        peek(addr + 3),
+        peek(addr + 4),
+        peek(addr + 5),
+    ]
+}
+
+/// Something random enough for a locally administered MAC address.
+fn random_mac() -> [u8; 6] {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: rdtsc only reads the time-stamp counter.
+    unsafe { core::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    let mut x = (u64::from(hi) << 32 | u64::from(lo)) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 29;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 32;
+    [
+        0x02,
+        x as u8,
+        (x >> 8) as u8,
+        (x >> 16) as u8,
+        (x >> 24) as u8,
+        (x >> 40) as u8,
+    ]
+}
+
+impl Net {
+    fn init(
+        base: u64,
+        irq: u32,
+        want_mrg: bool,
+        rx_count: u16,
+        rx_size: u32,
+        ip: [u8; 4],
+        bsp: u8,
+    ) -> Result<Net, &'static [u8]> {
+        if reg(base, 0) != 0x7472_6976 || reg(base, 4) != 2 {
+            return Err(b"not a virtio-mmio v2 device");
+        }
+        set_reg(base, 0x70, 0);
+        set_reg(base, 0x70, 1);
+        set_reg(base, 0x70, 3);
+        set_reg(base, 0x14, 0);
+        let lo = u64::from(reg(base, 0x10));
+        set_reg(base, 0x14, 1);
+        let offered = lo | u64::from(reg(base, 0x10)) << 32;
+        let mut want = VERSION_1 | EVENT_IDX | F_MAC | F_STATUS | F_MTU | F_CSUM | F_HOST_TSO4;
+        if want_mrg {
+            want |= F_MRG_RXBUF;
+        }
+        let features = offered & want;
+        if features & VERSION_1 == 0 {
+            return Err(b"no VERSION_1");
+        }
+        set_reg(base, 0x24, 0);
+        set_reg(base, 0x20, features as u32);
+        set_reg(base, 0x24, 1);
+        set_reg(base, 0x20, (features >> 32) as u32);
+        set_reg(base, 0x70, 1 | 2 | 8);
+        if reg(base, 0x70) & 8 == 0 {
+            return Err(b"FEATURES_OK refused");
+        }
+        let rx = Queue::new(RX_RING);
+        let tx = Queue::new(TX_RING);
+        for (i, q) in [&rx, &tx].iter().enumerate() {
+            set_reg(base, 0x30, i as u32);
+            if reg(base, 0x34) < u32::from(QSIZE) {
+                return Err(b"queue too small");
+            }
+            set_reg(base, 0x38, u32::from(QSIZE));
+            for (off, a) in [(0x80, q.desc), (0x90, q.avail), (0xa0, q.used)] {
+                set_reg(base, off, a as u32);
+                set_reg(base, off + 4, (a >> 32) as u32);
+            }
+            set_reg(base, 0x44, 1);
+        }
+        let mac = if features & F_MAC != 0 {
+            let mut m = [0u8; 6];
+            for (i, b) in m.iter_mut().enumerate() {
+                *b = peek(base + 0x100 + i as u64);
+            }
+            m
+        } else {
+            random_mac()
+        };
+        apic::route_irq(irq, apic::VIRTIO_VECTOR, bsp);
+        let mut n = Net {
+            base,
+            features,
+            mac,
+            rx,
+            tx,
+            rx_count,
+            rx_size,
+            tx_next: 0,
+            ip,
+            notifies: 0,
+        };
+        for i in 0..rx_count {
+            n.rx.set_desc(
+                i,
+                RX_BUFS + u64::from(i) * u64::from(rx_size),
+                rx_size,
+                2,
+                0,
+            );
+        }
+        set_reg(base, 0x70, 1 | 2 | 8 | 4);
+        if reg(base, 0x70) & 0x40 != 0 {
+            return Err(b"device needs reset after DRIVER_OK");
+        }
+        for i in 0..rx_count {
+            n.rx.publish(i);
+        }
+        n.notify(0);
+        Ok(n)
+    }
+
+    fn notify(&mut self, queue: u32) {
+        self.notifies += 1;
+        set_reg(self.base, 0x50, queue);
+    }
+
+    fn config_u16(&self, off: u64) -> u16 {
+        peek(self.base + 0x100 + off)
+    }
+
+    /// Waits up to `ms` for a used entry on either queue (by interrupt).
+    fn wait(&mut self, ms: u32) -> bool {
+        let expiries = apic::timer_irqs();
+        apic::start_watchdog(ms);
+        loop {
+            self.rx.arm();
+            if self.rx.used_idx() != self.rx.used_seen {
+                break;
+            }
+            if apic::timer_irqs() != expiries {
+                return false;
+            }
+            // SAFETY: wait for the device (or watchdog) interrupt.
+            unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
+        }
+        apic::stop_watchdog();
+        let isr = reg(self.base, 0x60);
+        set_reg(self.base, 0x64, isr);
+        true
+    }
+
+    /// A free transmit slot's buffer (after reclaiming sent ones).
+    fn tx_slot(&mut self) -> (u16, u64) {
+        while self.tx.avail_idx.wrapping_sub(self.tx.used_idx()) >= QSIZE {
+            let expiries = apic::timer_irqs();
+            apic::start_watchdog(100);
+            while apic::timer_irqs() == expiries
+                && self.tx.avail_idx.wrapping_sub(self.tx.used_idx()) >= QSIZE
+            {
+                // SAFETY: wait for an interrupt.
+                unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
+            }
+            apic::stop_watchdog();
+        }
+        let slot = self.tx_next;
+        self.tx_next = (slot + 1) % QSIZE;
+        (slot, TX_BUFS + u64::from(slot) * TX_SLOT)
+    }
+
+    /// Sends the frame of `len` bytes (header included) in slot `slot`.
+    fn send_slot(&mut self, slot: u16, buf: u64, len: u32) {
+        self.tx.set_desc(slot, buf, len, 0, 0);
+        if self.tx.publish(slot) {
+            self.notify(1);
+        }
+    }
+
+    /// Builds an Ethernet frame in a fresh slot: zeroed virtio-net header, addresses, type;
+    /// returns the slot and where the payload starts.
+    fn frame(&mut self, dst: &[u8; 6], ethertype: u16) -> (u16, u64, u64) {
+        let (slot, buf) = self.tx_slot();
+        for i in 0..HDR {
+            poke::<u8>(buf + i, 0);
+        }
+        copy(buf + HDR, dst);
+        copy(buf + HDR + 6, &self.mac);
+        put_be16(buf + HDR + 12, ethertype);
+        (slot, buf, buf + HDR + 14)
+    }
+
+    fn send_arp(&mut self, op: u16, target_mac: &[u8; 6], target_ip: &[u8; 4]) {
+        let dst = if op == 1 { [0xff; 6] } else { *target_mac };
+        let (slot, buf, p) = self.frame(&dst, 0x0806);
+        put_be16(p, 1);
+        put_be16(p + 2, 0x0800);
+        poke::<u8>(p + 4, 6);
+        poke::<u8>(p + 5, 4);
+        put_be16(p + 6, op);
+        copy(p + 8, &self.mac);
+        copy(p + 14, &self.ip);
+        copy(p + 18, if op == 1 { &[0u8; 6] } else { target_mac });
+        copy(p + 24, target_ip);
+        self.send_slot(slot, buf, (HDR + 14 + 28) as u32);
+    }
+
+    /// Sends a UDP datagram; `payload` fills it (`seq` in the first four bytes when given,
+    /// the rest a pattern the host checks), with a real checksum when `checksum`.
+    fn send_udp(
+        &mut self,
+        dst_mac: &[u8; 6],
+        dst_ip: &[u8; 4],
+        sport: u16,
+        dport: u16,
+        payload: &[u8],
+        checksum: bool,
+    ) {
+        let (slot, buf, ip) = self.frame(dst_mac, 0x0800);
+        let udp = ip + 20;
+        let len = 8 + payload.len() as u16;
+        poke::<u8>(ip, 0x45);
+        poke::<u8>(ip + 1, 0);
+        put_be16(ip + 2, 20 + len);
+        put_be16(ip + 4, slot);
+        put_be16(ip + 6, 0x4000);
+        poke::<u8>(ip + 8, 64);
+        poke::<u8>(ip + 9, 17);
+        put_be16(ip + 10, 0);
+        copy(ip + 12, &self.ip);
+        copy(ip + 16, dst_ip);
+        put_be16(ip + 10, !fold(sum16(ip, 20, 0)));
+        put_be16(udp, sport);
+        put_be16(udp + 2, dport);
+        put_be16(udp + 4, len);
+        put_be16(udp + 6, 0);
+        copy(udp + 8, payload);
+        if checksum {
+            // Pseudo-header: addresses, protocol, length.
+            let acc = sum16(ip + 12, 8, 17 + u32::from(len));
+            let c = !fold(sum16(udp, u64::from(len), acc));
+            put_be16(udp + 6, if c == 0 { 0xffff } else { c });
+        }
+        self.send_slot(slot, buf, (HDR + 14 + 20) as u32 + u32::from(len));
+    }
+
+    /// Returns the receive chain `id` (and, with MRG_RXBUF, the `extra` ones after it) to the
+    /// device.
+    fn repost(&mut self, id: u16) -> bool {
+        self.rx.publish(id)
+    }
+}
+
+/// What the receive loop has seen.
+#[derive(Default)]
+struct Seen {
+    peer_mac: Option<[u8; 6]>,
+    hello: bool,
+    burst: u64,
+    burst_bad: u64,
+    buffers_merged: u64,
+    frames: u64,
+}
+
+fn report_hello(from: &[u8], sport: u16, data: u64, len: u64) {
+    puts(b"@net udp-rx from=");
+    put_ip(from);
+    putc(b':');
+    crate::io::put_dec(u64::from(sport));
+    field(b"len", len, false);
+    puts(b" data=");
+    for i in 0..len.min(64) {
+        hex_byte(peek(data + i));
+    }
+    puts(b"\n");
+}
+
+/// Handles one received frame of `len` bytes at `buf` (header included).
+fn handle(n: &mut Net, seen: &mut Seen, buf: u64, len: u64, want_ip: &[u8; 4]) {
+    seen.frames += 1;
+    if len < HDR + 14 {
+        return;
+    }
+    let eth = buf + HDR;
+    match be16(eth + 12) {
+        0x0806 if len >= HDR + 14 + 28 => {
+            let a = eth + 14;
+            let op = be16(a + 6);
+            let sender_mac = read6(a + 8);
+            let sender_ip = read4(a + 14);
+            let target_ip = read4(a + 24);
+            if op == 1 && target_ip == n.ip {
+                n.send_arp(2, &sender_mac, &sender_ip);
+            } else if op == 2 && sender_ip == *want_ip && seen.peer_mac.is_none() {
+                seen.peer_mac = Some(sender_mac);
+                puts(b"@net arp-reply ip=");
+                put_ip(&sender_ip);
+                puts(b" mac=");
+                put_mac(&sender_mac);
+                puts(b"\n");
+            }
+        }
+        0x0800 if len >= HDR + 14 + 28 => {
+            let ip = eth + 14;
+            let ihl = u64::from(peek::<u8>(ip) & 0xf) * 4;
+            if peek::<u8>(ip + 9) != 17 || read4(ip + 16) != n.ip {
+                return;
+            }
+            let udp = ip + ihl;
+            let dport = be16(udp + 2);
+            let ulen = u64::from(be16(udp + 4)).saturating_sub(8);
+            let data = udp + 8;
+            if dport == 5000 && !seen.hello {
+                seen.hello = true;
+                report_hello(&read4(ip + 12), be16(udp), data, ulen);
+            } else if dport == 5001 && ulen >= 4 {
+                let seq = u32::from(be16(data)) << 16 | u32::from(be16(data + 2));
+                let mut ok = u64::from(seq) == seen.burst;
+                for i in 4..ulen {
+                    ok &= peek::<u8>(data + i) == (seq as u8).wrapping_add(i as u8);
+                }
+                if !ok {
+                    seen.burst_bad += 1;
+                }
+                seen.burst += 1;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Drains the receive ring: handles every frame and reposts its buffers (unless `hold`, when
+/// they are kept back and returned in the list).
+fn drain(
+    n: &mut Net,
+    seen: &mut Seen,
+    want_ip: &[u8; 4],
+    held: &mut [u16; QSIZE as usize],
+    nheld: &mut usize,
+    hold: bool,
+) {
+    let mut notify = false;
+    while let Some((id, len)) = n.rx.pop_used() {
+        if id >= n.rx_count {
+            // The hostile test's read-only buffer, given back empty: not reposted.
+            continue;
+        }
+        let buf = RX_BUFS + u64::from(id) * u64::from(n.rx_size);
+        let buffers = if n.features & F_MRG_RXBUF != 0 {
+            peek::<u16>(buf + 10)
+        } else {
+            1
+        };
+        if buffers > 1 {
+            // The frame goes on in the next buffers: the test only merges in place when they
+            // are consecutive, which a fresh ring gives; otherwise the frame is counted only.
+            seen.buffers_merged += u64::from(buffers);
+            let mut ids = [id; 64];
+            let mut total = u64::from(len);
+            for k in 1..usize::from(buffers).min(64) {
+                match n.rx.pop_used() {
+                    Some((i2, l2)) => {
+                        ids[k] = i2;
+                        total += u64::from(l2);
+                    }
+                    None => break,
+                }
+            }
+            handle(n, seen, buf, u64::from(len).min(total), want_ip);
+            for &i in &ids[..usize::from(buffers).min(64)] {
+                notify |= n.repost(i);
+            }
+            continue;
+        }
+        handle(n, seen, buf, u64::from(len), want_ip);
+        if hold {
+            held[*nheld] = id;
+            *nheld += 1;
+        } else {
+            notify |= n.repost(id);
+        }
+    }
+    if notify {
+        n.notify(0);
+    }
+}
+
+/// Sends malformed chains on the transmit queue: a frame shorter than its header, a chain
+/// with a device-writable buffer, a buffer outside guest memory, and one far too long.
+fn hostile(n: &mut Net) {
+    let (s0, b0) = n.tx_slot();
+    n.send_slot(s0, b0, 4);
+    let (s1, b1) = n.tx_slot();
+    n.tx.set_desc(s1, b1, 64, 2, 0);
+    if n.tx.publish(s1) {
+        n.notify(1);
+    }
+    let (s2, _) = n.tx_slot();
+    n.send_slot(s2, 0xff_ffff_0000, 64);
+    let (s3, b3) = n.tx_slot();
+    n.send_slot(s3, b3, 200_000);
+    // A receive buffer the device may not write (read-only), given back empty.
+    let id = n.rx_count;
+    n.rx.set_desc(id, RX_BUFS, 64, 0, 0);
+    n.rx.publish(id);
+    n.notify(0);
+    puts(b"@net hostile sent=5\n");
+}
+
+/// One 64 KiB TCP segment with TSO: the host kernel segments it on the way out.
+fn tso(n: &mut Net, dst_mac: &[u8; 6], dst_ip: &[u8; 4]) {
+    const PAYLOAD: u64 = 65000;
+    const MSS: u16 = 1448;
+    let buf = TSO_BUF;
+    // virtio_net_hdr: NEEDS_CSUM, GSO_TCPV4, hdr_len, gso_size, csum_start, csum_offset.
+    poke::<u8>(buf, 1);
+    poke::<u8>(buf + 1, 1);
+    poke::<u16>(buf + 2, 14 + 20 + 20);
+    poke::<u16>(buf + 4, MSS);
+    poke::<u16>(buf + 6, 14 + 20);
+    poke::<u16>(buf + 8, 16);
+    poke::<u16>(buf + 10, 0);
+    let eth = buf + HDR;
+    copy(eth, dst_mac);
+    copy(eth + 6, &n.mac);
+    put_be16(eth + 12, 0x0800);
+    let ip = eth + 14;
+    let total = 20 + 20 + PAYLOAD;
+    poke::<u8>(ip, 0x45);
+    poke::<u8>(ip + 1, 0);
+    put_be16(ip + 2, total as u16);
+    put_be16(ip + 4, 1);
+    put_be16(ip + 6, 0x4000);
+    poke::<u8>(ip + 8, 64);
+    poke::<u8>(ip + 9, 6);
+    put_be16(ip + 10, 0);
+    copy(ip + 12, &n.ip);
+    copy(ip + 16, dst_ip);
+    put_be16(ip + 10, !fold(sum16(ip, 20, 0)));
+    let tcp = ip + 20;
+    put_be16(tcp, 40000);
+    put_be16(tcp + 2, 7000);
+    copy(tcp + 4, &[0, 0, 0, 1, 0, 0, 0, 0]);
+    poke::<u8>(tcp + 12, 5 << 4);
+    poke::<u8>(tcp + 13, 0x18); // PSH, ACK
+    put_be16(tcp + 14, 65535);
+    put_be16(tcp + 18, 0);
+    // The payload is whatever is in memory there: the host checks segment count and checksums.
+    // Partial checksum: the pseudo-header sum only, for the device (host) to complete.
+    let acc = sum16(ip + 12, 8, 6 + 20 + PAYLOAD as u32);
+    put_be16(tcp + 16, fold(acc));
+    let (slot, _) = n.tx_slot();
+    n.send_slot(slot, buf, (HDR + 14 + total) as u32);
+    puts(b"@net tso sent bytes=");
+    crate::io::put_dec(PAYLOAD);
+    puts(b"\n");
+}
+
+fn option_u64(info: &crate::boot::BootInfo, key: &[u8], default: u64) -> u64 {
+    info.option_value(key)
+        .and_then(parse_u64)
+        .unwrap_or(default)
+}
+
+/// The network test on the first virtio-net device.
+pub fn test(info: &crate::boot::BootInfo, slot: usize, base: u64, irq: u32, bsp: u8) {
+    let ip = info
+        .option_value(b"vireo.netip")
+        .and_then(parse_ip)
+        .unwrap_or([10, 0, 0, 2]);
+    let host = info
+        .option_value(b"vireo.nethost")
+        .and_then(parse_ip)
+        .unwrap_or([10, 0, 0, 1]);
+    let peer = info.option_value(b"vireo.netpeer").and_then(parse_ip);
+    let target = peer.unwrap_or(host);
+    let burst = option_u64(info, b"vireo.netburst", 0);
+    let rx_count = option_u64(info, b"vireo.netrx", 64).clamp(1, u64::from(QSIZE) - 1) as u16;
+    let rx_size = option_u64(info, b"vireo.netbuf", 2048).clamp(64, 65562) as u32;
+    let mrg = info.option_value(b"vireo.netmrg") != Some(b"0");
+    let pause_at = info.option_value(b"vireo.netpause").and_then(parse_u64);
+    let mut n = match Net::init(base, irq, mrg, rx_count, rx_size, ip, bsp) {
+        Ok(n) => n,
+        Err(e) => {
+            puts(b"@net error=");
+            puts(e);
+            puts(b"\n");
+            return;
+        }
+    };
+    puts(b"@net");
+    field(b"dev", slot as u64, false);
+    puts(b" mac=");
+    put_mac(&n.mac);
+    field(b"mac_offered", u64::from(n.features & F_MAC != 0), false);
+    field(b"status", u64::from(n.config_u16(6)), false);
+    field(
+        b"mtu",
+        if n.features & F_MTU != 0 {
+            u64::from(n.config_u16(10))
+        } else {
+            0
+        },
+        false,
+    );
+    field(b"mrg", u64::from(n.features & F_MRG_RXBUF != 0), false);
+    field(b"features", n.features, true);
+    puts(b"\n");
+
+    let mut seen = Seen::default();
+    let mut held = [0u16; QSIZE as usize];
+    let mut nheld = 0usize;
+    if info.has_option(b"vireo.nethostile") {
+        hostile(&mut n);
+    }
+    // Resolve the host (or peer), asking again every 200 ms.
+    let mut tries = 0;
+    while seen.peer_mac.is_none() && tries < 50 {
+        n.send_arp(1, &[0; 6], &target);
+        tries += 1;
+        if n.wait(200) {
+            drain(&mut n, &mut seen, &target, &mut held, &mut nheld, false);
+        }
+    }
+    let Some(dst) = seen.peer_mac else {
+        puts(b"@net error=no ARP reply\n");
+        return;
+    };
+    if info.has_option(b"vireo.nettso") {
+        let to = info
+            .option_value(b"vireo.nettsodst")
+            .and_then(parse_ip)
+            .unwrap_or(host);
+        tso(&mut n, &dst, &to);
+    }
+    let hello = b"hello from vireo";
+    if peer.is_some() {
+        // Another guest: send until its hello has come (it may start later), then a few more.
+        let mut extra = 0;
+        let mut rounds = 0;
+        while extra < 3 && rounds < 300 {
+            n.send_udp(&dst, &target, 5000, 5000, hello, true);
+            if seen.hello {
+                extra += 1;
+            }
+            rounds += 1;
+            if n.wait(100) {
+                drain(&mut n, &mut seen, &target, &mut held, &mut nheld, false);
+            }
+        }
+        puts(b"@net peer-done hello=");
+        crate::io::put_dec(u64::from(seen.hello));
+        puts(b"\n");
+        return;
+    }
+    n.send_udp(&dst, &target, 5000, 6000, hello, true);
+    let mut payload = [0u8; 64];
+    for seq in 0..burst {
+        payload[..4].copy_from_slice(&(seq as u32).to_be_bytes());
+        for (i, b) in payload.iter_mut().enumerate().skip(4) {
+            *b = (seq as u8).wrapping_add(i as u8);
+        }
+        n.send_udp(&dst, &target, 5001, 6001, &payload, false);
+        // Answer the host's ARP and keep the receive ring moving meanwhile.
+        drain(&mut n, &mut seen, &target, &mut held, &mut nheld, false);
+    }
+    puts(b"@net ready");
+    field(b"sent", burst + 1, false);
+    puts(b"\n");
+
+    // Receive the host's hello and burst; stall once if asked.
+    let mut idle = 0;
+    while (!seen.hello || seen.burst < burst) && idle < 100 {
+        let hold = pause_at.is_some_and(|p| seen.burst >= p && nheld == 0 && idle == 0);
+        if n.wait(200) {
+            idle = 0;
+            drain(&mut n, &mut seen, &target, &mut held, &mut nheld, false);
+        } else {
+            idle += 1;
+        }
+        if hold {
+            // Stop posting: keep every buffer the device hands back for about a second.
+            puts(b"@net pause at=");
+            crate::io::put_dec(seen.burst);
+            puts(b"\n");
+            let expiries = apic::timer_irqs();
+            apic::start_watchdog(1000);
+            while apic::timer_irqs() == expiries {
+                drain(&mut n, &mut seen, &target, &mut held, &mut nheld, true);
+                n.rx.arm();
+                // SAFETY: wait for an interrupt.
+                unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
+            }
+            drain(&mut n, &mut seen, &target, &mut held, &mut nheld, true);
+            let mut notify = false;
+            for &id in &held[..nheld] {
+                notify |= n.repost(id);
+            }
+            if notify || nheld > 0 {
+                n.notify(0);
+            }
+            puts(b"@net resume held=");
+            crate::io::put_dec(nheld as u64);
+            puts(b"\n");
+        }
+    }
+    puts(b"@net burst-rx");
+    field(b"count", seen.burst, false);
+    field(b"bad", seen.burst_bad, false);
+    field(b"frames", seen.frames, false);
+    field(b"merged", seen.buffers_merged, false);
+    field(b"notifies", n.notifies, false);
+    puts(b"\n");
+}

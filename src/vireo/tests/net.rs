@@ -1,0 +1,402 @@
+//! virtio-net end to end: the test guest's driver talks to the host kernel through a TAP in a
+//! private network namespace (ARP, UDP, bursts each way), with small buffers, with a guest that
+//! stops posting buffers, with hostile chains, and two guests on a bridge. Frames are checked
+//! byte for byte at both ends; vireo's counters come from its metrics file.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Read};
+use std::net::UdpSocket;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const GUEST_MAC: &str = "02:00:00:00:00:02";
+
+struct Vm {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: std::thread::JoinHandle<String>,
+    metrics: PathBuf,
+}
+
+/// Starts the test guest from a Firecracker config file with `interfaces` as
+/// `(tap, guest_mac)` and a metrics file.
+fn start(
+    dir: &Path,
+    name: &str,
+    kind: &str,
+    interfaces: &[(&str, Option<&str>)],
+    args: &str,
+) -> Vm {
+    let metrics = dir.join(format!("{name}.metrics"));
+    let nets: Vec<serde_json::Value> = interfaces
+        .iter()
+        .enumerate()
+        .map(|(i, (tap, mac))| {
+            let mut v = serde_json::json!({ "iface_id": format!("eth{i}"), "host_dev_name": tap });
+            if let Some(m) = mac {
+                v["guest_mac"] = serde_json::json!(m);
+            }
+            v
+        })
+        .collect();
+    let cfg = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": guest(kind),
+            "boot_args": format!("console=ttyS0 vireo.nettest {args}"),
+        },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": 128 },
+        "network-interfaces": nets,
+        "metrics": { "metrics_path": metrics },
+    });
+    let path = dir.join(format!("{name}.json"));
+    write_file(&path, cfg.to_string().as_bytes());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vireo"))
+        .args(["--no-api", "--config-file"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l.trim_end_matches('\r').to_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    Vm {
+        child,
+        lines,
+        seen: Vec::new(),
+        stderr,
+        metrics,
+    }
+}
+
+impl Vm {
+    /// Waits for a report line starting with `prefix` and returns it.
+    fn wait(&mut self, prefix: &str) -> String {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
+                return l.clone();
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!("no {prefix:?} from the guest; saw {:#?}", self.seen),
+            }
+        }
+    }
+
+    /// Waits for vireo to exit; returns its exit code, every line and stderr.
+    fn finish(mut self) -> (i32, Vec<String>, String, serde_json::Value) {
+        let status = wait_exit(&mut self.child);
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(l);
+        }
+        let stderr = self.stderr.join().unwrap();
+        let text = std::fs::read_to_string(&self.metrics).unwrap_or_default();
+        let metrics = text
+            .lines()
+            .last()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .unwrap_or(serde_json::Value::Null);
+        (status.code().unwrap_or(-1), self.seen, stderr, metrics)
+    }
+}
+
+/// Sets a socket's receive buffer beyond the sysctl limit (as root).
+fn force_rcvbuf(fd: i32, size: libc::c_int) {
+    // SAFETY: setsockopt(2) reads the int we pass for its length.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+}
+
+/// A UDP socket on the host side with a receive buffer big enough for a whole burst.
+fn udp(addr: &str) -> UdpSocket {
+    let s = UdpSocket::bind(addr).unwrap();
+    force_rcvbuf(s.as_raw_fd(), 16 << 20);
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// A packet socket capturing every frame on `dev`.
+fn capture(dev: &str) -> OwnedFd {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the descriptor is new and owned here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    force_rcvbuf(fd.as_raw_fd(), 64 << 20);
+    let name = std::ffi::CString::new(dev).unwrap();
+    // SAFETY: if_nametoindex reads the NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields set below make it a bind address.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    addr.sll_ifindex = index as i32;
+    // SAFETY: bind(2) reads the sockaddr_ll for the length given.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+    fd
+}
+
+/// Every frame captured so far.
+fn captured(fd: &OwnedFd) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    let mut buf = vec![0u8; 70_000];
+    loop {
+        // SAFETY: recv(2) writes at most `buf.len()` bytes into `buf`.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            return frames;
+        }
+        frames.push(buf[..n as usize].to_vec());
+    }
+}
+
+fn mac_bytes(s: &str) -> Vec<u8> {
+    s.split(':')
+        .map(|p| u8::from_str_radix(p, 16).unwrap())
+        .collect()
+}
+
+fn csum(data: &[u8], mut acc: u32) -> u16 {
+    for c in data.chunks(2) {
+        acc += u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0));
+    }
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+/// Checks an IPv4/UDP frame's IP and UDP checksums.
+fn checksums_valid(frame: &[u8]) -> bool {
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0xf) * 4;
+    let udp_len = usize::from(u16::from_be_bytes([ip[ihl + 4], ip[ihl + 5]]));
+    let udp = &ip[ihl..ihl + udp_len];
+    let pseudo: u32 = ip[12..20]
+        .chunks(2)
+        .map(|c| u32::from(c[0]) << 8 | u32::from(c[1]))
+        .sum::<u32>()
+        + u32::from(ip[9])
+        + udp_len as u32;
+    csum(&ip[..ihl], 0) == 0 && (udp[6..8] == [0, 0] || csum(udp, pseudo) == 0)
+}
+
+fn net_counter(m: &serde_json::Value, iface: &str, name: &str) -> u64 {
+    m["devices"][format!("net_{iface}")][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} for {iface} in {m}"))
+}
+
+/// What a single-guest exchange left behind.
+struct Exchange {
+    lines: Vec<String>,
+    metrics: serde_json::Value,
+    frames: Vec<Vec<u8>>,
+    host_mac: String,
+    ns: NetNs,
+}
+
+/// The single-guest exchange: ARP both ways, a hello each way, a burst each way, every frame
+/// on the TAP captured.
+fn exchange(tag: &str, kind: &str, burst: u32, args: &str) -> Exchange {
+    let ns = NetNs::enter(tag);
+    ns.tap("tap0", Some("10.0.0.1/24"));
+    let cap = capture("tap0");
+    let dir = scratch(tag);
+    let hello_rx = udp("10.0.0.1:6000");
+    let burst_rx = udp("10.0.0.1:6001");
+    let counter = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let mut seqs = Vec::new();
+        while seqs.len() < burst as usize {
+            let Ok(n) = burst_rx.recv(&mut buf) else {
+                break;
+            };
+            assert_eq!(n, 64);
+            let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
+            for (i, b) in buf[4..n].iter().enumerate() {
+                assert_eq!(
+                    *b,
+                    (seq as u8).wrapping_add(i as u8 + 4),
+                    "byte {i} of frame {seq}"
+                );
+            }
+            seqs.push(seq);
+        }
+        seqs
+    });
+    let mut vm = start(
+        &dir,
+        "vm",
+        kind,
+        &[("tap0", Some(GUEST_MAC))],
+        &format!("vireo.netburst={burst} {args}"),
+    );
+    vm.wait("@net ready");
+    let mut buf = [0u8; 256];
+    let (n, from) = hello_rx.recv_from(&mut buf).expect("the guest's hello");
+    assert_eq!(&buf[..n], b"hello from vireo");
+    assert_eq!(from.to_string(), "10.0.0.2:5000");
+    // The host learned the guest's address from its ARP request: forget it, so that the host
+    // kernel has to ask and the guest has to answer.
+    ns.sh("ip neigh del 10.0.0.2 dev tap0");
+    // The host's hello, then its burst, paced so that the host's own queues keep up.
+    hello_rx
+        .send_to(b"hello from the host", "10.0.0.2:5000")
+        .unwrap();
+    for seq in 0..burst {
+        let mut p = seq.to_be_bytes().to_vec();
+        p.extend((4..64).map(|i| (seq as u8).wrapping_add(i as u8)));
+        hello_rx.send_to(&p, "10.0.0.2:5001").unwrap();
+        if seq % 20 == 19 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let (code, lines, stderr, metrics) = vm.finish();
+    assert_eq!(code, 0, "{stderr}");
+    let seqs = counter.join().unwrap();
+    assert_eq!(
+        seqs,
+        (0..burst).collect::<Vec<_>>(),
+        "every guest frame, in order"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    Exchange {
+        lines,
+        metrics,
+        frames: captured(&cap),
+        host_mac: ns.mac("tap0"),
+        ns,
+    }
+}
+
+fn line<'a>(lines: &'a [String], prefix: &str) -> &'a str {
+    lines
+        .iter()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in {lines:#?}"))
+}
+
+fn check_burst(lines: &[String], metrics: &serde_json::Value, burst: u64, ns: &NetNs) {
+    assert_eq!(
+        line(lines, "@net udp-rx"),
+        format!(
+            "@net udp-rx from=10.0.0.1:6000 len=19 data={}",
+            b"hello from the host"
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        )
+    );
+    let rx = line(lines, "@net burst-rx");
+    assert_eq!(field(rx, "count"), Some(burst.to_string().as_str()), "{rx}");
+    assert_eq!(field(rx, "bad"), Some("0"), "{rx}");
+    for counter in ["rx_drops", "rx_errors", "tx_drops", "tx_errors"] {
+        assert_eq!(
+            net_counter(metrics, "eth0", counter),
+            0,
+            "{counter}: {metrics}"
+        );
+    }
+    // vireo counted at least the bursts (ARP and hellos come on top).
+    assert!(net_counter(metrics, "eth0", "rx_frames") > burst);
+    assert!(net_counter(metrics, "eth0", "tx_frames") > burst);
+    // The TAP's own drops are the host kernel's, reported separately.
+    let (tap_rx_drop, tap_tx_drop) = (
+        ns.link_stat("tap0", "rx", "dropped"),
+        ns.link_stat("tap0", "tx", "dropped"),
+    );
+    // Frames the host kernel sent before vireo opened the TAP are its drops, not vireo's.
+    eprintln!("the TAP's own drops (host kernel): rx {tap_rx_drop}, tx {tap_tx_drop}");
+}
+
+#[test]
+fn guest_and_host_exchange_arp_udp_and_a_thousand_frames_each_way() {
+    let run = exchange("arp-udp", "elf", 1000, "");
+    check_burst(&run.lines, &run.metrics, 1000, &run.ns);
+    // The guest answered the host kernel's ARP request (the host's hello reached it), and its
+    // own frames carry the right addresses and checksums.
+    let guest = mac_bytes(GUEST_MAC);
+    let host = mac_bytes(&run.host_mac);
+    let arp = run
+        .frames
+        .iter()
+        .find(|f| f[6..12] == guest[..] && f[12..14] == [8, 6] && f[20..22] == [0, 1])
+        .expect("the guest's ARP request");
+    assert_eq!(&arp[..6], &[0xff; 6], "broadcast");
+    assert_eq!(&arp[22..28], &guest[..], "sender MAC");
+    assert_eq!(&arp[28..32], &[10, 0, 0, 2], "sender IP");
+    assert_eq!(&arp[38..42], &[10, 0, 0, 1], "target IP");
+    let reply = run
+        .frames
+        .iter()
+        .find(|f| f[6..12] == guest[..] && f[12..14] == [8, 6] && f[20..22] == [0, 2])
+        .expect("the guest's ARP reply to the host kernel");
+    assert_eq!(&reply[..6], &host[..]);
+    assert_eq!(&reply[32..38], &host[..], "target MAC");
+    let hello = run
+        .frames
+        .iter()
+        .find(|f| f[6..12] == guest[..] && f[12..14] == [8, 0] && f[36..38] == [0x17, 0x70])
+        .expect("the guest's hello to port 6000");
+    assert_eq!(&hello[..6], &host[..], "to the host's MAC");
+    assert_eq!(&hello[26..30], &[10, 0, 0, 2]);
+    assert_eq!(&hello[30..34], &[10, 0, 0, 1]);
+    assert!(checksums_valid(hello), "IP and UDP checksums");
+    assert_eq!(&hello[42..], b"hello from vireo");
+    let arp_line = line(&run.lines, "@net arp-reply");
+    assert_eq!(
+        arp_line,
+        format!("@net arp-reply ip=10.0.0.1 mac={}", run.host_mac)
+    );
+    let config = line(&run.lines, "@net dev=0");
+    assert_eq!(field(config, "mac"), Some(GUEST_MAC));
+    assert_eq!(field(config, "mac_offered"), Some("1"));
+    assert_eq!(field(config, "status"), Some("1"), "link up");
+    assert_eq!(field(config, "mrg"), Some("1"));
+}
