@@ -400,3 +400,201 @@ fn guest_and_host_exchange_arp_udp_and_a_thousand_frames_each_way() {
     assert_eq!(field(config, "status"), Some("1"), "link up");
     assert_eq!(field(config, "mrg"), Some("1"));
 }
+
+/// A guest that posts only 16 buffers of 2 KiB and does not negotiate MRG_RXBUF still gets
+/// every frame that fits them.
+#[test]
+fn sixteen_small_buffers_without_mrg_rxbuf() {
+    let run = exchange(
+        "small-bufs",
+        "pvh",
+        1000,
+        "vireo.netrx=16 vireo.netbuf=2048 vireo.netmrg=0",
+    );
+    assert_eq!(field(line(&run.lines, "@net dev=0"), "mrg"), Some("0"));
+    check_burst(&run.lines, &run.metrics, 1000, &run.ns);
+}
+
+/// A guest that stops posting buffers: frames wait in the TAP, none is lost or corrupted,
+/// and delivery resumes when buffers come back.
+#[test]
+fn frames_wait_in_the_tap_while_the_guest_posts_no_buffers() {
+    let run = exchange("pause", "elf", 1000, "vireo.netpause=300");
+    let resume = line(&run.lines, "@net resume");
+    let held: u64 = field(resume, "held").unwrap().parse().unwrap();
+    assert_eq!(
+        held, 64,
+        "every buffer was held back, so the ring ran dry: {resume}"
+    );
+    check_burst(&run.lines, &run.metrics, 1000, &run.ns);
+}
+
+/// Malformed chains on both queues are dropped and counted; the device, the other queue and
+/// vireo keep working.
+#[test]
+fn hostile_chains_are_dropped_and_counted() {
+    let run = exchange("hostile", "elf", 50, "vireo.nethostile");
+    assert!(line(&run.lines, "@net hostile").contains("sent=5"));
+    let m = &run.metrics;
+    // Shorter than the header and longer than the largest frame: dropped.
+    assert_eq!(net_counter(m, "eth0", "tx_drops"), 2, "{m}");
+    // A device-writable buffer and one outside guest memory: errors.
+    assert_eq!(net_counter(m, "eth0", "tx_errors"), 2, "{m}");
+    // A read-only receive buffer, returned empty.
+    assert_eq!(net_counter(m, "eth0", "rx_errors"), 1, "{m}");
+    let rx = line(&run.lines, "@net burst-rx");
+    assert_eq!(field(rx, "count"), Some("50"));
+    assert_eq!(field(rx, "bad"), Some("0"));
+    assert_eq!(
+        m["events"]["virtio_net_bad_tx_chain"].as_u64(),
+        Some(4),
+        "counted, and logged at most a few times: {m}"
+    );
+}
+
+/// Two guests with default settings (no MAC given) on two TAPs joined by a bridge: each
+/// picks its own MAC, and they exchange UDP.
+#[test]
+fn two_guests_on_a_bridge_pick_distinct_macs_and_talk() {
+    let ns = NetNs::enter("bridge");
+    ns.sh("ip link add br0 type bridge && ip link set br0 up");
+    for tap in ["tapa", "tapb"] {
+        ns.tap(tap, None);
+        ns.sh(&format!("ip link set {tap} master br0"));
+    }
+    let dir = scratch("bridge");
+    let mut a = start(
+        &dir,
+        "a",
+        "elf",
+        &[("tapa", None)],
+        "vireo.netip=10.0.1.2 vireo.netpeer=10.0.1.3",
+    );
+    let mut b = start(
+        &dir,
+        "b",
+        "pvh",
+        &[("tapb", None)],
+        "vireo.netip=10.0.1.3 vireo.netpeer=10.0.1.2",
+    );
+    let mac_a = field(&a.wait("@net dev=0"), "mac").unwrap().to_owned();
+    let mac_b = field(&b.wait("@net dev=0"), "mac").unwrap().to_owned();
+    let (code_a, lines_a, err_a, _) = a.finish();
+    let (code_b, lines_b, err_b, _) = b.finish();
+    assert_eq!((code_a, code_b), (0, 0), "{err_a}\n{err_b}");
+    assert_ne!(mac_a, mac_b, "each guest picked its own MAC");
+    for (lines, mac) in [(&lines_a, &mac_a), (&lines_b, &mac_b)] {
+        assert_eq!(
+            field(line(lines, "@net dev=0"), "mac_offered"),
+            Some("0"),
+            "no MAC offered without one configured"
+        );
+        assert_eq!(
+            u8::from_str_radix(&mac[..2], 16).unwrap() & 1,
+            0,
+            "unicast {mac}"
+        );
+    }
+    assert_eq!(
+        line(&lines_a, "@net arp-reply"),
+        format!("@net arp-reply ip=10.0.1.3 mac={mac_b}")
+    );
+    assert_eq!(
+        line(&lines_b, "@net arp-reply"),
+        format!("@net arp-reply ip=10.0.1.2 mac={mac_a}")
+    );
+    let hex: String = b"hello from vireo"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        line(&lines_a, "@net udp-rx"),
+        format!("@net udp-rx from=10.0.1.3:5000 len=16 data={hex}")
+    );
+    assert_eq!(
+        line(&lines_b, "@net udp-rx"),
+        format!("@net udp-rx from=10.0.1.2:5000 len=16 data={hex}")
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// TAPs that cannot be used are refused by name and reason, before anything starts.
+#[test]
+fn unusable_taps_are_refused() {
+    let ns = NetNs::enter("bad-taps");
+    ns.tap("tap0", None);
+    ns.sh("ip tuntap add tun0 mode tun && ip tuntap add tapmq mode tap multi_queue");
+    let kernel = guest("elf");
+    let k = kernel.to_str().unwrap();
+    for (spec, needles) in [
+        (
+            "tap=nosuch",
+            &["eth0", "TAP device nosuch does not exist"][..],
+        ),
+        ("tap=lo", &["lo is not a TAP device"]),
+        ("tap=tun0", &["tun0 is not a TAP device"]),
+        ("tap=tapmq", &["tapmq is multi-queue"]),
+        ("tap=tap0,id=net9", &["net9"]),
+    ] {
+        let extra = if spec.contains("net9") {
+            // Two interfaces on one TAP.
+            vec!["--net", "tap=tap0", "--net", spec]
+        } else {
+            vec!["--net", spec]
+        };
+        let r = run(&[&["--kernel", k][..], &extra].concat());
+        assert_eq!(r.code(), 1, "{spec}: {}", r.stderr);
+        assert!(r.stderr.starts_with("vireo: error: "), "{}", r.stderr);
+        for n in needles {
+            assert!(
+                r.stderr.contains(n),
+                "{spec}: {:?} should mention {n:?}",
+                r.stderr
+            );
+        }
+        assert!(r.stdout.is_empty(), "nothing started: {}", r.stdout);
+    }
+    // Busy: another process holds the TAP.
+    let holder = Command::new(env!("CARGO_BIN_EXE_vireo"))
+        .args([
+            "run",
+            "--kernel",
+            k,
+            "--net",
+            "tap=tap0",
+            "--cmdline",
+            "vireo.end=hang",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut holder = holder;
+    let mut out = BufReader::new(holder.stdout.take().unwrap());
+    let mut l = String::new();
+    while out.read_line(&mut l).unwrap() > 0 && !l.contains("@end hang") {
+        l.clear();
+    }
+    let r = run(&["--kernel", k, "--net", "tap=tap0"]);
+    assert_eq!(r.code(), 1);
+    assert!(
+        r.stderr
+            .contains("tap0 is busy: another process has it open"),
+        "{}",
+        r.stderr
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    for (spec, needle) in [
+        ("tap=tap0,mac=01:00:00:00:00:01", "multicast"),
+        ("tap=tap0,mac=02:00:00:00:00", "six hex pairs"),
+        ("tap=tap0,mtu=67", "68 to 65535"),
+        ("mac=02:00:00:00:00:01", "needs tap=NAME"),
+        ("tap=tap0,id=", "id= needs a value"),
+    ] {
+        let r = run(&["--kernel", k, "--net", spec]);
+        assert_eq!(r.code(), 2, "{spec}");
+        assert!(r.stderr.contains(needle), "{spec}: {}", r.stderr);
+    }
+}

@@ -269,8 +269,9 @@ pub enum Rx {
 /// A posted receive chain: head, device-writable buffers, their total size.
 struct RxChain {
     head: u16,
-    iovecs: Vec<libc::iovec>,
     segments: Vec<(GuestAddress, usize)>,
+    /// Host buffers the segments map to (more than one where a segment spans regions).
+    iovecs: usize,
     capacity: usize,
 }
 
@@ -285,6 +286,8 @@ pub struct NetIo {
     mrg: bool,
     /// A frame read from the TAP that did not fit the buffers posted then.
     held: Option<Vec<u8>>,
+    /// Receive chains taken from the ring but not used yet, in ring order.
+    stash: std::collections::VecDeque<RxChain>,
     /// Where the part of a frame that does not fit the posted buffers lands.
     spill: Vec<u8>,
 }
@@ -343,13 +346,18 @@ impl NetIo {
             metrics,
             mrg,
             held: None,
+            stash: std::collections::VecDeque::new(),
             spill: vec![0u8; MAX_BUFFER],
         }
     }
 
-    /// Takes the next posted receive chain that is well formed, returning malformed ones to
-    /// the guest empty (counted). `None` when the guest has posted nothing more.
+    /// Takes the next posted receive chain that is well formed: one popped earlier and not
+    /// used, else the next from the ring, returning malformed ones to the guest empty
+    /// (counted). `None` when the guest has posted nothing more.
     fn pop_rx(&mut self) -> Result<Option<RxChain>, virtio_queue::Error> {
+        if let Some(c) = self.stash.pop_front() {
+            return Ok(Some(c));
+        }
         loop {
             let Some(chain) = self.rx.iter(&self.mem)?.next() else {
                 return Ok(None);
@@ -357,15 +365,15 @@ impl NetIo {
             let head = chain.head_index();
             let mut c = RxChain {
                 head,
-                iovecs: Vec::new(),
                 segments: Vec::new(),
+                iovecs: 0,
                 capacity: 0,
             };
             let mut ok = true;
+            let mut iov = Vec::new();
             for d in chain {
                 let len = d.len() as usize;
-                if !d.is_write_only()
-                    || guest_iovecs(&self.mem, d.addr(), len, &mut c.iovecs).is_none()
+                if !d.is_write_only() || guest_iovecs(&self.mem, d.addr(), len, &mut iov).is_none()
                 {
                     ok = false;
                     break;
@@ -373,7 +381,8 @@ impl NetIo {
                 c.segments.push((d.addr(), len));
                 c.capacity += len;
             }
-            if ok && c.capacity > 0 && c.iovecs.len() <= MAX_IOVECS {
+            c.iovecs = iov.len();
+            if ok && c.capacity > 0 && c.iovecs <= MAX_IOVECS {
                 return Ok(Some(c));
             }
             add(&self.metrics.rx_errors, 1);
@@ -392,31 +401,38 @@ impl NetIo {
         let mut capacity = 0;
         let mut iovecs = 0;
         while capacity < want && (self.mrg || chains.is_empty()) {
-            let Some(c) = self.pop_rx()? else { break };
-            if iovecs + c.iovecs.len() > MAX_IOVECS {
-                self.rx.go_to_previous_position();
+            let Some(c) = self.pop_rx()? else {
+                break;
+            };
+            if iovecs + c.iovecs > MAX_IOVECS {
+                self.stash.push_front(c);
                 break;
             }
             capacity += c.capacity;
-            iovecs += c.iovecs.len();
+            iovecs += c.iovecs;
             chains.push(c);
         }
-        let whole_ring = chains.len() >= usize::from(self.rx.size());
+        let whole_ring = chains.len() + self.stash.len() >= usize::from(self.rx.size());
         Ok((chains, whole_ring))
     }
 
-    fn rewind(&mut self, n: usize) {
-        for _ in 0..n {
-            self.rx.go_to_previous_position();
+    /// Keeps chains that were not used, in ring order, for the next frame.
+    fn unget(&mut self, chains: Vec<RxChain>) {
+        for c in chains.into_iter().rev() {
+            self.stash.push_front(c);
         }
     }
 
     /// Returns the first chains, holding `len` bytes in order, to the guest with
     /// `num_buffers` set; gives the rest back to the ring.
-    fn complete(&mut self, chains: &[RxChain], len: usize) -> Result<(), virtio_queue::Error> {
+    fn complete(
+        &mut self,
+        mut chains: Vec<RxChain>,
+        len: usize,
+    ) -> Result<(), virtio_queue::Error> {
         let mut left = len;
         let mut used = 0;
-        for c in chains {
+        for c in &chains {
             if left == 0 {
                 break;
             }
@@ -430,9 +446,10 @@ impl NetIo {
             10,
             &(used as u16).to_le_bytes(),
         );
-        self.rewind(chains.len() - used);
+        let rest = chains.split_off(used);
+        self.unget(rest);
         let mut left = len;
-        for c in &chains[..used] {
+        for c in &chains {
             let n = left.min(c.capacity);
             self.rx.add_used(&self.mem, c.head, n as u32)?;
             left -= n;
@@ -447,7 +464,7 @@ impl NetIo {
         let (chains, whole_ring) = self.gather(frame.len())?;
         let capacity: usize = chains.iter().map(|c| c.capacity).sum();
         if capacity < frame.len() {
-            self.rewind(chains.len());
+            self.unget(chains);
             if whole_ring {
                 add(&self.metrics.rx_drops, 1);
                 return Ok(Rx::Dropped);
@@ -468,7 +485,7 @@ impl NetIo {
                 }
             }
         }
-        self.complete(&chains, frame.len())?;
+        self.complete(chains, frame.len())?;
         Ok(Rx::Delivered)
     }
 
@@ -482,7 +499,11 @@ impl NetIo {
             return Ok(Rx::NoBuffers);
         }
         let capacity: usize = chains.iter().map(|c| c.capacity).sum();
-        let mut iov: Vec<libc::iovec> = chains.iter().flat_map(|c| c.iovecs.clone()).collect();
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(MAX_IOVECS + 1);
+        for &(addr, len) in chains.iter().flat_map(|c| &c.segments) {
+            // Checked when the chain was taken: guest memory does not move.
+            let _ = guest_iovecs(&self.mem, addr, len, &mut iov);
+        }
         iov.push(libc::iovec {
             iov_base: self.spill.as_mut_ptr().cast(),
             iov_len: self.spill.len(),
@@ -493,7 +514,7 @@ impl NetIo {
         let n = unsafe { libc::readv(self.tap.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
-            self.rewind(chains.len());
+            self.unget(chains);
             if e.kind() == std::io::ErrorKind::WouldBlock {
                 return Ok(Rx::TapEmpty);
             }
@@ -507,17 +528,17 @@ impl NetIo {
         }
         let n = n as usize;
         if n < VNET_HDR_LEN {
-            self.rewind(chains.len());
+            self.unget(chains);
             add(&self.metrics.rx_errors, 1);
             return Ok(Rx::Dropped);
         }
         if n <= capacity {
-            self.complete(&chains, n)?;
+            self.complete(chains, n)?;
             return Ok(Rx::Delivered);
         }
         // Part of the frame is in the spill buffer: the buffers posted cannot hold it.
         if !self.mrg || whole_ring {
-            self.rewind(chains.len());
+            self.unget(chains);
             add(&self.metrics.rx_drops, 1);
             utils::warn_limited!(
                 "virtio_net_rx_too_big",
@@ -534,7 +555,7 @@ impl NetIo {
             }
         }
         frame[pos..].copy_from_slice(&self.spill[..n - pos]);
-        self.rewind(chains.len());
+        self.unget(chains);
         self.held = Some(frame);
         Ok(Rx::NoBuffers)
     }
