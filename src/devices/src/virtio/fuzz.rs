@@ -83,6 +83,64 @@ pub fn block_request(data: &[u8]) {
     }
 }
 
+/// Lays `data` out as both virtio-net queues (descriptor tables, avail rings, buffer contents)
+/// and a few frames waiting in the "TAP" (a datagram socket pair), then runs the device's own
+/// transmit and receive paths over them.
+pub fn net_chains(data: &[u8]) {
+    use super::net::tap::{socket_pair, Tap};
+    use super::net::{NetIo, NetMetrics};
+    use std::io::{Read, Write};
+    const RX: [u64; 3] = [0x1000, 0x2000, 0x3000];
+    const TX: [u64; 3] = [0x4000, 0x5000, 0x6000];
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("fuzz memory");
+    let Some((&flags, data)) = data.split_first() else {
+        return;
+    };
+    let mut rest = data;
+    let mut take = |n: usize| {
+        let (a, b) = rest.split_at(rest.len().min(n));
+        rest = b;
+        a
+    };
+    let queue = |ring: [u64; 3], table: &[u8], avail: &[u8]| {
+        let _ = mem.write_slice(table, GuestAddress(ring[0]));
+        let _ = mem.write_slice(avail, GuestAddress(ring[1] + 2));
+        let mut q = Queue::new(QUEUE).expect("queue size");
+        q.set_ready(true);
+        let _ = q.try_set_desc_table_address(GuestAddress(ring[0]));
+        let _ = q.try_set_avail_ring_address(GuestAddress(ring[1]));
+        let _ = q.try_set_used_ring_address(GuestAddress(ring[2]));
+        q
+    };
+    let rx = queue(RX, take(QUEUE as usize * 16), take(2 + 2 * QUEUE as usize));
+    let tx = queue(TX, take(QUEUE as usize * 16), take(2 + 2 * QUEUE as usize));
+    let _ = mem.write_slice(take(4096), GuestAddress(DATA));
+    let Ok((dev, mut host)) = socket_pair() else {
+        return;
+    };
+    // Frames from the host: lengths from the input, contents the input's remainder.
+    for chunk in rest.chunks(97).take(4) {
+        let len = usize::from(chunk[0]) * 300 % 70_000;
+        let mut frame = chunk.repeat(len / chunk.len() + 1);
+        frame.truncate(len);
+        let _ = host.write_all(&frame);
+    }
+    let tap = Arc::new(Tap::from_file(dev, "fuzz", false));
+    let mut io = NetIo::new(
+        mem,
+        rx,
+        tx,
+        tap,
+        Arc::new(NetMetrics::default()),
+        flags & 1 != 0,
+    );
+    let _ = io.transmit();
+    let _ = io.receive_batch();
+    let _ = io.receive_batch();
+    let mut sink = vec![0u8; 70_000];
+    while matches!(host.read(&mut sink), Ok(n) if n > 0) {}
+}
+
 /// Replays `data` as register accesses on an entropy device's MMIO window (7 bytes each:
 /// kind, offset, value) interleaved with writes to guest memory where the rings live.
 pub fn mmio_registers(data: &[u8]) {
@@ -214,6 +272,48 @@ mod tests {
         ];
         for data in crashes {
             super::block_request(&data);
+        }
+    }
+
+    #[test]
+    fn net_chains_survive_random_input() {
+        for (seed, data) in inputs(0x0e7_c4a1, iterations() / 3, 8192) {
+            let r = std::panic::catch_unwind(|| super::net_chains(&data));
+            assert!(r.is_ok(), "panic on input #{seed}: {data:?}");
+        }
+    }
+
+    #[test]
+    fn net_chains_survive_structured_chains() {
+        // Valid rings to start from: RX chains of writable 2 KiB buffers, TX chains of a header
+        // and a frame, with random bytes flipped.
+        let mut base = vec![1u8];
+        for q in 0..2u64 {
+            let mut table = vec![0u8; 16 * 16];
+            for i in 0..16u64 {
+                let e = &mut table[i as usize * 16..i as usize * 16 + 16];
+                e[..8].copy_from_slice(&(0x8000 + i * 0x800 + q * 0x10000).to_le_bytes());
+                e[8..12].copy_from_slice(&(if q == 0 { 2048u32 } else { 74 }).to_le_bytes());
+                e[12..14].copy_from_slice(&(if q == 0 { 2u16 } else { 0 }).to_le_bytes());
+            }
+            base.extend_from_slice(&table);
+            base.extend_from_slice(&16u16.to_le_bytes());
+            for i in 0..16u16 {
+                base.extend_from_slice(&i.to_le_bytes());
+            }
+        }
+        base.extend_from_slice(&[0x40u8; 4096]);
+        base.extend_from_slice(&[5u8; 97 * 3]);
+        for (seed, noise) in inputs(0x7e57_0e7, iterations() / 3, 48) {
+            let mut data = base.clone();
+            for pair in noise.chunks(2) {
+                if let [pos, val] = pair {
+                    let i = (*pos as usize * 37) % data.len();
+                    data[i] = *val;
+                }
+            }
+            let r = std::panic::catch_unwind(|| super::net_chains(&data));
+            assert!(r.is_ok(), "panic on mutation #{seed}: {noise:?}");
         }
     }
 
