@@ -277,7 +277,7 @@ mod tests {
 
     #[test]
     fn net_chains_survive_random_input() {
-        for (seed, data) in inputs(0x0e7_c4a1, iterations() / 3, 8192) {
+        for (seed, data) in inputs(0x00e7_c4a1, iterations() / 3, 8192) {
             let r = std::panic::catch_unwind(|| super::net_chains(&data));
             assert!(r.is_ok(), "panic on input #{seed}: {data:?}");
         }
@@ -304,7 +304,7 @@ mod tests {
         }
         base.extend_from_slice(&[0x40u8; 4096]);
         base.extend_from_slice(&[5u8; 97 * 3]);
-        for (seed, noise) in inputs(0x7e57_0e7, iterations() / 3, 48) {
+        for (seed, noise) in inputs(0x07e5_70e7, iterations() / 3, 48) {
             let mut data = base.clone();
             for pair in noise.chunks(2) {
                 if let [pos, val] = pair {
