@@ -380,8 +380,14 @@ fn bad_requests_get_a_fault_message_and_the_server_keeps_going() {
         (
             "PUT",
             "/network-interfaces/eth0",
-            r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#.into(),
-            "not supported by vireo yet",
+            r#"{"iface_id":"eth0","host_dev_name":"vireo-none0"}"#.into(),
+            "TAP device vireo-none0 does not exist",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth1","host_dev_name":"tap0"}"#.into(),
+            "does not match",
         ),
         (
             "PUT",
@@ -645,15 +651,27 @@ fn config_file_without_api() {
     assert!(r.stdout.contains("@cpus online=2"));
     assert!(r.stdout.contains("@rng dev=1 used=32"));
 
-    // A device vireo does not have yet is refused by name.
+    // An interface on a TAP that does not exist is refused by name and reason.
     let mut bad = json.clone();
-    bad["network-interfaces"] = serde_json::json!([{"iface_id":"eth0","host_dev_name":"tap0"}]);
+    bad["network-interfaces"] =
+        serde_json::json!([{"iface_id":"eth0","host_dev_name":"vireo-none0"}]);
     write_file(&cfg, bad.to_string().as_bytes());
     let r = run_raw(&["--config-file", cfg.to_str().unwrap(), "--no-api"]);
     assert_eq!(r.code(), 1);
     assert!(
         r.stderr
-            .contains("network-interfaces: this device is not supported"),
+            .contains("network interface 'eth0': TAP device vireo-none0 does not exist"),
+        "{}",
+        r.stderr
+    );
+    // A device vireo does not have yet is refused by name.
+    let mut bad = json.clone();
+    bad["vsock"] = serde_json::json!({"guest_cid": 3, "uds_path": "/tmp/v.sock"});
+    write_file(&cfg, bad.to_string().as_bytes());
+    let r = run_raw(&["--config-file", cfg.to_str().unwrap(), "--no-api"]);
+    assert_eq!(r.code(), 1);
+    assert!(
+        r.stderr.contains("vsock: this device is not supported"),
         "{}",
         r.stderr
     );
@@ -1237,8 +1255,9 @@ fn firecracker_route_table(dir: &Path) -> Vec<RouteCase> {
         ("PUT", "/hotplug/memory", "/hotplug/memory", r#"{"total_size_mib":1024}"#.into(), 400, MISSING),
         ("PATCH", "/hotplug/memory", "/hotplug/memory", r#"{"requested_size_mib":0}"#.into(), 400, MISSING),
         ("GET", "/hotplug/memory", "/hotplug/memory", String::new(), 400, MISSING),
-        ("PUT", "/network-interfaces/{iface_id}", "/network-interfaces/eth0", r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#.into(), 400, MISSING),
-        ("PATCH", "/network-interfaces/{iface_id}", "/network-interfaces/eth0", r#"{"iface_id":"eth0"}"#.into(), 400, MISSING),
+        // As Firecracker, the TAP is opened when the interface is configured.
+        ("PUT", "/network-interfaces/{iface_id}", "/network-interfaces/eth0", r#"{"iface_id":"eth0","host_dev_name":"vireo-none0"}"#.into(), 400, "TAP device vireo-none0 does not exist"),
+        ("PATCH", "/network-interfaces/{iface_id}", "/network-interfaces/eth0", r#"{"iface_id":"eth0"}"#.into(), 400, "network interface 'eth0' does not exist"),
         ("PUT", "/snapshot/create", "/snapshot/create", r#"{"snapshot_path":"a","mem_file_path":"b"}"#.into(), 400, MISSING),
         ("PUT", "/snapshot/load", "/snapshot/load", r#"{"snapshot_path":"a"}"#.into(), 400, MISSING),
         ("GET", "/version", "/version", String::new(), 200, "firecracker_version"),
@@ -1349,5 +1368,97 @@ fn clients_that_never_read_cannot_lock_the_api_out() {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(stallers);
+    assert_eq!(v.stop(libc::SIGTERM), Some(143));
+}
+
+/// Network interfaces through Firecracker's API: the TAP is checked at PUT, the
+/// configuration shows in GET /vm/config, and the guest talks to the host after start.
+#[test]
+fn network_interfaces_through_the_api() {
+    let ns = NetNs::enter("api-net");
+    ns.tap("tap0", Some("10.0.0.1/24"));
+    ns.tap("tap1", None);
+    let v = Vireo::start("api-net");
+    let put = |id: &str, body: &str| v.req("PUT", &format!("/network-interfaces/{id}"), body);
+    let m = fault(&put(
+        "eth0",
+        r#"{"iface_id":"eth0","host_dev_name":"nosuch0"}"#,
+    ));
+    assert!(
+        m.contains("eth0") && m.contains("nosuch0 does not exist"),
+        "{m}"
+    );
+    let m = fault(&put("eth0", r#"{"iface_id":"eth0","host_dev_name":"lo"}"#));
+    assert!(m.contains("lo is not a TAP device"), "{m}");
+    let m = fault(&put(
+        "eth0",
+        r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"01:02:03:04:05:06"}"#,
+    ));
+    assert!(m.contains("multicast"), "{m}");
+    let m = fault(&put(
+        "eth0",
+        r#"{"iface_id":"eth0","host_dev_name":"tap0","mtu":40}"#,
+    ));
+    assert!(m.contains("mtu 40"), "{m}");
+    let m = fault(&put(
+        "eth0",
+        r#"{"iface_id":"eth0","host_dev_name":"tap0","rx_rate_limiter":{"bandwidth":{"size":1,"refill_time":1}}}"#,
+    ));
+    assert!(
+        m.contains("rate limiters are not supported by vireo yet"),
+        "{m}"
+    );
+    let eth0 =
+        r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"02:00:00:00:00:02","mtu":1500}"#;
+    assert_eq!(put("eth0", eth0).0, 204);
+    // The same TAP or MAC for another interface is refused.
+    let m = fault(&put(
+        "eth1",
+        r#"{"iface_id":"eth1","host_dev_name":"tap0"}"#,
+    ));
+    assert!(
+        m.contains("TAP tap0 is already used by interface 'eth0'"),
+        "{m}"
+    );
+    let m = fault(&put(
+        "eth1",
+        r#"{"iface_id":"eth1","host_dev_name":"tap1","guest_mac":"02:00:00:00:00:02"}"#,
+    ));
+    assert!(m.contains("already used by interface 'eth0'"), "{m}");
+    let (code, cfg) = v.req("GET", "/vm/config", "");
+    assert_eq!(code, 200);
+    let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    assert_eq!(
+        cfg["network-interfaces"],
+        serde_json::json!([{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"02:00:00:00:00:02","mtu":1500}])
+    );
+    let m = fault(&v.req(
+        "PATCH",
+        "/network-interfaces/eth0",
+        r#"{"iface_id":"eth0","tx_rate_limiter":{"ops":{"size":1,"refill_time":1}}}"#,
+    ));
+    assert!(
+        m.contains("rate limiters are not supported by vireo yet"),
+        "{m}"
+    );
+    let boot = format!(
+        r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 vireo.nettest"}}"#,
+        guest("elf").display()
+    );
+    assert_eq!(v.req("PUT", "/boot-source", &boot).0, 204);
+    assert_eq!(
+        v.req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#)
+            .0,
+        204
+    );
+    let host_mac = ns.mac("tap0");
+    let lines = v.wait_line(&format!("@net arp-reply ip=10.0.0.1 mac={host_mac}"));
+    let config = lines.iter().find(|l| l.starts_with("@net dev=0")).unwrap();
+    assert!(
+        config.contains("mac=02:00:00:00:00:02 mac_offered=1 status=1 mtu=1500"),
+        "{config}"
+    );
+    let m = fault(&put("eth0", eth0));
+    assert!(m.contains("not supported after starting"), "{m}");
     assert_eq!(v.stop(libc::SIGTERM), Some(143));
 }
