@@ -25,3 +25,21 @@ def peer(env, name):
         return os.environ[env] or None
     path = os.path.join(ROOT, "..", "shared", "peers", name)
     return path if os.access(path, os.X_OK) else None
+
+
+def thread_cpu_ns(pid, exclude=("vcpu", "fc_vcpu", "CPU ")):
+    """CPU time of the threads of `pid` whose name does not start with one of `exclude`
+    (vireo's `vcpu0`, Firecracker's `fc_vcpu 0`, QEMU's `CPU 0/KVM`): the VMM's own work,
+    without the guest's execution, which KVM accounts to the vCPU threads."""
+    total = 0
+    for task in glob.glob(f"/proc/{pid}/task/*"):
+        try:
+            with open(f"{task}/comm") as fh:
+                name = fh.read().strip()
+            if name.startswith(exclude):
+                continue
+            with open(f"{task}/schedstat") as fh:
+                total += int(fh.read().split()[0])
+        except OSError:
+            pass
+    return total

@@ -29,6 +29,8 @@ const F_STATUS: u64 = 1 << 16;
 const F_MTU: u64 = 1 << 3;
 const F_CSUM: u64 = 1 << 0;
 const F_HOST_TSO4: u64 = 1 << 11;
+const F_GUEST_CSUM: u64 = 1 << 1;
+const F_GUEST_TSO4: u64 = 1 << 7;
 const VERSION_1: u64 = 1 << 32;
 const EVENT_IDX: u64 = 1 << 29;
 
@@ -255,6 +257,7 @@ impl Net {
         base: u64,
         irq: u32,
         want_mrg: bool,
+        extra: u64,
         rx_count: u16,
         rx_size: u32,
         ip: [u8; 4],
@@ -274,6 +277,7 @@ impl Net {
         if want_mrg {
             want |= F_MRG_RXBUF;
         }
+        want |= extra;
         let features = offered & want;
         if features & VERSION_1 == 0 {
             return Err(b"no VERSION_1");
@@ -700,7 +704,15 @@ pub fn test(info: &crate::boot::BootInfo, slot: usize, base: u64, irq: u32, bsp:
     let rx_size = option_u64(info, b"vireo.netbuf", 2048).clamp(64, 65562) as u32;
     let mrg = info.option_value(b"vireo.netmrg") != Some(b"0");
     let pause_at = info.option_value(b"vireo.netpause").and_then(parse_u64);
-    let mut n = match Net::init(base, irq, mrg, rx_count, rx_size, ip, bsp) {
+    let bench = info.has_option(b"vireo.netbench");
+    // The benchmark takes 64 KiB segments from the host too.
+    let extra = if bench {
+        F_GUEST_CSUM | F_GUEST_TSO4
+    } else {
+        0
+    };
+    let rx_count = if bench { QSIZE - 1 } else { rx_count };
+    let mut n = match Net::init(base, irq, mrg, extra, rx_count, rx_size, ip, bsp) {
         Ok(n) => n,
         Err(e) => {
             puts(b"@net error=");
@@ -728,6 +740,10 @@ pub fn test(info: &crate::boot::BootInfo, slot: usize, base: u64, irq: u32, bsp:
     field(b"features", n.features, true);
     puts(b"\n");
 
+    if bench {
+        run_bench(info, &mut n);
+        return;
+    }
     let mut seen = Seen::default();
     let mut held = [0u16; QSIZE as usize];
     let mut nheld = 0usize;
@@ -835,4 +851,140 @@ pub fn test(info: &crate::boot::BootInfo, slot: usize, base: u64, irq: u32, bsp:
     field(b"merged", seen.buffers_merged, false);
     field(b"notifies", n.notifies, false);
     puts(b"\n");
+}
+
+fn bench_phase(name: &[u8], end: Option<(u64, u64, &Net, u32)>) {
+    puts(b"@bench phase=");
+    puts(name);
+    match end {
+        None => puts(b" start\n"),
+        Some((frames, bytes, n, irqs)) => {
+            puts(b" end");
+            field(b"frames", frames, false);
+            field(b"bytes", bytes, false);
+            field(b"notifies", n.notifies, false);
+            field(b"irqs", u64::from(irqs), false);
+            puts(b"\n");
+        }
+    }
+}
+
+/// The network benchmark: frames of `vireo.netbenchsize` bytes (64, 1500, or 65000 as TCP
+/// segments with TSO) sent `vireo.netbenchcount` times to a MAC nobody has (the host drops
+/// them at once), then frames received from the host counted until it stops. The guest never
+/// touches payload: every transmit descriptor points at one prepared frame, and receive
+/// buffers are reposted unread.
+fn run_bench(info: &crate::boot::BootInfo, n: &mut Net) {
+    let size = option_u64(info, b"vireo.netbenchsize", 1500).clamp(60, 65000);
+    let count = option_u64(info, b"vireo.netbenchcount", 100_000);
+    // One frame to send over and over: header, Ethernet, IPv4, TCP, payload left as it is.
+    let buf = TSO_BUF;
+    for i in 0..HDR + 54 {
+        poke::<u8>(buf + i, 0);
+    }
+    let tso = size > 1514;
+    if tso {
+        poke::<u8>(buf, 1);
+        poke::<u8>(buf + 1, 1);
+        poke::<u16>(buf + 2, 54);
+        poke::<u16>(buf + 4, 1448);
+        poke::<u16>(buf + 6, 34);
+        poke::<u16>(buf + 8, 16);
+    }
+    let eth = buf + HDR;
+    copy(eth, &[0x02, 0, 0, 0, 0x99, 0x99]);
+    copy(eth + 6, &n.mac);
+    put_be16(eth + 12, 0x0800);
+    let ip = eth + 14;
+    let ip_len = size.saturating_sub(14).max(40);
+    poke::<u8>(ip, 0x45);
+    put_be16(ip + 2, ip_len as u16);
+    poke::<u8>(ip + 8, 64);
+    poke::<u8>(ip + 9, 6);
+    copy(ip + 12, &n.ip);
+    copy(ip + 16, &[10, 0, 0, 99]);
+    put_be16(ip + 10, !fold(sum16(ip, 20, 0)));
+    poke::<u8>(ip + 32, 5 << 4);
+    let frame_len = (HDR + size) as u32;
+    for i in 0..QSIZE {
+        n.tx.set_desc(i, buf, frame_len, 0, 0);
+    }
+    let irqs0 = apic::virtio_irqs();
+    bench_phase(b"tx", None);
+    let mut sent = 0u64;
+    let mut done = 0u64;
+    while done < count {
+        let mut notify = false;
+        while sent < count && n.tx.avail_idx.wrapping_sub(n.tx.used_idx()) < QSIZE {
+            notify |= n.tx.publish((sent % u64::from(QSIZE)) as u16);
+            sent += 1;
+        }
+        if notify {
+            n.notify(1);
+        }
+        let used = n.tx.used_idx();
+        done = sent - u64::from(n.tx.avail_idx.wrapping_sub(used));
+        if done < count && n.tx.avail_idx.wrapping_sub(used) >= QSIZE {
+            // Ring full: ask for an interrupt when half of it is back, and sleep until then.
+            poke::<u16>(
+                n.tx.avail + 4 + u64::from(QSIZE) * 2,
+                used.wrapping_add(QSIZE / 2),
+            );
+            fence(Ordering::SeqCst);
+            if n.tx.used_idx() == used {
+                let expiries = apic::timer_irqs();
+                apic::start_watchdog(50);
+                while n.tx.used_idx() == used && apic::timer_irqs() == expiries {
+                    // SAFETY: wait for the device's interrupt or the watchdog.
+                    unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
+                }
+                apic::stop_watchdog();
+            }
+        }
+    }
+    bench_phase(
+        b"tx",
+        Some((count, count * size, n, apic::virtio_irqs() - irqs0)),
+    );
+
+    // Receive until the host has been quiet for half a second.
+    let irqs0 = apic::virtio_irqs();
+    n.notifies = 0;
+    bench_phase(b"rx", None);
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    let mut started = false;
+    loop {
+        let mut notify = false;
+        let mut got = false;
+        while let Some((id, len)) = n.rx.pop_used() {
+            got = true;
+            let b = RX_BUFS + u64::from(id) * u64::from(n.rx_size);
+            let buffers = if n.features & F_MRG_RXBUF != 0 {
+                peek::<u16>(b + 10)
+            } else {
+                1
+            };
+            let mut total = u64::from(len);
+            for _ in 1..buffers {
+                if let Some((id2, l2)) = n.rx.pop_used() {
+                    total += u64::from(l2);
+                    notify |= n.repost(id2);
+                }
+            }
+            notify |= n.repost(id);
+            frames += 1;
+            bytes += total.saturating_sub(HDR);
+        }
+        if notify {
+            n.notify(0);
+        }
+        if got {
+            started = true;
+            continue;
+        }
+        if !n.wait(if started { 500 } else { 20_000 }) {
+            break;
+        }
+    }
+    bench_phase(b"rx", Some((frames, bytes, n, apic::virtio_irqs() - irqs0)));
 }

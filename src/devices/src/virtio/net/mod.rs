@@ -225,15 +225,22 @@ impl VirtioDevice for Net {
         else {
             return Err(ActivateError::InvalidQueue(TX_QUEUE));
         };
+        let mut io = NetIo::new(
+            ctx.mem,
+            rx,
+            tx,
+            self.tap.clone(),
+            self.metrics.clone(),
+            ctx.acked_features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
+        );
+        // Without receive offloads the host sends at most an MTU-sized Ethernet frame (with a
+        // VLAN tag); with them, up to 64 KiB.
+        if offloads & !libc::TUN_F_CSUM == 0 {
+            let mtu = usize::from(self.config.mtu.unwrap_or(1500)).max(1500);
+            io.set_rx_frame_max(VNET_HDR_LEN + 18 + mtu);
+        }
         let thread = NetThread {
-            io: NetIo::new(
-                ctx.mem,
-                rx,
-                tx,
-                self.tap.clone(),
-                self.metrics.clone(),
-                ctx.acked_features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
-            ),
+            io,
             rx_evt,
             tx_evt,
             kill: kill.try_clone().map_err(ActivateError::Thread)?,
@@ -270,8 +277,9 @@ pub enum Rx {
 struct RxChain {
     head: u16,
     segments: Vec<(GuestAddress, usize)>,
-    /// Host buffers the segments map to (more than one where a segment spans regions).
-    iovecs: usize,
+    /// Host addresses and lengths the segments map to (more than one where a segment spans
+    /// regions); kept as integers so the chain can move between threads.
+    iovecs: Vec<(usize, usize)>,
     capacity: usize,
 }
 
@@ -288,6 +296,9 @@ pub struct NetIo {
     held: Option<Vec<u8>>,
     /// Receive chains taken from the ring but not used yet, in ring order.
     stash: std::collections::VecDeque<RxChain>,
+    /// The largest frame (with header) the guest can be sent: posted buffers are gathered up
+    /// to this much before each read.
+    rx_frame_max: usize,
     /// Where the part of a frame that does not fit the posted buffers lands.
     spill: Vec<u8>,
 }
@@ -347,8 +358,16 @@ impl NetIo {
             mrg,
             held: None,
             stash: std::collections::VecDeque::new(),
+            rx_frame_max: MAX_BUFFER,
             spill: vec![0u8; MAX_BUFFER],
         }
+    }
+
+    /// Limits the frames the guest can be sent to `len` bytes with the header (no receive
+    /// segmentation offload accepted: an MTU-sized frame), so that no more buffers than that
+    /// are gathered per frame. A longer frame still arrives, through the spill buffer.
+    pub fn set_rx_frame_max(&mut self, len: usize) {
+        self.rx_frame_max = len.clamp(VNET_HDR_LEN + 60, MAX_BUFFER);
     }
 
     /// Takes the next posted receive chain that is well formed: one popped earlier and not
@@ -366,7 +385,7 @@ impl NetIo {
             let mut c = RxChain {
                 head,
                 segments: Vec::new(),
-                iovecs: 0,
+                iovecs: Vec::new(),
                 capacity: 0,
             };
             let mut ok = true;
@@ -381,8 +400,11 @@ impl NetIo {
                 c.segments.push((d.addr(), len));
                 c.capacity += len;
             }
-            c.iovecs = iov.len();
-            if ok && c.capacity > 0 && c.iovecs <= MAX_IOVECS {
+            c.iovecs = iov
+                .iter()
+                .map(|v| (v.iov_base as usize, v.iov_len))
+                .collect();
+            if ok && c.capacity > 0 && c.iovecs.len() <= MAX_IOVECS {
                 return Ok(Some(c));
             }
             add(&self.metrics.rx_errors, 1);
@@ -404,12 +426,12 @@ impl NetIo {
             let Some(c) = self.pop_rx()? else {
                 break;
             };
-            if iovecs + c.iovecs > MAX_IOVECS {
+            if iovecs + c.iovecs.len() > MAX_IOVECS {
                 self.stash.push_front(c);
                 break;
             }
             capacity += c.capacity;
-            iovecs += c.iovecs;
+            iovecs += c.iovecs.len();
             chains.push(c);
         }
         let whole_ring = chains.len() + self.stash.len() >= usize::from(self.rx.size());
@@ -494,16 +516,20 @@ impl NetIo {
         if let Some(frame) = self.held.take() {
             return self.deliver_held(frame);
         }
-        let (chains, whole_ring) = self.gather(MAX_BUFFER)?;
+        let (chains, whole_ring) = self.gather(self.rx_frame_max)?;
         if chains.is_empty() {
             return Ok(Rx::NoBuffers);
         }
         let capacity: usize = chains.iter().map(|c| c.capacity).sum();
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(MAX_IOVECS + 1);
-        for &(addr, len) in chains.iter().flat_map(|c| &c.segments) {
-            // Checked when the chain was taken: guest memory does not move.
-            let _ = guest_iovecs(&self.mem, addr, len, &mut iov);
-        }
+        // Mapped when the chain was taken; guest memory does not move while `mem` lives.
+        let mut iov: Vec<libc::iovec> = chains
+            .iter()
+            .flat_map(|c| &c.iovecs)
+            .map(|&(base, len)| libc::iovec {
+                iov_base: base as *mut libc::c_void,
+                iov_len: len,
+            })
+            .collect();
         iov.push(libc::iovec {
             iov_base: self.spill.as_mut_ptr().cast(),
             iov_len: self.spill.len(),
