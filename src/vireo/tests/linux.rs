@@ -1,5 +1,5 @@
 //! Real Linux guests: a distribution bzImage and the ELF vmlinux inside it, booted to a
-//! busybox shell on the serial console, using virtio-blk and virtio-rng.
+//! busybox shell on the serial console, using virtio-blk, virtio-rng and virtio-net.
 //!
 //! A Linux kernel needs hardware virtualisation; where /proc/cpuinfo shows neither vmx nor svm
 //! these tests are reported as ignored, with that reason (see build.rs). Where it does, they
@@ -91,6 +91,9 @@ fn virtio_modules() -> Vec<(String, Vec<u8>)> {
         "drivers/virtio/virtio_mmio.ko",
         "drivers/block/virtio_blk.ko",
         "drivers/char/hw_random/virtio-rng.ko",
+        "net/core/failover.ko",
+        "drivers/net/net_failover.ko",
+        "drivers/net/virtio_net.ko",
     ]
     .iter()
     .filter_map(|m| {
@@ -315,5 +318,51 @@ fn linux_uses_virtio_blk_and_rng() {
     assert_eq!(find("random").len(), 32);
     let written = std::fs::read(&disk).unwrap();
     assert_eq!(&written[4 * 512..4 * 512 + 16], b"guest-wrote-this");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[cfg_attr(
+    not(vireo_hw_virt),
+    ignore = "skipped: no vmx or svm in /proc/cpuinfo, so a Linux kernel cannot boot on this host"
+)]
+fn linux_uses_virtio_net() {
+    let ns = NetNs::enter("linux-net");
+    ns.tap("tap0", Some("10.0.0.1/24"));
+    let host = std::net::UdpSocket::bind("10.0.0.1:6000").unwrap();
+    host.set_read_timeout(Some(DEADLINE)).unwrap();
+    let dir = scratch("linux-net");
+    let initrd = initramfs(
+        &dir,
+        "ip link set eth0 up\n\
+         ip addr add 10.0.0.2/24 dev eth0\n\
+         echo \"VIREO-LINUX mac=$(cat /sys/class/net/eth0/address)\"\n\
+         echo \"VIREO-LINUX mtu=$(cat /sys/class/net/eth0/mtu)\"\n\
+         echo \"VIREO-LINUX ping=$(ping -c 3 -W 5 10.0.0.1 >/dev/null && echo ok)\"\n\
+         echo hello-from-linux | nc -u -w 1 10.0.0.1 6000\n\
+         echo VIREO-LINUX-DONE\n\
+         poweroff -f",
+    );
+    let (mut child, rx) = boot_linux(
+        &linux_kernel(),
+        &initrd,
+        &[
+            "--memory",
+            "256",
+            "--net",
+            "tap=tap0,mac=02:00:00:00:00:02,mtu=1400",
+        ],
+    );
+    let mut buf = [0u8; 64];
+    let (n, from) = host.recv_from(&mut buf).expect("Linux's datagram");
+    assert_eq!(&buf[..n], b"hello-from-linux\n");
+    assert_eq!(from.ip().to_string(), "10.0.0.2");
+    let mut seen = Vec::new();
+    wait_line(&rx, "VIREO-LINUX-DONE", &mut seen);
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    let find = |key: &str| linux_report(&seen, key);
+    assert_eq!(find("mac"), "02:00:00:00:00:02", "VIRTIO_NET_F_MAC");
+    assert_eq!(find("mtu"), "1400", "VIRTIO_NET_F_MTU");
+    assert_eq!(find("ping"), "ok");
     let _ = std::fs::remove_dir_all(dir);
 }
