@@ -13,7 +13,8 @@
 //! each way, default 0), `vireo.netrx=N` (receive buffers posted, default 64),
 //! `vireo.netbuf=BYTES` (their size, default 2048), `vireo.netmrg=0` (do not negotiate
 //! MRG_RXBUF), `vireo.netpause=N` (stop posting buffers for about a second after N burst frames),
-//! `vireo.nethostile` (send malformed chains first), `vireo.nettso` (send one 64 KiB TCP
+//! `vireo.nethostile` (send malformed chains first), `vireo.netarp` (stop once the host's
+//! address is resolved), `vireo.nettso` (send one 64 KiB TCP
 //! segment with TSO to `vireo.nettsodst`).
 //!
 //! Runs at CPL0, which on some hosts is emulated instruction by instruction: the host builds
@@ -763,6 +764,9 @@ pub fn test(info: &crate::boot::BootInfo, slot: usize, base: u64, irq: u32, bsp:
         puts(b"@net error=no ARP reply\n");
         return;
     };
+    if info.has_option(b"vireo.netarp") {
+        return;
+    }
     if info.has_option(b"vireo.nettso") {
         let to = info
             .option_value(b"vireo.nettsodst")

@@ -196,8 +196,9 @@ struct RunArgs {
     #[arg(long)]
     rng: bool,
     /// A virtio-net interface on an existing host TAP:
-    /// tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,id=ID][,mtu=N]. Repeat for more (eth0, eth1, ...).
-    /// Without mac= the guest picks a random address.
+    /// tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,id=ID][,mtu=N], or fd=N for a TAP already opened (with
+    /// IFF_VNET_HDR) and handed down. Repeat for more (eth0, eth1, ...). Without mac= the guest
+    /// picks a random address.
     #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
     nets: Vec<PartialNet>,
 }
@@ -207,6 +208,7 @@ struct RunArgs {
 struct PartialNet {
     id: Option<String>,
     tap: String,
+    fd: Option<i32>,
     mac: Option<[u8; 6]>,
     mtu: Option<u16>,
 }
@@ -216,12 +218,22 @@ fn parse_net(s: &str) -> Result<PartialNet, String> {
     let mut net = PartialNet {
         id: None,
         tap: String::new(),
+        fd: None,
         mac: None,
         mtu: None,
     };
     for (i, item) in s.split(',').enumerate() {
         match item.split_once('=') {
             Some(("tap", v)) => net.tap = v.to_owned(),
+            Some(("fd", v)) => {
+                let fd: i32 = v
+                    .parse()
+                    .ok()
+                    .filter(|fd| *fd > 2)
+                    .ok_or_else(|| format!("fd={v}: expected an open TAP descriptor number above 2"))?;
+                net.fd = Some(fd);
+                net.tap = format!("fd{fd}");
+            }
             Some(("id", "")) => return Err("id= needs a value: the interface's ID".into()),
             Some(("id", v)) => net.id = Some(v.to_owned()),
             Some(("mac", v)) => net.mac = Some(vmm::config::parse_mac(v)?),
@@ -237,13 +249,16 @@ fn parse_net(s: &str) -> Result<PartialNet, String> {
             None if i == 0 => net.tap = item.to_owned(),
             _ => {
                 return Err(format!(
-                    "'{item}' is not a network option: use tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,id=ID][,mtu=N]"
+                    "'{item}' is not a network option: use tap=NAME|fd=N[,mac=AA:BB:CC:DD:EE:FF][,id=ID][,mtu=N]"
                 ))
             }
         }
     }
     if net.tap.is_empty() {
-        return Err("a network interface needs tap=NAME (an existing TAP device)".into());
+        return Err(
+            "a network interface needs tap=NAME (an existing TAP device) or fd=N (an open one)"
+                .into(),
+        );
     }
     Ok(net)
 }
@@ -330,6 +345,7 @@ fn main() -> ExitCode {
                     .map(|(n, p)| vmm::NetConfig {
                         id: p.id.unwrap_or_else(|| format!("eth{n}")),
                         tap: p.tap,
+                        tap_fd: p.fd,
                         mac: p.mac,
                         mtu: p.mtu,
                     })

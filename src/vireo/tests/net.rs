@@ -690,3 +690,77 @@ fn a_tso_segment_from_the_guest_is_segmented_by_the_host() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Opens TAP `name` with `flags` (IFF_* beyond IFF_TAP) and leaves the descriptor open across
+/// exec, as a management tool handing it to vireo would.
+fn inheritable_tap(name: &str, flags: i32) -> std::fs::File {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .unwrap();
+    let mut req = [0u8; 40];
+    req[..name.len()].copy_from_slice(name.as_bytes());
+    req[16..18].copy_from_slice(&((libc::IFF_TAP | flags) as u16).to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes the 40-byte ifreq, which outlives the call; F_SETFD
+    // only changes the descriptor's close-on-exec flag.
+    unsafe {
+        assert_eq!(
+            libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, req.as_mut_ptr()),
+            0
+        );
+        libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0);
+    }
+    f
+}
+
+/// A TAP opened by someone else and handed down as a descriptor works like one opened by
+/// name; one opened without the virtio-net header, or a descriptor that is no TAP, is refused.
+#[test]
+fn a_tap_handed_down_as_a_descriptor() {
+    let ns = NetNs::enter("tap-fd");
+    ns.tap("tap0", Some("10.0.0.1/24"));
+    ns.tap("tap1", None);
+    let kernel = guest("elf");
+    let k = kernel.to_str().unwrap();
+    let tap = inheritable_tap("tap0", libc::IFF_NO_PI | libc::IFF_VNET_HDR);
+    let fd = tap.as_raw_fd().to_string();
+    let r = run(&[
+        "--kernel",
+        k,
+        "--net",
+        &format!("fd={fd},mac={GUEST_MAC}"),
+        "--cmdline",
+        "vireo.nettest vireo.netarp",
+    ]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let host = ns.mac("tap0");
+    assert!(
+        r.all("net")
+            .contains(&format!("arp-reply ip=10.0.0.1 mac={host}")),
+        "{}",
+        r.stdout
+    );
+    drop(tap);
+    let plain = inheritable_tap("tap1", libc::IFF_NO_PI);
+    let r = run(&["--kernel", k, "--net", &format!("fd={}", plain.as_raw_fd())]);
+    assert_eq!(r.code(), 1);
+    assert!(
+        r.stderr.contains("tap1") && r.stderr.contains("without IFF_VNET_HDR"),
+        "{}",
+        r.stderr
+    );
+    let r = run(&["--kernel", k, "--net", "fd=999"]);
+    assert_eq!(r.code(), 1);
+    assert!(
+        r.stderr.contains("fd 999") && r.stderr.contains("not open"),
+        "{}",
+        r.stderr
+    );
+    let null = std::fs::File::open("/dev/null").unwrap();
+    // SAFETY: F_SETFD only changes the descriptor's close-on-exec flag.
+    unsafe { libc::fcntl(null.as_raw_fd(), libc::F_SETFD, 0) };
+    let r = run(&["--kernel", k, "--net", &format!("fd={}", null.as_raw_fd())]);
+    assert_eq!(r.code(), 1);
+    assert!(r.stderr.contains("is not a TAP device"), "{}", r.stderr);
+}

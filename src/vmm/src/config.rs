@@ -43,6 +43,9 @@ pub struct NetConfig {
     pub id: String,
     /// The existing host TAP interface.
     pub tap: String,
+    /// Or an already-open TAP descriptor a management tool handed down (`tap` is then only
+    /// a label).
+    pub tap_fd: Option<i32>,
     /// MAC address offered to the guest; without one the guest picks a random one.
     pub mac: Option<[u8; 6]>,
     /// MTU advertised to the guest (68 to 65535).

@@ -139,7 +139,11 @@ impl DeviceManager {
                 )));
             }
             taps.push((&net.id, &net.tap));
-            let tap = Tap::open(&net.tap).map_err(|err| Error::Net {
+            let tap = match net.tap_fd {
+                Some(fd) => Tap::from_fd(fd),
+                None => Tap::open(&net.tap),
+            }
+            .map_err(|err| Error::Net {
                 id: net.id.clone(),
                 err,
             })?;

@@ -548,6 +548,7 @@ impl VmResources {
                 .map(|n| NetConfig {
                     id: n.iface_id.clone(),
                     tap: n.host_dev_name.clone(),
+                    tap_fd: None,
                     mac: n
                         .guest_mac
                         .as_deref()

@@ -198,6 +198,65 @@ impl Tap {
         })
     }
 
+    /// Takes over a TAP a management tool opened and handed down as descriptor `fd`. It must
+    /// be a TAP opened with IFF_VNET_HDR (the header size is set here) and not multi-queue.
+    pub fn from_fd(fd: RawFd) -> Result<Self, TapError> {
+        let label = format!("fd {fd}");
+        // SAFETY: F_GETFD only reads the descriptor's flags; a closed one fails with EBADF.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(TapError::Io {
+                name: label,
+                what: "the descriptor is not open",
+                err: std::io::Error::last_os_error(),
+            });
+        }
+        let mut req = IfReq {
+            name: [0; IFNAMSIZ],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNGETIFF writes the ifreq we pass, which lives across the call.
+        if unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut req) } < 0 {
+            return Err(TapError::NotATap(label));
+        }
+        let name = c_str(&req.name);
+        let flags = i32::from(req.flags);
+        if flags & libc::IFF_TAP == 0 {
+            return Err(TapError::NotATap(name));
+        }
+        if flags & libc::IFF_MULTI_QUEUE != 0 {
+            return Err(TapError::MultiQueue(name));
+        }
+        if flags & libc::IFF_VNET_HDR == 0 {
+            return Err(TapError::Io {
+                name,
+                what: "it was opened without IFF_VNET_HDR",
+                err: std::io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        // SAFETY: the caller handed this descriptor to vireo; from here on vireo owns it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let hdr_len: libc::c_int = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads the int behind the pointer, which outlives the call.
+        if unsafe { libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+            return Err(TapError::Io {
+                name,
+                what: "TUNSETVNETHDRSZ",
+                err: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: F_SETFL on the descriptor we now own; reads need not block the device thread.
+        unsafe {
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+        let uso_flags = libc::TUN_F_CSUM | libc::TUN_F_USO4 | libc::TUN_F_USO6;
+        let uso = ioctl_int(fd, libc::TUNSETOFFLOAD, uso_flags.into()).is_ok();
+        let _ = ioctl_int(fd, libc::TUNSETOFFLOAD, 0);
+        Ok(Self { file, name, uso })
+    }
+
     /// Wraps an already-open TAP descriptor (tests use a datagram socket pair instead).
     pub fn from_file(file: File, name: &str, uso: bool) -> Self {
         Self {
