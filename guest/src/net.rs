@@ -13,7 +13,8 @@
 //! each way, default 0), `vireo.netrx=N` (receive buffers posted, default 64),
 //! `vireo.netbuf=BYTES` (their size, default 2048), `vireo.netmrg=0` (do not negotiate
 //! MRG_RXBUF), `vireo.netpause=N` (stop posting buffers for about a second after N burst frames),
-//! `vireo.nethostile` (send malformed chains first), `vireo.netarp` (stop once the host's
+//! `vireo.netmmds=1|2` (read `vireo.netmmdskey` from MMDS over V1 or V2, at
+//! `vireo.netmmdsip`, over a minimal TCP client), `vireo.nethostile` (send malformed chains first), `vireo.netarp` (stop once the host's
 //! address is resolved), `vireo.nettso` (send one 64 KiB TCP
 //! segment with TSO to `vireo.nettsodst`).
 //!
@@ -44,6 +45,8 @@ const RX_BUFS: u64 = BASE + 0x10_0000;
 const TX_BUFS: u64 = BASE + 0x80_0000;
 const TX_SLOT: u64 = 2048;
 const TSO_BUF: u64 = BASE + 0xc0_0000;
+const RESP_BUF: u64 = BASE + 0xe0_0000;
+const RESP_MAX: u64 = 0x1_0000;
 const HDR: u64 = 12;
 
 struct Queue {
@@ -470,6 +473,50 @@ impl Net {
         self.send_slot(slot, buf, (HDR + 14 + 20) as u32 + u32::from(len));
     }
 
+    /// Sends a TCP segment with a full checksum.
+    #[allow(clippy::too_many_arguments)]
+    fn send_tcp(
+        &mut self,
+        dst_mac: &[u8; 6],
+        dst_ip: &[u8; 4],
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        payload: &[u8],
+    ) {
+        let (slot, buf, ip) = self.frame(dst_mac, 0x0800);
+        let tcp = ip + 20;
+        let len = 20 + payload.len() as u16;
+        poke::<u8>(ip, 0x45);
+        poke::<u8>(ip + 1, 0);
+        put_be16(ip + 2, 20 + len);
+        put_be16(ip + 4, slot);
+        put_be16(ip + 6, 0x4000);
+        poke::<u8>(ip + 8, 64);
+        poke::<u8>(ip + 9, 6);
+        put_be16(ip + 10, 0);
+        copy(ip + 12, &self.ip);
+        copy(ip + 16, dst_ip);
+        put_be16(ip + 10, !fold(sum16(ip, 20, 0)));
+        put_be16(tcp, sport);
+        put_be16(tcp + 2, dport);
+        put_be16(tcp + 4, (seq >> 16) as u16);
+        put_be16(tcp + 6, seq as u16);
+        put_be16(tcp + 8, (ack >> 16) as u16);
+        put_be16(tcp + 10, ack as u16);
+        poke::<u8>(tcp + 12, 5 << 4);
+        poke::<u8>(tcp + 13, flags);
+        put_be16(tcp + 14, 65535);
+        put_be16(tcp + 16, 0);
+        put_be16(tcp + 18, 0);
+        copy(tcp + 20, payload);
+        let acc = sum16(ip + 12, 8, 6 + u32::from(len));
+        put_be16(tcp + 16, !fold(sum16(tcp, u64::from(len), acc)));
+        self.send_slot(slot, buf, (HDR + 14 + 20) as u32 + u32::from(len));
+    }
+
     /// Returns the receive chain `id` (and, with MRG_RXBUF, the `extra` ones after it) to the
     /// device.
     fn repost(&mut self, id: u16) -> bool {
@@ -480,6 +527,12 @@ impl Net {
 /// What the receive loop has seen.
 #[derive(Default)]
 struct Seen {
+    /// The TCP connection to MMDS: our port, the server's next sequence number once it
+    /// answered our SYN, response bytes gathered (at RESP_BUF), and whether it closed.
+    tcp_port: u16,
+    tcp_next: Option<u32>,
+    tcp_len: u64,
+    tcp_fin: bool,
     peer_mac: Option<[u8; 6]>,
     hello: bool,
     burst: u64,
@@ -529,7 +582,14 @@ fn handle(n: &mut Net, seen: &mut Seen, buf: u64, len: u64, want_ip: &[u8; 4]) {
         0x0800 if len >= HDR + 14 + 28 => {
             let ip = eth + 14;
             let ihl = u64::from(peek::<u8>(ip) & 0xf) * 4;
-            if peek::<u8>(ip + 9) != 17 || read4(ip + 16) != n.ip {
+            if read4(ip + 16) != n.ip {
+                return;
+            }
+            if peek::<u8>(ip + 9) == 6 {
+                tcp_in(seen, ip, ihl, len - HDR - 14);
+                return;
+            }
+            if peek::<u8>(ip + 9) != 17 {
                 return;
             }
             let udp = ip + ihl;
@@ -553,6 +613,37 @@ fn handle(n: &mut Net, seen: &mut Seen, buf: u64, len: u64, want_ip: &[u8; 4]) {
         }
         _ => {}
     }
+}
+
+/// A TCP segment for our MMDS connection: the SYN-ACK, then data in order, then FIN.
+fn tcp_in(seen: &mut Seen, ip: u64, ihl: u64, ip_room: u64) {
+    let tcp = ip + ihl;
+    if be16(tcp + 2) != seen.tcp_port {
+        return;
+    }
+    let total = u64::from(be16(ip + 2)).min(ip_room);
+    let off = u64::from(peek::<u8>(tcp + 12) >> 4) * 4;
+    let data_len = total.saturating_sub(ihl + off);
+    let seq = u32::from(be16(tcp + 4)) << 16 | u32::from(be16(tcp + 6));
+    let flags = peek::<u8>(tcp + 13);
+    if flags & 0x12 == 0x12 {
+        seen.tcp_next = Some(seq.wrapping_add(1));
+        return;
+    }
+    let Some(next) = seen.tcp_next else { return };
+    if seq != next {
+        return;
+    }
+    for i in 0..data_len.min(RESP_MAX - seen.tcp_len) {
+        poke::<u8>(RESP_BUF + seen.tcp_len + i, peek(tcp + off + i));
+    }
+    seen.tcp_len += data_len;
+    let mut next = next.wrapping_add(data_len as u32);
+    if flags & 1 != 0 {
+        seen.tcp_fin = true;
+        next = next.wrapping_add(1);
+    }
+    seen.tcp_next = Some(next);
 }
 
 /// Drains the receive ring: handles every frame and reposts its buffers (unless `hold`, when
@@ -682,6 +773,173 @@ fn tso(n: &mut Net, dst_mac: &[u8; 6], dst_ip: &[u8; 4]) {
     puts(b"\n");
 }
 
+/// One HTTP request over a fresh TCP connection to port 80 of `dst`; returns the status and
+/// where the body is (at RESP_BUF).
+fn http(
+    n: &mut Net,
+    seen: &mut Seen,
+    dst_mac: &[u8; 6],
+    dst: &[u8; 4],
+    port: u16,
+    request: &[u8],
+) -> (u64, u64, u64) {
+    seen.tcp_port = port;
+    seen.tcp_next = None;
+    seen.tcp_len = 0;
+    seen.tcp_fin = false;
+    let mut held = [0u16; QSIZE as usize];
+    let mut nheld = 0;
+    n.send_tcp(dst_mac, dst, port, 80, 1000, 0, 0x02, &[]);
+    let mut waits = 0;
+    while seen.tcp_next.is_none() && waits < 25 {
+        if n.wait(200) {
+            drain(n, seen, dst, &mut held, &mut nheld, false);
+        }
+        waits += 1;
+    }
+    let Some(next) = seen.tcp_next else {
+        return (0, 0, 0);
+    };
+    n.send_tcp(dst_mac, dst, port, 80, 1001, next, 0x18, request);
+    let end_seq = 1001 + request.len() as u32;
+    waits = 0;
+    while !seen.tcp_fin && waits < 25 {
+        // Done once the whole body (per Content-Length) is in.
+        if let Some((status, start, len)) = parse_response(seen.tcp_len) {
+            if start + len <= seen.tcp_len {
+                n.send_tcp(
+                    dst_mac,
+                    dst,
+                    port,
+                    80,
+                    end_seq,
+                    seen.tcp_next.unwrap_or(0),
+                    0x11,
+                    &[],
+                );
+                if n.wait(200) {
+                    drain(n, seen, dst, &mut held, &mut nheld, false);
+                }
+                n.send_tcp(
+                    dst_mac,
+                    dst,
+                    port,
+                    80,
+                    end_seq + 1,
+                    seen.tcp_next.unwrap_or(0),
+                    0x10,
+                    &[],
+                );
+                return (status, start, len);
+            }
+        }
+        if n.wait(200) {
+            drain(n, seen, dst, &mut held, &mut nheld, false);
+        } else {
+            waits += 1;
+        }
+    }
+    parse_response(seen.tcp_len).unwrap_or((0, 0, 0))
+}
+
+/// Status, body offset and Content-Length of the response gathered so far, once its head is in.
+fn parse_response(len: u64) -> Option<(u64, u64, u64)> {
+    if len < 12 {
+        return None;
+    }
+    let status = (0..3).fold(0u64, |v, i| {
+        v * 10 + u64::from(peek::<u8>(RESP_BUF + 9 + i).wrapping_sub(b'0'))
+    });
+    let mut head_end = None;
+    let mut i = 0;
+    while i + 3 < len {
+        if peek::<u32>(RESP_BUF + i) == u32::from_le_bytes(*b"\r\n\r\n") {
+            head_end = Some(i + 4);
+            break;
+        }
+        i += 1;
+    }
+    let start = head_end?;
+    // Content-Length: find the header (the server always sends it).
+    let mut body_len = 0;
+    let key = b"Content-Length: ";
+    let mut j = 0;
+    while j + key.len() as u64 <= start {
+        if (0..key.len() as u64).all(|k| peek::<u8>(RESP_BUF + j + k) == key[k as usize]) {
+            let mut p = RESP_BUF + j + key.len() as u64;
+            while peek::<u8>(p).is_ascii_digit() {
+                body_len = body_len * 10 + u64::from(peek::<u8>(p) - b'0');
+                p += 1;
+            }
+            break;
+        }
+        j += 1;
+    }
+    Some((status, start, body_len))
+}
+
+fn report_http(tag: &[u8], (status, start, len): (u64, u64, u64)) {
+    puts(b"@mmds ");
+    puts(tag);
+    field(b"status", status, false);
+    puts(b" body=");
+    for i in 0..len.min(200) {
+        putc(peek(RESP_BUF + start + i));
+    }
+    puts(b"\n");
+}
+
+/// Reads a key from MMDS over V1 or V2 (`vireo.netmmds=1|2`), and for V2 shows that a read
+/// without a token is refused.
+fn mmds_test(
+    info: &crate::boot::BootInfo,
+    n: &mut Net,
+    seen: &mut Seen,
+    mmds_ip: [u8; 4],
+    v2: bool,
+) {
+    let key = info
+        .option_value(b"vireo.netmmdskey")
+        .unwrap_or(b"/latest/meta-data/key");
+    let mut req = [0u8; 512];
+    let mut len = 0;
+    let push = |b: &[u8], req: &mut [u8; 512], len: &mut usize| {
+        req[*len..*len + b.len()].copy_from_slice(b);
+        *len += b.len();
+    };
+    let mac = seen.peer_mac.unwrap_or([0; 6]);
+    let mut token = [0u8; 128];
+    let mut token_len = 0;
+    if v2 {
+        let t = http(n, seen, &mac, &mmds_ip, 41000, b"PUT /latest/api/token HTTP/1.1\r\nHost: mmds\r\nX-metadata-token-ttl-seconds: 60\r\n\r\n");
+        token_len = t.2.min(128) as usize;
+        for (i, b) in token[..token_len].iter_mut().enumerate() {
+            *b = peek(RESP_BUF + t.1 + i as u64);
+        }
+        puts(b"@mmds token");
+        field(b"status", t.0, false);
+        field(b"len", token_len as u64, false);
+        puts(b"\n");
+        push(b"GET ", &mut req, &mut len);
+        push(key, &mut req, &mut len);
+        push(b" HTTP/1.1\r\nHost: mmds\r\n\r\n", &mut req, &mut len);
+        let r = http(n, seen, &mac, &mmds_ip, 41001, &req[..len]);
+        report_http(b"notoken", r);
+        len = 0;
+    }
+    push(b"GET ", &mut req, &mut len);
+    push(key, &mut req, &mut len);
+    push(b" HTTP/1.1\r\nHost: mmds\r\n", &mut req, &mut len);
+    if v2 {
+        push(b"X-metadata-token: ", &mut req, &mut len);
+        push(&token[..token_len], &mut req, &mut len);
+        push(b"\r\n", &mut req, &mut len);
+    }
+    push(b"\r\n", &mut req, &mut len);
+    let r = http(n, seen, &mac, &mmds_ip, 41002, &req[..len]);
+    report_http(b"get", r);
+}
+
 fn option_u64(info: &crate::boot::BootInfo, key: &[u8], default: u64) -> u64 {
     info.option_value(key)
         .and_then(parse_u64)
@@ -699,7 +957,16 @@ pub fn test(info: &crate::boot::BootInfo, slot: usize, base: u64, irq: u32, bsp:
         .and_then(parse_ip)
         .unwrap_or([10, 0, 0, 1]);
     let peer = info.option_value(b"vireo.netpeer").and_then(parse_ip);
-    let target = peer.unwrap_or(host);
+    let mmds = info.option_value(b"vireo.netmmds");
+    let mmds_ip = info
+        .option_value(b"vireo.netmmdsip")
+        .and_then(parse_ip)
+        .unwrap_or([169, 254, 169, 254]);
+    let target = if mmds.is_some() {
+        mmds_ip
+    } else {
+        peer.unwrap_or(host)
+    };
     let burst = option_u64(info, b"vireo.netburst", 0);
     let rx_count = option_u64(info, b"vireo.netrx", 64).clamp(1, u64::from(QSIZE) - 1) as u16;
     let rx_size = option_u64(info, b"vireo.netbuf", 2048).clamp(64, 65562) as u32;
@@ -765,6 +1032,10 @@ pub fn test(info: &crate::boot::BootInfo, slot: usize, base: u64, irq: u32, bsp:
         return;
     };
     if info.has_option(b"vireo.netarp") {
+        return;
+    }
+    if let Some(v) = mmds {
+        mmds_test(info, &mut n, &mut seen, mmds_ip, v == b"2");
         return;
     }
     if info.has_option(b"vireo.nettso") {

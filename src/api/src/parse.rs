@@ -4,8 +4,8 @@
 use vmm::controller::VmmAction;
 use vmm::resources::{
     BootSource, Drive, EntropyDevice, InstanceActionInfo, LoggerConfig, MachineConfig,
-    MachineConfigUpdate, MetricsConfig, NetworkInterface, PartialDrive, PartialNetworkInterface,
-    SerialDevice, VmStateUpdate,
+    MachineConfigUpdate, MetricsConfig, MmdsConfig, NetworkInterface, PartialDrive,
+    PartialNetworkInterface, SerialDevice, VmStateUpdate,
 };
 
 /// Every (method, path) the server answers; `{..}` marks a path parameter. docs/api.yaml must
@@ -147,9 +147,10 @@ pub fn parse_request(method: &str, path: &str, raw: &[u8]) -> Result<VmmAction, 
         }
         ("PUT", ["cpu-config"]) => not_yet("custom CPU templates (cpu-config)"),
         ("PUT" | "PATCH", ["pmem", _]) => not_yet("the virtio-pmem device (pmem)"),
-        ("GET" | "PUT" | "PATCH", ["mmds"]) | ("PUT", ["mmds", "config"]) => {
-            not_yet("MMDS, the microVM metadata service,")
-        }
+        ("GET", ["mmds"]) => empty_body(VmmAction::GetMmds),
+        ("PUT", ["mmds"]) => body::<serde_json::Value>(&what, raw).map(VmmAction::PutMmds),
+        ("PATCH", ["mmds"]) => body::<serde_json::Value>(&what, raw).map(VmmAction::PatchMmds),
+        ("PUT", ["mmds", "config"]) => body::<MmdsConfig>(&what, raw).map(VmmAction::PutMmdsConfig),
         ("GET" | "PUT" | "PATCH", ["hotplug", "memory"]) => not_yet("memory hotplug (virtio-mem)"),
         _ if ROUTES.iter().any(|(_, p)| route_matches(p, trimmed)) => Err(format!(
             "{what}: method {method} is not allowed on this path"

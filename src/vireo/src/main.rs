@@ -81,10 +81,10 @@ struct FirecrackerFlags {
     /// Not supported yet (custom seccomp filters).
     #[arg(long, value_name = "PATH")]
     seccomp_filter: Option<PathBuf>,
-    /// Not supported yet (MMDS).
+    /// Largest MMDS data store in bytes (default: the API body limit).
     #[arg(long, value_name = "BYTES")]
-    mmds_size_limit: Option<u64>,
-    /// Not supported yet (MMDS).
+    mmds_size_limit: Option<usize>,
+    /// A JSON file to fill the MMDS data store with at start.
     #[arg(long, value_name = "PATH")]
     metadata: Option<PathBuf>,
     /// Not supported yet (snapshots).
@@ -107,16 +107,6 @@ impl FirecrackerFlags {
                 "--seccomp-filter",
                 self.seccomp_filter.is_some(),
                 "seccomp filtering",
-            ),
-            (
-                "--mmds-size-limit",
-                self.mmds_size_limit.is_some(),
-                "MMDS (the metadata service)",
-            ),
-            (
-                "--metadata",
-                self.metadata.is_some(),
-                "MMDS (the metadata service)",
             ),
             (
                 "--describe-snapshot",
@@ -348,8 +338,10 @@ fn main() -> ExitCode {
                         tap_fd: p.fd,
                         mac: p.mac,
                         mtu: p.mtu,
+                        mmds: false,
                     })
                     .collect(),
+                mmds: None,
             };
             let code = match vmm::run(&config) {
                 Ok(reason) => {
@@ -391,32 +383,42 @@ fn report(reason: &ExitReason) {
 /// Largest config file read: far above any real configuration, far below what hurts.
 const CONFIG_FILE_MAX: u64 = 1 << 20;
 
-/// Reads a Firecracker config file: a regular file of at most [`CONFIG_FILE_MAX`] bytes.
-fn read_config_file(path: &std::path::Path) -> Result<vmm::resources::VmResources, String> {
+/// Reads a JSON file the user names (config file, MMDS metadata): a regular file of at most
+/// [`CONFIG_FILE_MAX`] bytes.
+fn read_json_file<T: serde::de::DeserializeOwned>(
+    what: &str,
+    path: &std::path::Path,
+) -> Result<T, String> {
     use std::io::Read;
-    use vmm::resources::ConfigFile;
     let name = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| format!("config file {name}: {e}"))?;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{what} {name}: {e}"))?;
     if !meta.is_file() {
         return Err(format!(
-            "config file {name} is not a regular file (it is {})",
+            "{what} {name} is not a regular file (it is {})",
             utils::files::file_kind(&meta)
         ));
     }
-    let file = std::fs::File::open(path).map_err(|e| format!("config file {name}: {e}"))?;
+    let file = std::fs::File::open(path).map_err(|e| format!("{what} {name}: {e}"))?;
     let mut bytes = Vec::new();
     file.take(CONFIG_FILE_MAX + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read config file {name}: {e}"))?;
+        .map_err(|e| format!("cannot read {what} {name}: {e}"))?;
     if bytes.len() as u64 > CONFIG_FILE_MAX {
         return Err(format!(
-            "config file {name} is larger than {CONFIG_FILE_MAX} bytes"
+            "{what} {name} is larger than {CONFIG_FILE_MAX} bytes"
         ));
     }
-    let cfg: ConfigFile = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("config file {name} is not valid: {e}"))?;
-    cfg.into_resources()
-        .map_err(|e| format!("config file {name}: {e}"))
+    serde_json::from_slice(&bytes).map_err(|e| format!("{what} {name} is not valid: {e}"))
+}
+
+/// Reads a Firecracker config file: a regular file of at most [`CONFIG_FILE_MAX`] bytes.
+fn read_config_file(
+    path: &std::path::Path,
+    mmds_limit: usize,
+) -> Result<vmm::resources::VmResources, String> {
+    let cfg: vmm::resources::ConfigFile = read_json_file("config file", path)?;
+    cfg.into_resources(mmds_limit)
+        .map_err(|e| format!("config file {}: {e}", path.display()))
 }
 
 /// The Firecracker-style routes: API socket and/or config file, one shared controller.
@@ -446,9 +448,13 @@ fn control_plane(cli: &Cli, mut telemetry: ProcessTelemetry) -> i32 {
         fc.start_time_cpu_us,
         fc.parent_cpu_time_us,
     );
+    let mmds_limit = fc.mmds_size_limit.unwrap_or(fc.http_api_max_payload_size);
     let mut resources = match &cli.config_file {
-        None => VmResources::default(),
-        Some(path) => match read_config_file(path) {
+        None => VmResources {
+            mmds: vmm::config::MmdsHandle::new(mmds_limit),
+            ..Default::default()
+        },
+        Some(path) => match read_config_file(path, mmds_limit) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("vireo: error: {e}");
@@ -456,6 +462,17 @@ fn control_plane(cli: &Cli, mut telemetry: ProcessTelemetry) -> i32 {
             }
         },
     };
+    if let Some(path) = &fc.metadata {
+        let data = read_json_file::<serde_json::Value>("metadata file", path).and_then(|v| {
+            devices::virtio::net::mmds::lock(&resources.mmds.0)
+                .put(v)
+                .map_err(|e| format!("metadata file {}: {e}", path.display()))
+        });
+        if let Err(e) = data {
+            eprintln!("vireo: error: {e}");
+            return vmm::EXIT_CODE_ERROR;
+        }
+    }
     // Flags first, then the config file's objects, as Firecracker applies them.
     if resources.logger.is_none() {
         resources.logger = fc.logger();

@@ -1142,7 +1142,6 @@ fn firecracker_command_line_flags() {
         &["--boot-timer"][..],
         &["--enable-pci"],
         &["--seccomp-filter", "/x.bpf"],
-        &["--mmds-size-limit", "100"],
         &["--describe-snapshot", "/x"],
         &["--snapshot-version"],
     ] {
@@ -1246,10 +1245,11 @@ fn firecracker_route_table(dir: &Path) -> Vec<RouteCase> {
         ("GET", "/machine-config", "/machine-config", String::new(), 200, "vcpu_count"),
         ("PUT", "/machine-config", "/machine-config", r#"{"vcpu_count":1,"mem_size_mib":64,"smt":false,"track_dirty_pages":false,"huge_pages":"None"}"#.into(), 204, ""),
         ("PATCH", "/machine-config", "/machine-config", r#"{"mem_size_mib":128}"#.into(), 204, ""),
-        ("PUT", "/mmds", "/mmds", "{}".into(), 400, MISSING),
-        ("PATCH", "/mmds", "/mmds", "{}".into(), 400, MISSING),
-        ("GET", "/mmds", "/mmds", String::new(), 400, MISSING),
-        ("PUT", "/mmds/config", "/mmds/config", r#"{"network_interfaces":["eth0"]}"#.into(), 400, MISSING),
+        ("PUT", "/mmds", "/mmds", r#"{"latest":{"a":"b"}}"#.into(), 204, ""),
+        ("PATCH", "/mmds", "/mmds", r#"{"latest":{"c":"d"}}"#.into(), 204, ""),
+        ("GET", "/mmds", "/mmds", String::new(), 200, r#"{"latest":{"a":"b","c":"d"}}"#),
+        // As in Firecracker, the interfaces must exist first.
+        ("PUT", "/mmds/config", "/mmds/config", r#"{"network_interfaces":["eth0"]}"#.into(), 400, "network interface 'eth0' does not exist"),
         ("PUT", "/entropy", "/entropy", "{}".into(), 204, ""),
         ("PUT", "/serial", "/serial", format!(r#"{{"serial_out_path":"{serial}"}}"#), 204, ""),
         ("PUT", "/hotplug/memory", "/hotplug/memory", r#"{"total_size_mib":1024}"#.into(), 400, MISSING),
@@ -1460,5 +1460,49 @@ fn network_interfaces_through_the_api() {
     );
     let m = fault(&put("eth0", eth0));
     assert!(m.contains("not supported after starting"), "{m}");
+    assert_eq!(v.stop(libc::SIGTERM), Some(143));
+}
+
+/// MMDS's data store and configuration through the API: merge patches, the size limit, and
+/// bad configurations named.
+#[test]
+fn mmds_store_and_config_through_the_api() {
+    let v = Vireo::start("api-mmds");
+    assert_eq!(v.req("GET", "/mmds", "").1, "{}");
+    assert_eq!(v.req("PUT", "/mmds", r#"{"a":{"b":"c"},"x":"y"}"#).0, 204);
+    assert_eq!(
+        v.req("PATCH", "/mmds", r#"{"a":{"d":"e"},"x":null}"#).0,
+        204
+    );
+    let (code, body) = v.req("GET", "/mmds", "");
+    assert_eq!(code, 200);
+    let data: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(data, serde_json::json!({"a": {"b": "c", "d": "e"}}));
+    let m = fault(&v.req("PUT", "/mmds", "[1, 2]"));
+    assert!(m.contains("must be a JSON object"), "{m}");
+    let big = format!(r#"{{"k":"{}"}}"#, "x".repeat(52_000));
+    let (code, _) = v.req("PUT", "/mmds", &big);
+    assert_eq!(code, 400, "larger than a request body may be");
+    let near = format!(r#"{{"k":"{}"}}"#, "x".repeat(30_000));
+    assert_eq!(v.req("PUT", "/mmds", &near).0, 204);
+    let m = fault(&v.req("PATCH", "/mmds", &near.replace("\"k\"", "\"k2\"")));
+    assert!(m.contains("limit of 51200 bytes"), "{m}");
+    let m = fault(&v.req("PUT", "/mmds/config", r#"{"network_interfaces":[]}"#));
+    assert!(m.contains("names no interface"), "{m}");
+    let m = fault(&v.req(
+        "PUT",
+        "/mmds/config",
+        r#"{"version":"V3","network_interfaces":["eth0"]}"#,
+    ));
+    assert!(m.contains("version 'V3'"), "{m}");
+    let m = fault(&v.req(
+        "PUT",
+        "/mmds/config",
+        r#"{"network_interfaces":["eth0"],"ipv4_address":"10.0.0.1"}"#,
+    ));
+    assert!(m.contains("not a usable link-local address"), "{m}");
+    let (_, cfg) = v.req("GET", "/vm/config", "");
+    let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    assert!(cfg["mmds-config"].is_null());
     assert_eq!(v.stop(libc::SIGTERM), Some(143));
 }

@@ -764,3 +764,163 @@ fn a_tap_handed_down_as_a_descriptor() {
     assert_eq!(r.code(), 1);
     assert!(r.stderr.contains("is not a TAP device"), "{}", r.stderr);
 }
+
+/// MMDS through the API: version 2 with a session token, read by the guest over HTTP on its
+/// interface; a read without a token is refused; no MMDS frame reaches the TAP.
+#[test]
+fn mmds_v2_through_the_api() {
+    let ns = NetNs::enter("mmds-v2");
+    ns.tap("tap0", Some("10.0.0.1/24"));
+    let cap = capture("tap0");
+    let dir = scratch("mmds-v2");
+    let sock = dir.join("api.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vireo"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < end, "API socket never came up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let req = |method: &str, path: &str, body: &str| -> u16 {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--unix-socket",
+            ])
+            .arg(&sock)
+            .args(["-X", method, &format!("http://localhost{path}"), "-d", body])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).parse().unwrap()
+    };
+    assert_eq!(
+        req(
+            "PUT",
+            "/network-interfaces/eth0",
+            &format!(r#"{{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"{GUEST_MAC}"}}"#)
+        ),
+        204
+    );
+    assert_eq!(
+        req(
+            "PUT",
+            "/mmds/config",
+            r#"{"version":"V2","network_interfaces":["eth0"]}"#
+        ),
+        204
+    );
+    assert_eq!(
+        req(
+            "PUT",
+            "/mmds",
+            r#"{"latest":{"meta-data":{"key":"value-from-mmds"}}}"#
+        ),
+        204
+    );
+    let boot = format!(
+        r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 vireo.nettest vireo.netmmds=2"}}"#,
+        guest("elf").display()
+    );
+    assert_eq!(req("PUT", "/boot-source", &boot), 204);
+    assert_eq!(
+        req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#),
+        204
+    );
+    let out = child.stdout.take().unwrap();
+    let lines: Vec<String> = BufReader::new(out)
+        .lines()
+        .map_while(Result::ok)
+        .map(|l| l.trim_end_matches('\r').to_owned())
+        .take_while(|l| !l.starts_with("@end"))
+        .collect();
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    assert_eq!(
+        line(&lines, "@net arp-reply"),
+        "@net arp-reply ip=169.254.169.254 mac=06:01:23:45:67:01"
+    );
+    let token = line(&lines, "@mmds token");
+    assert_eq!(field(token, "status"), Some("200"), "{token}");
+    assert_eq!(field(token, "len"), Some("64"), "{token}");
+    assert!(line(&lines, "@mmds notoken").starts_with("@mmds notoken status=401"));
+    assert_eq!(
+        line(&lines, "@mmds get"),
+        "@mmds get status=200 body=value-from-mmds"
+    );
+    // Everything to and from MMDS stayed inside vireo.
+    let mmds = [169u8, 254, 169, 254];
+    for f in captured(&cap) {
+        let arp_for_mmds = f[12..14] == [8, 6] && f.get(38..42) == Some(&mmds[..]);
+        let ip_mmds = f[12..14] == [8, 0]
+            && (f.get(26..30) == Some(&mmds[..]) || f.get(30..34) == Some(&mmds[..]));
+        assert!(
+            !arp_for_mmds && !ip_mmds,
+            "an MMDS frame on the TAP: {f:02x?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// MMDS from a config file with Firecracker's `--metadata` and `--mmds-size-limit`, version 1
+/// (no token), at a chosen address.
+#[test]
+fn mmds_v1_from_a_config_file() {
+    let ns = NetNs::enter("mmds-v1");
+    ns.tap("tap0", Some("10.0.0.1/24"));
+    let dir = scratch("mmds-v1");
+    let meta = dir.join("meta.json");
+    write_file(
+        &meta,
+        br#"{"latest":{"meta-data":{"key":"from-the-metadata-file"}}}"#,
+    );
+    let cfg = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": guest("pvh"),
+            "boot_args": "console=ttyS0 vireo.nettest vireo.netmmds=1 vireo.netmmdsip=169.254.1.2",
+        },
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": GUEST_MAC}],
+        "mmds-config": {"network_interfaces": ["eth0"], "ipv4_address": "169.254.1.2"},
+    });
+    let path = dir.join("vm.json");
+    write_file(&path, cfg.to_string().as_bytes());
+    let r = run_raw(&[
+        "--no-api",
+        "--config-file",
+        path.to_str().unwrap(),
+        "--metadata",
+        meta.to_str().unwrap(),
+        "--mmds-size-limit",
+        "1000",
+    ]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(
+        r.report("mmds").as_deref(),
+        Some("get status=200 body=from-the-metadata-file")
+    );
+    // The size limit holds for the metadata file too.
+    write_file(
+        &meta,
+        format!(r#"{{"k":"{}"}}"#, "x".repeat(2000)).as_bytes(),
+    );
+    let r = run_raw(&[
+        "--no-api",
+        "--config-file",
+        path.to_str().unwrap(),
+        "--metadata",
+        meta.to_str().unwrap(),
+        "--mmds-size-limit",
+        "1000",
+    ]);
+    assert_eq!(r.code(), 1);
+    assert!(r.stderr.contains("limit of 1000 bytes"), "{}", r.stderr);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -34,7 +34,54 @@ pub struct VmConfig {
     pub rng: bool,
     /// virtio-net interfaces, in the order the guest sees them (eth0, eth1, ...).
     pub nets: Vec<NetConfig>,
+    /// The metadata service, answered on the interfaces whose `mmds` is set.
+    pub mmds: Option<MmdsSetup>,
 }
+
+/// The data store and address of MMDS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MmdsSetup {
+    /// The link-local address MMDS answers at.
+    pub ip: [u8; 4],
+    /// The store the API fills.
+    pub store: MmdsHandle,
+}
+
+/// The shared MMDS store, compared by identity.
+#[derive(Clone)]
+pub struct MmdsHandle(pub devices::virtio::net::mmds::SharedMmds);
+
+impl MmdsHandle {
+    /// A new, empty store holding at most `limit` bytes of JSON.
+    pub fn new(limit: usize) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(
+            devices::virtio::net::mmds::Mmds::new(limit),
+        )))
+    }
+}
+
+impl Default for MmdsHandle {
+    fn default() -> Self {
+        Self::new(DEFAULT_MMDS_LIMIT)
+    }
+}
+
+impl PartialEq for MmdsHandle {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for MmdsHandle {}
+
+impl std::fmt::Debug for MmdsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MmdsHandle")
+    }
+}
+
+/// Firecracker's default MMDS data store limit (that of an API request body).
+pub const DEFAULT_MMDS_LIMIT: usize = 51_200;
 
 /// One virtio-net interface on a host TAP.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +97,8 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     /// MTU advertised to the guest (68 to 65535).
     pub mtu: Option<u16>,
+    /// MMDS answers on this interface.
+    pub mmds: bool,
 }
 
 /// Parses `AA:BB:CC:DD:EE:FF`, refusing multicast addresses (no NIC can have one).

@@ -4,8 +4,8 @@
 use crate::device_manager::{DeviceKind, DeviceUpdate};
 use crate::resources::{
     ActionType, BootSource, Drive, EntropyDevice, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, NetworkInterface, PartialDrive, PartialNetworkInterface, ResourceError,
-    SerialDevice, VmResources, VmState,
+    MetricsConfig, MmdsConfig, NetworkInterface, PartialDrive, PartialNetworkInterface,
+    ResourceError, SerialDevice, VmResources, VmState,
 };
 use crate::{ExitReason, RunningVm, VmEvent};
 use serde_json::{json, Value};
@@ -35,6 +35,14 @@ pub enum VmmAction {
     PutNetworkInterface(NetworkInterface),
     /// `PATCH /network-interfaces/{id}`.
     PatchNetworkInterface(PartialNetworkInterface),
+    /// `PUT /mmds/config`.
+    PutMmdsConfig(MmdsConfig),
+    /// `PUT /mmds`.
+    PutMmds(Value),
+    /// `PATCH /mmds`.
+    PatchMmds(Value),
+    /// `GET /mmds`.
+    GetMmds,
     /// `PUT /entropy`.
     PutEntropy(EntropyDevice),
     /// `PUT /serial`.
@@ -169,6 +177,23 @@ impl Controller {
                 self.resources.insert_interface(n).map(|_| VmmData::Empty)
             }
             PatchNetworkInterface(p) => self.resources.patch_interface(p).map(|_| VmmData::Empty),
+            PutMmdsConfig(c) => {
+                pre_boot("PUT /mmds/config")?;
+                self.resources.set_mmds_config(c).map(|_| VmmData::Empty)
+            }
+            PutMmds(v) => devices::virtio::net::mmds::lock(&self.resources.mmds.0)
+                .put(v)
+                .map(|_| VmmData::Empty)
+                .map_err(|e| ResourceError(format!("PUT /mmds: {e}"))),
+            PatchMmds(v) => devices::virtio::net::mmds::lock(&self.resources.mmds.0)
+                .patch(&v)
+                .map(|_| VmmData::Empty)
+                .map_err(|e| ResourceError(format!("PATCH /mmds: {e}"))),
+            GetMmds => Ok(VmmData::Json(
+                devices::virtio::net::mmds::lock(&self.resources.mmds.0)
+                    .data()
+                    .clone(),
+            )),
             PutEntropy(e) => {
                 pre_boot("PUT /entropy")?;
                 self.resources.set_entropy(e).map(|_| VmmData::Empty)

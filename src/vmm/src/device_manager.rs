@@ -147,7 +147,7 @@ impl DeviceManager {
                 id: net.id.clone(),
                 err,
             })?;
-            let device = Net::new(
+            let mut device = Net::new(
                 NetDeviceConfig {
                     id: net.id.clone(),
                     mac: net.mac,
@@ -155,6 +155,9 @@ impl DeviceManager {
                 },
                 tap,
             );
+            if let (true, Some(m)) = (net.mmds, &config.mmds) {
+                device = device.with_mmds(m.store.0.clone(), m.ip);
+            }
             dm.add_virtio(
                 vm,
                 mem,

@@ -162,6 +162,46 @@ pub struct PartialNetworkInterface {
     pub tx_rate_limiter: Option<Value>,
 }
 
+/// `PUT /mmds/config`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MmdsConfig {
+    /// V1 (tokens optional) or V2 (session tokens required).
+    #[serde(default = "default_mmds_version")]
+    pub version: String,
+    /// Interfaces MMDS answers on.
+    pub network_interfaces: Vec<String>,
+    /// Link-local address MMDS answers at (169.254.169.254 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_address: Option<String>,
+    /// Answer in EC2 IMDS's plain-text format whatever the Accept header says.
+    #[serde(default)]
+    pub imds_compat: bool,
+}
+
+fn default_mmds_version() -> String {
+    "V1".into()
+}
+
+impl MmdsConfig {
+    /// The MMDS address: a link-local 169.254.x.y, neither network nor broadcast address.
+    pub fn ip(&self) -> Result<[u8; 4], String> {
+        let Some(s) = &self.ipv4_address else {
+            return Ok(devices::virtio::net::mmds::DEFAULT_IPV4);
+        };
+        let ip: std::net::Ipv4Addr = s
+            .parse()
+            .map_err(|_| format!("ipv4_address '{s}' is not an IPv4 address"))?;
+        let o = ip.octets();
+        if o[0] != 169 || o[1] != 254 || !(1..=254).contains(&o[2]) {
+            return Err(format!(
+                "ipv4_address {s} is not a usable link-local address (169.254.1.0 to 169.254.254.255)"
+            ));
+        }
+        Ok(o)
+    }
+}
+
 /// `PUT /entropy`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -262,6 +302,10 @@ pub struct VmResources {
     pub drives: Vec<Drive>,
     /// Network interfaces in insertion order.
     pub interfaces: Vec<NetworkInterface>,
+    /// The MMDS data store, shared with the running VM's interfaces.
+    pub mmds: crate::config::MmdsHandle,
+    /// Where and how MMDS answers.
+    pub mmds_config: Option<MmdsConfig>,
     /// Entropy device, if configured.
     pub entropy: Option<EntropyDevice>,
     /// Serial output.
@@ -476,6 +520,33 @@ impl VmResources {
         no_rate_limiter(&what, &p.tx_rate_limiter)
     }
 
+    /// Applies `PUT /mmds/config`: the interfaces must exist already.
+    pub fn set_mmds_config(&mut self, c: MmdsConfig) -> Result<(), ResourceError> {
+        use devices::virtio::net::mmds::{lock, Version};
+        let version = match c.version.as_str() {
+            "V1" => Version::V1,
+            "V2" => Version::V2,
+            v => return err(format!("mmds-config: version '{v}' is not V1 or V2")),
+        };
+        c.ip()
+            .map_err(|e| ResourceError(format!("mmds-config: {e}")))?;
+        if c.network_interfaces.is_empty() {
+            return err("mmds-config: network_interfaces names no interface");
+        }
+        if let Some(missing) = c
+            .network_interfaces
+            .iter()
+            .find(|id| !self.interfaces.iter().any(|n| &n.iface_id == *id))
+        {
+            return err(format!(
+                "mmds-config: network interface '{missing}' does not exist (PUT /network-interfaces first)"
+            ));
+        }
+        lock(&self.mmds.0).configure(version, c.imds_compat);
+        self.mmds_config = Some(c);
+        Ok(())
+    }
+
     /// Adds the entropy device.
     pub fn set_entropy(&mut self, e: EntropyDevice) -> Result<(), ResourceError> {
         no_rate_limiter("entropy", &e.rate_limiter)?;
@@ -554,8 +625,19 @@ impl VmResources {
                         .as_deref()
                         .and_then(|m| crate::config::parse_mac(m).ok()),
                     mtu: n.mtu.map(|m| m as u16),
+                    mmds: self
+                        .mmds_config
+                        .as_ref()
+                        .is_some_and(|c| c.network_interfaces.contains(&n.iface_id)),
                 })
                 .collect(),
+            mmds: match &self.mmds_config {
+                Some(c) => Some(crate::config::MmdsSetup {
+                    ip: c.ip().map_err(ResourceError)?,
+                    store: self.mmds.clone(),
+                }),
+                None => None,
+            },
         })
     }
 
@@ -571,7 +653,7 @@ impl VmResources {
             "machine-config": self.machine,
             "memory-hotplug": null,
             "metrics": self.metrics,
-            "mmds-config": null,
+            "mmds-config": self.mmds_config,
             "network-interfaces": self.interfaces,
             "pmem": [],
             "vsock": null,
@@ -598,7 +680,7 @@ pub struct ConfigFile {
     logger: Option<LoggerConfig>,
     metrics: Option<MetricsConfig>,
     #[serde(rename = "mmds-config")]
-    mmds_config: Option<Value>,
+    mmds_config: Option<MmdsConfig>,
     #[serde(rename = "cpu-config")]
     cpu_config: Option<Value>,
     pmem: Option<Vec<Value>>,
@@ -607,17 +689,14 @@ pub struct ConfigFile {
 }
 
 impl ConfigFile {
-    /// Parses and applies a config file, naming the first problem.
-    pub fn into_resources(self) -> Result<VmResources, ResourceError> {
+    /// Parses and applies a config file, naming the first problem; MMDS holds at most
+    /// `mmds_limit` bytes.
+    pub fn into_resources(self, mmds_limit: usize) -> Result<VmResources, ResourceError> {
         let unsupported = [
             ("vsock", self.vsock.as_ref().is_some_and(|v| !v.is_null())),
             (
                 "balloon",
                 self.balloon.as_ref().is_some_and(|v| !v.is_null()),
-            ),
-            (
-                "mmds-config",
-                self.mmds_config.as_ref().is_some_and(|v| !v.is_null()),
             ),
             (
                 "cpu-config",
@@ -632,7 +711,10 @@ impl ConfigFile {
         if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
             return err(format!("{name}: this device is not supported by vireo yet"));
         }
-        let mut r = VmResources::default();
+        let mut r = VmResources {
+            mmds: crate::config::MmdsHandle::new(mmds_limit),
+            ..Default::default()
+        };
         if let Some(m) = self.machine_config {
             r.set_machine_config(m)?;
         }
@@ -645,6 +727,9 @@ impl ConfigFile {
         }
         for n in self.network_interfaces {
             r.insert_interface(n)?;
+        }
+        if let Some(c) = self.mmds_config {
+            r.set_mmds_config(c)?;
         }
         if let Some(e) = self.entropy {
             r.set_entropy(e)?;

@@ -141,6 +141,26 @@ pub fn net_chains(data: &[u8]) {
     while matches!(host.read(&mut sink), Ok(n) if n > 0) {}
 }
 
+/// Feeds `data`, cut into frames, to an MMDS endpoint (V2 on odd first bytes): ARP, IPv4 and
+/// TCP parsing and the HTTP behind it.
+pub fn mmds_frames(data: &[u8]) {
+    use super::net::mmds::{Mmds, MmdsStack, Version};
+    let mut store = Mmds::new(4096);
+    let _ = store.put(serde_json::json!({"latest": {"meta-data": {"id": "i-1"}}}));
+    if data.first().is_some_and(|b| b & 1 == 1) {
+        store.configure(Version::V2, false);
+    }
+    let mut stack = MmdsStack::new([169, 254, 169, 254], Arc::new(Mutex::new(store)));
+    let mut rest = data.get(1..).unwrap_or(&[]);
+    while let Some((&len, tail)) = rest.split_first() {
+        let (frame, next) = tail.split_at(tail.len().min(usize::from(len) * 2));
+        let _ = stack.is_for_mmds(frame);
+        stack.handle(frame);
+        while stack.pop().is_some() {}
+        rest = next;
+    }
+}
+
 /// Replays `data` as register accesses on an entropy device's MMIO window (7 bytes each:
 /// kind, offset, value) interleaved with writes to guest memory where the rings live.
 pub fn mmio_registers(data: &[u8]) {
@@ -313,6 +333,44 @@ mod tests {
                 }
             }
             let r = std::panic::catch_unwind(|| super::net_chains(&data));
+            assert!(r.is_ok(), "panic on mutation #{seed}: {noise:?}");
+        }
+    }
+
+    #[test]
+    fn mmds_frames_survive_random_and_structured_input() {
+        for (seed, data) in inputs(0x0d5_f00d, iterations() / 3, 512) {
+            let r = std::panic::catch_unwind(|| super::mmds_frames(&data));
+            assert!(r.is_ok(), "panic on input #{seed}: {data:?}");
+        }
+        // A valid SYN and request to mutate: Ethernet, IPv4, TCP to 169.254.169.254:80.
+        let mut syn = vec![
+            6, 1, 0x23, 0x45, 0x67, 1, 2, 0, 0, 0, 0, 2, 8, 0, 0x45, 0, 0, 40,
+        ];
+        syn.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 2, 169, 254, 169, 254]);
+        syn.extend_from_slice(&[
+            0x0f, 0xa0, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 2, 0xff, 0xff,
+        ]);
+        syn.extend_from_slice(&[0, 0, 0, 0]);
+        let mut get = syn.clone();
+        get[47] = 0x18;
+        get[41] = 2;
+        let req = b"GET /latest/meta-data/id HTTP/1.1\r\nX-metadata-token: x\r\n\r\n";
+        get.extend_from_slice(req);
+        get[17] = (40 + req.len()) as u8;
+        let mut base = vec![0u8, (syn.len() / 2) as u8];
+        base.extend_from_slice(&syn);
+        base.push(get.len().div_ceil(2) as u8);
+        base.extend_from_slice(&get);
+        for (seed, noise) in inputs(0x0d5_beef, iterations() / 3, 24) {
+            let mut data = base.clone();
+            for pair in noise.chunks(2) {
+                if let [pos, val] = pair {
+                    let i = *pos as usize % data.len();
+                    data[i] = *val;
+                }
+            }
+            let r = std::panic::catch_unwind(|| super::mmds_frames(&data));
             assert!(r.is_ok(), "panic on mutation #{seed}: {noise:?}");
         }
     }

@@ -12,6 +12,7 @@
 //! A frame larger than the buffers posted for it is held (exactly one) until more arrive when
 //! MRG_RXBUF is on, and dropped and counted when it could never fit.
 
+pub mod mmds;
 pub mod tap;
 #[cfg(test)]
 mod tests;
@@ -76,6 +77,8 @@ pub struct NetMetrics {
     pub tx_errors: AtomicU64,
     /// Writes the TAP could not take at once (retried when it can).
     pub tap_would_block: AtomicU64,
+    /// Guest frames MMDS answered (they never reach the TAP).
+    pub mmds_frames: AtomicU64,
 }
 
 impl Counters for NetMetrics {
@@ -91,6 +94,7 @@ impl Counters for NetMetrics {
             ("tx_drops", l(&self.tx_drops)),
             ("tx_errors", l(&self.tx_errors)),
             ("tap_would_block", l(&self.tap_would_block)),
+            ("mmds_frames", l(&self.mmds_frames)),
         ]
     }
 }
@@ -118,6 +122,7 @@ pub struct Net {
     config_space: Vec<u8>,
     worker: Option<Worker>,
     metrics: Arc<NetMetrics>,
+    mmds: Option<(mmds::SharedMmds, [u8; 4])>,
 }
 
 impl Net {
@@ -161,7 +166,14 @@ impl Net {
             config_space: c,
             worker: None,
             metrics,
+            mmds: None,
         }
+    }
+
+    /// Answers MMDS at `ip` from `store` on this interface.
+    pub fn with_mmds(mut self, store: mmds::SharedMmds, ip: [u8; 4]) -> Self {
+        self.mmds = Some((store, ip));
+        self
     }
 
     /// The interface's counters.
@@ -239,6 +251,9 @@ impl VirtioDevice for Net {
             let mtu = usize::from(self.config.mtu.unwrap_or(1500)).max(1500);
             io.set_rx_frame_max(VNET_HDR_LEN + 18 + mtu);
         }
+        if let Some((store, ip)) = &self.mmds {
+            io.set_mmds(mmds::MmdsStack::new(*ip, store.clone()));
+        }
         let thread = NetThread {
             io,
             rx_evt,
@@ -299,6 +314,8 @@ pub struct NetIo {
     /// The largest frame (with header) the guest can be sent: posted buffers are gathered up
     /// to this much before each read.
     rx_frame_max: usize,
+    /// The MMDS endpoint, on interfaces that have one.
+    mmds: Option<mmds::MmdsStack>,
     /// Where the part of a frame that does not fit the posted buffers lands.
     spill: Vec<u8>,
 }
@@ -359,8 +376,47 @@ impl NetIo {
             held: None,
             stash: std::collections::VecDeque::new(),
             rx_frame_max: MAX_BUFFER,
+            mmds: None,
             spill: vec![0u8; MAX_BUFFER],
         }
+    }
+
+    /// Answers MMDS on this interface.
+    pub fn set_mmds(&mut self, stack: mmds::MmdsStack) {
+        self.mmds = Some(stack);
+    }
+
+    /// Whether MMDS has frames waiting for the guest.
+    pub fn mmds_pending(&self) -> bool {
+        self.mmds.as_ref().is_some_and(|m| m.pending())
+    }
+
+    /// Hands a transmitted chain to MMDS if it is for MMDS; returns whether it was.
+    fn divert_to_mmds(&mut self, segments: &[(GuestAddress, usize)], len: usize) -> bool {
+        let Some(stack) = self.mmds.as_mut() else {
+            return false;
+        };
+        let gather = |want: usize| {
+            let mut buf = Vec::with_capacity(want);
+            for &(addr, l) in segments {
+                let n = l.min(want - buf.len());
+                let start = buf.len();
+                buf.resize(start + n, 0);
+                let _ = self.mem.read_slice(&mut buf[start..], addr);
+                if buf.len() == want {
+                    break;
+                }
+            }
+            buf
+        };
+        let head = gather(len.min(VNET_HDR_LEN + 42));
+        if head.len() <= VNET_HDR_LEN || !stack.is_for_mmds(&head[VNET_HDR_LEN..]) {
+            return false;
+        }
+        let frame = gather(len);
+        stack.handle(&frame[VNET_HDR_LEN..]);
+        add(&self.metrics.mmds_frames, 1);
+        true
     }
 
     /// Limits the frames the guest can be sent to `len` bytes with the header (no receive
@@ -516,6 +572,10 @@ impl NetIo {
         if let Some(frame) = self.held.take() {
             return self.deliver_held(frame);
         }
+        // MMDS answers go before frames from the TAP.
+        if let Some(frame) = self.mmds.as_mut().and_then(|m| m.pop()) {
+            return self.deliver_held(frame);
+        }
         let (chains, whole_ring) = self.gather(self.rx_frame_max)?;
         if chains.is_empty() {
             return Ok(Rx::NoBuffers);
@@ -595,10 +655,12 @@ impl NetIo {
             while let Some(chain) = self.tx.iter(&self.mem)?.next() {
                 let head = chain.head_index();
                 let mut iov = Vec::new();
+                let mut segments = Vec::new();
                 let mut len = 0usize;
                 let mut ok = true;
                 for d in chain {
                     len += d.len() as usize;
+                    segments.push((d.addr(), d.len() as usize));
                     if d.is_write_only()
                         || len > MAX_BUFFER
                         || iov.len() >= MAX_IOVECS
@@ -619,6 +681,11 @@ impl NetIo {
                         "virtio_net_bad_tx_chain",
                         "virtio-net: transmit chain {head} ({len} bytes) is malformed or not a frame; dropped"
                     );
+                    self.tx.add_used(&self.mem, head, 0)?;
+                    used = true;
+                    continue;
+                }
+                if self.divert_to_mmds(&segments, len) {
                     self.tx.add_used(&self.mem, head, 0)?;
                     used = true;
                     continue;
@@ -759,6 +826,9 @@ impl MutEventSubscriber for NetThread {
                 let _ = self.tx_evt.read();
                 if !self.broken {
                     watch.set(EventSet::OUT, self.tx());
+                    if self.io.mmds_pending() {
+                        watch.set(EventSet::IN, self.rx());
+                    }
                 }
             }
             TAP => {
