@@ -29,9 +29,8 @@ pub enum Rx {
 struct RxChain {
     head: u16,
     segments: Vec<(GuestAddress, usize)>,
-    /// Host addresses and lengths the segments map to (more than one where a segment spans
-    /// regions); kept as integers so the chain can move between threads.
-    iovecs: Vec<(usize, usize)>,
+    /// Host buffers the segments map to (more than one where a segment spans regions).
+    iovecs: Vec<IoVec>,
     capacity: usize,
 }
 
@@ -55,20 +54,39 @@ pub struct NetIo {
     mmds: Option<mmds::MmdsStack>,
     /// Where the part of a frame that does not fit the posted buffers lands.
     spill: Vec<u8>,
+    /// Emptied chain records and lists, kept so that the per-frame path does not allocate.
+    free_chains: Vec<RxChain>,
+    chain_list: Vec<RxChain>,
+    iov: Vec<IoVec>,
+    tx_segments: Vec<(GuestAddress, usize)>,
 }
+
+/// A host buffer as `readv`/`writev` take it: `struct iovec`'s layout, with the address kept
+/// as an integer so that buffers can be remembered across calls and threads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct IoVec {
+    base: usize,
+    len: usize,
+}
+
+const _: () = assert!(
+    std::mem::size_of::<IoVec>() == std::mem::size_of::<libc::iovec>()
+        && std::mem::align_of::<IoVec>() == std::mem::align_of::<libc::iovec>()
+);
 
 /// Host addresses of `len` bytes of guest memory at `addr`, split where regions end.
 fn guest_iovecs(
     mem: &GuestMemoryMmap,
     addr: GuestAddress,
     len: usize,
-    out: &mut Vec<libc::iovec>,
+    out: &mut Vec<IoVec>,
 ) -> Option<()> {
     for slice in mem.get_slices(addr, len) {
         let slice = slice.ok()?;
-        out.push(libc::iovec {
-            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-            iov_len: slice.len(),
+        out.push(IoVec {
+            base: slice.ptr_guard_mut().as_ptr() as usize,
+            len: slice.len(),
         });
     }
     Some(())
@@ -115,6 +133,10 @@ impl NetIo {
             rx_frame_max: MAX_BUFFER,
             mmds: None,
             spill: vec![0u8; MAX_BUFFER],
+            free_chains: Vec::new(),
+            chain_list: Vec::new(),
+            iov: Vec::with_capacity(MAX_IOVECS + 1),
+            tx_segments: Vec::new(),
         }
     }
 
@@ -175,17 +197,18 @@ impl NetIo {
                 return Ok(None);
             };
             let head = chain.head_index();
-            let mut c = RxChain {
+            let mut c = self.free_chains.pop().unwrap_or(RxChain {
                 head,
                 segments: Vec::new(),
                 iovecs: Vec::new(),
                 capacity: 0,
-            };
+            });
+            c.head = head;
             let mut ok = true;
-            let mut iov = Vec::new();
             for d in chain {
                 let len = d.len() as usize;
-                if !d.is_write_only() || guest_iovecs(&self.mem, d.addr(), len, &mut iov).is_none()
+                if !d.is_write_only()
+                    || guest_iovecs(&self.mem, d.addr(), len, &mut c.iovecs).is_none()
                 {
                     ok = false;
                     break;
@@ -193,13 +216,10 @@ impl NetIo {
                 c.segments.push((d.addr(), len));
                 c.capacity += len;
             }
-            c.iovecs = iov
-                .iter()
-                .map(|v| (v.iov_base as usize, v.iov_len))
-                .collect();
             if ok && c.capacity > 0 && c.iovecs.len() <= MAX_IOVECS {
                 return Ok(Some(c));
             }
+            self.recycle(c);
             add(&self.metrics.rx_errors, 1);
             utils::warn_limited!(
                 "virtio_net_bad_rx_chain",
@@ -212,7 +232,7 @@ impl NetIo {
     /// Pops chains until they hold `want` bytes (one chain without MRG_RXBUF) or the guest
     /// has no more; returns them and whether the whole ring was posted.
     fn gather(&mut self, want: usize) -> Result<(Vec<RxChain>, bool), virtio_queue::Error> {
-        let mut chains: Vec<RxChain> = Vec::new();
+        let mut chains = std::mem::take(&mut self.chain_list);
         let mut capacity = 0;
         let mut iovecs = 0;
         while capacity < want && (self.mrg || chains.is_empty()) {
@@ -232,10 +252,19 @@ impl NetIo {
     }
 
     /// Keeps chains that were not used, in ring order, for the next frame.
-    fn unget(&mut self, chains: Vec<RxChain>) {
-        for c in chains.into_iter().rev() {
+    fn unget(&mut self, mut chains: Vec<RxChain>) {
+        for c in chains.drain(..).rev() {
             self.stash.push_front(c);
         }
+        self.chain_list = chains;
+    }
+
+    /// Keeps a used chain's record for the next chain.
+    fn recycle(&mut self, mut c: RxChain) {
+        c.segments.clear();
+        c.iovecs.clear();
+        c.capacity = 0;
+        self.free_chains.push(c);
     }
 
     /// Returns the first chains, holding `len` bytes in order, to the guest with
@@ -261,14 +290,19 @@ impl NetIo {
             10,
             &(used as u16).to_le_bytes(),
         );
-        let rest = chains.split_off(used);
-        self.unget(rest);
+        for c in chains.drain(used..).rev() {
+            self.stash.push_front(c);
+        }
         let mut left = len;
         for c in &chains {
             let n = left.min(c.capacity);
             self.rx.add_used(&self.mem, c.head, n as u32)?;
             left -= n;
         }
+        for c in chains.drain(..) {
+            self.recycle(c);
+        }
+        self.chain_list = chains;
         add(&self.metrics.rx_frames, 1);
         add(&self.metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
         Ok(())
@@ -319,22 +353,26 @@ impl NetIo {
         }
         let capacity: usize = chains.iter().map(|c| c.capacity).sum();
         // Mapped when the chain was taken; guest memory does not move while `mem` lives.
-        let mut iov: Vec<libc::iovec> = chains
-            .iter()
-            .flat_map(|c| &c.iovecs)
-            .map(|&(base, len)| libc::iovec {
-                iov_base: base as *mut libc::c_void,
-                iov_len: len,
-            })
-            .collect();
-        iov.push(libc::iovec {
-            iov_base: self.spill.as_mut_ptr().cast(),
-            iov_len: self.spill.len(),
+        let mut iov = std::mem::take(&mut self.iov);
+        iov.clear();
+        for c in &chains {
+            iov.extend_from_slice(&c.iovecs);
+        }
+        iov.push(IoVec {
+            base: self.spill.as_mut_ptr() as usize,
+            len: self.spill.len(),
         });
-        // SAFETY: the iovecs point into guest memory (kept mapped by `self.mem` for the whole
-        // call, each within one region and within its descriptor's length) and into `spill`,
-        // which we own; readv writes at most their lengths.
-        let n = unsafe { libc::readv(self.tap.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        // SAFETY: IoVec has iovec's layout; the buffers are guest memory (kept mapped by
+        // `self.mem` for the whole call, each within one region and within its descriptor's
+        // length) and `spill`, which we own; readv writes at most their lengths.
+        let n = unsafe {
+            libc::readv(
+                self.tap.as_raw_fd(),
+                iov.as_ptr().cast::<libc::iovec>(),
+                iov.len() as i32,
+            )
+        };
+        self.iov = iov;
         if n < 0 {
             let e = std::io::Error::last_os_error();
             self.unget(chains);
@@ -391,8 +429,10 @@ impl NetIo {
             self.tx.disable_notification(&self.mem)?;
             while let Some(chain) = self.tx.iter(&self.mem)?.next() {
                 let head = chain.head_index();
-                let mut iov = Vec::new();
-                let mut segments = Vec::new();
+                let mut iov = std::mem::take(&mut self.iov);
+                let mut segments = std::mem::take(&mut self.tx_segments);
+                iov.clear();
+                segments.clear();
                 let mut len = 0usize;
                 let mut ok = true;
                 for d in chain {
@@ -418,19 +458,30 @@ impl NetIo {
                         "virtio_net_bad_tx_chain",
                         "virtio-net: transmit chain {head} ({len} bytes) is malformed or not a frame; dropped"
                     );
+                    (self.iov, self.tx_segments) = (iov, segments);
                     self.tx.add_used(&self.mem, head, 0)?;
                     used = true;
                     continue;
                 }
-                if self.divert_to_mmds(&segments, len) {
+                let to_mmds = self.divert_to_mmds(&segments, len);
+                self.tx_segments = segments;
+                if to_mmds {
+                    self.iov = iov;
                     self.tx.add_used(&self.mem, head, 0)?;
                     used = true;
                     continue;
                 }
-                // SAFETY: the iovecs point into guest memory that `self.mem` keeps mapped for
-                // the call, each within one region and one descriptor; writev only reads them.
-                let n =
-                    unsafe { libc::writev(self.tap.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+                // SAFETY: IoVec has iovec's layout; the buffers are guest memory that
+                // `self.mem` keeps mapped for the call, each within one region and one
+                // descriptor; writev only reads them.
+                let n = unsafe {
+                    libc::writev(
+                        self.tap.as_raw_fd(),
+                        iov.as_ptr().cast::<libc::iovec>(),
+                        iov.len() as i32,
+                    )
+                };
+                self.iov = iov;
                 if n < 0 {
                     let e = std::io::Error::last_os_error();
                     if e.kind() == std::io::ErrorKind::WouldBlock {
