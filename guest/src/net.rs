@@ -434,6 +434,22 @@ impl Net {
         self.send_slot(slot, buf, (HDR + 14 + 28) as u32);
     }
 
+    /// Writes a 20-byte IPv4 header (don't fragment, TTL 64, checksum) for `len` bytes of
+    /// `proto` to `dst`.
+    fn ipv4_header(&self, ip: u64, id: u16, proto: u8, len: u16, dst: &[u8; 4]) {
+        poke::<u8>(ip, 0x45);
+        poke::<u8>(ip + 1, 0);
+        put_be16(ip + 2, 20 + len);
+        put_be16(ip + 4, id);
+        put_be16(ip + 6, 0x4000);
+        poke::<u8>(ip + 8, 64);
+        poke::<u8>(ip + 9, proto);
+        put_be16(ip + 10, 0);
+        copy(ip + 12, &self.ip);
+        copy(ip + 16, dst);
+        put_be16(ip + 10, !fold(sum16(ip, 20, 0)));
+    }
+
     /// Sends a UDP datagram; `payload` fills it (`seq` in the first four bytes when given,
     /// the rest a pattern the host checks), with a real checksum when `checksum`.
     fn send_udp(
@@ -448,17 +464,7 @@ impl Net {
         let (slot, buf, ip) = self.frame(dst_mac, 0x0800);
         let udp = ip + 20;
         let len = 8 + payload.len() as u16;
-        poke::<u8>(ip, 0x45);
-        poke::<u8>(ip + 1, 0);
-        put_be16(ip + 2, 20 + len);
-        put_be16(ip + 4, slot);
-        put_be16(ip + 6, 0x4000);
-        poke::<u8>(ip + 8, 64);
-        poke::<u8>(ip + 9, 17);
-        put_be16(ip + 10, 0);
-        copy(ip + 12, &self.ip);
-        copy(ip + 16, dst_ip);
-        put_be16(ip + 10, !fold(sum16(ip, 20, 0)));
+        self.ipv4_header(ip, slot, 17, len, dst_ip);
         put_be16(udp, sport);
         put_be16(udp + 2, dport);
         put_be16(udp + 4, len);
@@ -489,17 +495,7 @@ impl Net {
         let (slot, buf, ip) = self.frame(dst_mac, 0x0800);
         let tcp = ip + 20;
         let len = 20 + payload.len() as u16;
-        poke::<u8>(ip, 0x45);
-        poke::<u8>(ip + 1, 0);
-        put_be16(ip + 2, 20 + len);
-        put_be16(ip + 4, slot);
-        put_be16(ip + 6, 0x4000);
-        poke::<u8>(ip + 8, 64);
-        poke::<u8>(ip + 9, 6);
-        put_be16(ip + 10, 0);
-        copy(ip + 12, &self.ip);
-        copy(ip + 16, dst_ip);
-        put_be16(ip + 10, !fold(sum16(ip, 20, 0)));
+        self.ipv4_header(ip, slot, 6, len, dst_ip);
         put_be16(tcp, sport);
         put_be16(tcp + 2, dport);
         put_be16(tcp + 4, (seq >> 16) as u16);

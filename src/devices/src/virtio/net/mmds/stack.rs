@@ -39,6 +39,18 @@ struct Conn {
     born: u64,
 }
 
+/// A TCP segment from the guest, as far as MMDS reads it.
+struct Segment<'a> {
+    mac: [u8; 6],
+    src: [u8; 4],
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: &'a [u8],
+}
+
 /// The MMDS endpoint of one interface.
 pub struct MmdsStack {
     ip: [u8; 4],
@@ -175,32 +187,36 @@ impl MmdsStack {
         if off < 20 || off > tcp.len() {
             return;
         }
-        let mac: [u8; 6] = [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]];
-        let (sport, dport) = (be16(tcp, 0), be16(tcp, 2));
-        let (seq, ack, flags) = (be32(tcp, 4), be32(tcp, 8), tcp[13]);
-        let payload = &tcp[off..];
-        self.tcp(mac, src, sport, dport, seq, ack, flags, payload);
+        self.tcp(&Segment {
+            mac: [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]],
+            src,
+            sport: be16(tcp, 0),
+            dport: be16(tcp, 2),
+            seq: be32(tcp, 4),
+            ack: be32(tcp, 8),
+            flags: tcp[13],
+            payload: &tcp[off..],
+        });
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn tcp(
-        &mut self,
-        mac: [u8; 6],
-        src: [u8; 4],
-        sport: u16,
-        dport: u16,
-        seq: u32,
-        ack: u32,
-        flags: u8,
-        payload: &[u8],
-    ) {
+    fn tcp(&mut self, seg: &Segment<'_>) {
+        let Segment {
+            mac,
+            src,
+            sport,
+            seq,
+            ack,
+            flags,
+            payload,
+            ..
+        } = *seg;
         let key = (src, sport);
         if flags & RST != 0 {
             self.conns.remove(&key);
             return;
         }
-        if dport != HTTP_PORT {
-            self.reset(mac, src, sport, dport, seq, ack, flags, payload.len());
+        if seg.dport != HTTP_PORT {
+            self.reset(seg);
             return;
         }
         if flags & SYN != 0 && flags & ACK == 0 {
@@ -231,7 +247,7 @@ impl MmdsStack {
             return;
         }
         let Some(conn) = self.conns.get_mut(&key) else {
-            self.reset(mac, src, sport, dport, seq, ack, flags, payload.len());
+            self.reset(seg);
             return;
         };
         if conn.closing && flags & ACK != 0 && ack == conn.seq && payload.is_empty() {
@@ -328,25 +344,16 @@ impl MmdsStack {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn reset(
-        &mut self,
-        mac: [u8; 6],
-        src: [u8; 4],
-        sport: u16,
-        dport: u16,
-        seq: u32,
-        ack: u32,
-        flags: u8,
-        len: usize,
-    ) {
-        let (s, a, f) = if flags & ACK != 0 {
-            (ack, 0, RST)
+    /// Answers a segment that belongs to no connection (RFC 9293, 3.10.7.1).
+    fn reset(&mut self, seg: &Segment<'_>) {
+        let (s, a, f) = if seg.flags & ACK != 0 {
+            (seg.ack, 0, RST)
         } else {
-            let syn_fin = u32::from(flags & (SYN | FIN) != 0);
-            (0, seq.wrapping_add(len as u32 + syn_fin), RST | ACK)
+            let syn_fin = u32::from(seg.flags & (SYN | FIN) != 0);
+            let len = seg.payload.len() as u32 + syn_fin;
+            (0, seg.seq.wrapping_add(len), RST | ACK)
         };
-        let frame = self.build(mac, src, sport, dport, s, a, f, &[]);
+        let frame = self.build(seg.mac, seg.src, seg.sport, seg.dport, s, a, f, &[]);
         self.queue(frame);
     }
 
