@@ -7,8 +7,6 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::future::Future;
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -81,41 +79,7 @@ impl Default for ServerOptions {
 /// The running API server. Dropping it removes the socket file, if it is still the one this
 /// server created.
 pub struct ApiServer {
-    path: PathBuf,
-    identity: (u64, u64),
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        // Another process may have replaced the socket since (a newer vireo on the same path
-        // after ours was unlinked): remove only our own inode.
-        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
-            if (meta.dev(), meta.ino()) == self.identity {
-                let _ = std::fs::remove_file(&self.path);
-            }
-        }
-    }
-}
-
-fn bind(path: &Path) -> Result<(UnixListener, (u64, u64)), BindError> {
-    use std::os::unix::fs::FileTypeExt;
-    let bind_err = |err| BindError::Bind {
-        path: path.to_owned(),
-        err,
-    };
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(BindError::NotASocket(path.to_owned()));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(BindError::InUse(path.to_owned()));
-        }
-        // Nobody answers: a stale socket from a process that died.
-        let _ = std::fs::remove_file(path);
-    }
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
-    let meta = std::fs::symlink_metadata(path).map_err(bind_err)?;
-    Ok((listener, (meta.dev(), meta.ino())))
+    _path: utils::unix_socket::OwnedPath,
 }
 
 fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -411,16 +375,20 @@ impl ApiServer {
         notify: EventFd,
         options: ServerOptions,
     ) -> Result<Self, BindError> {
-        let (listener, identity) = bind(path)?;
-        let server = Self {
-            path: path.to_owned(),
-            identity,
-        };
+        use utils::unix_socket::BindError as E;
+        let (listener, owned) = utils::unix_socket::bind(path).map_err(|e| match e {
+            E::InUse => BindError::InUse(path.to_owned()),
+            E::NotASocket => BindError::NotASocket(path.to_owned()),
+            E::Io(err) => BindError::Bind {
+                path: path.to_owned(),
+                err,
+            },
+        })?;
+        let server = Self { _path: owned };
         let bind_err = |err| BindError::Bind {
             path: path.to_owned(),
             err,
         };
-        listener.set_nonblocking(true).map_err(bind_err)?;
         let shared = Arc::new(Shared {
             to_vmm: std::sync::Mutex::new(to_vmm),
             notify,

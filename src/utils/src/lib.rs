@@ -2,3 +2,4 @@
 
 pub mod files;
 pub mod ratelimit;
+pub mod unix_socket;
