@@ -5,7 +5,7 @@ use vmm::controller::VmmAction;
 use vmm::resources::{
     BootSource, Drive, EntropyDevice, InstanceActionInfo, LoggerConfig, MachineConfig,
     MachineConfigUpdate, MetricsConfig, MmdsConfig, NetworkInterface, PartialDrive,
-    PartialNetworkInterface, SerialDevice, VmStateUpdate,
+    PartialNetworkInterface, SerialDevice, VmStateUpdate, VsockDevice,
 };
 
 /// Every (method, path) the server answers; `{..}` marks a path parameter. docs/api.yaml must
@@ -136,7 +136,7 @@ pub fn parse_request(method: &str, path: &str, raw: &[u8]) -> Result<VmmAction, 
             }
             Ok(VmmAction::PatchNetworkInterface(n))
         }
-        ("PUT", ["vsock"]) => not_yet("the vsock device"),
+        ("PUT", ["vsock"]) => body::<VsockDevice>(&what, raw).map(VmmAction::PutVsock),
         ("GET" | "PUT" | "PATCH", ["balloon"]) | ("GET" | "PATCH", ["balloon", "statistics"]) => {
             not_yet("the balloon device")
         }

@@ -191,6 +191,37 @@ struct RunArgs {
     /// picks a random address.
     #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
     nets: Vec<PartialNet>,
+    /// A virtio-vsock device: cid=N,uds=PATH. Host programs connect to the Unix socket PATH
+    /// and write `CONNECT <port>`; guest connections to host port P reach `PATH_P`.
+    #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
+    vsock: Option<vmm::config::VsockConfig>,
+}
+
+/// `cid=N,uds=PATH`.
+fn parse_vsock(s: &str) -> Result<vmm::config::VsockConfig, String> {
+    let (mut cid, mut uds) = (None, None);
+    for item in s.split(',') {
+        match item.split_once('=') {
+            Some(("cid", v)) => {
+                cid = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| format!("cid={v}: expected a number"))?,
+                )
+            }
+            Some(("uds", "")) => return Err("uds= needs a path".into()),
+            Some(("uds", v)) => uds = Some(PathBuf::from(v)),
+            _ => {
+                return Err(format!(
+                    "'{item}' is not a vsock option: use cid=N,uds=PATH"
+                ))
+            }
+        }
+    }
+    let (Some(cid), Some(uds)) = (cid, uds) else {
+        return Err("vsock needs cid=N and uds=PATH".into());
+    };
+    vmm::config::check_cid(cid)?;
+    Ok(vmm::config::VsockConfig { cid, uds })
 }
 
 /// A `--net` value before its default ID (`eth<N>`, by position) is known.
@@ -342,6 +373,7 @@ fn main() -> ExitCode {
                     })
                     .collect(),
                 mmds: None,
+                vsock: args.vsock,
             };
             let code = match vmm::run(&config) {
                 Ok(reason) => {

@@ -392,8 +392,8 @@ fn bad_requests_get_a_fault_message_and_the_server_keeps_going() {
         (
             "PUT",
             "/vsock",
-            r#"{"guest_cid":3,"uds_path":"/tmp/v.sock"}"#.into(),
-            "not supported by vireo yet",
+            r#"{"guest_cid":2,"uds_path":"/tmp/v.sock"}"#.into(),
+            "guest CID 2 cannot be used",
         ),
         (
             "GET",
@@ -666,12 +666,12 @@ fn config_file_without_api() {
     );
     // A device vireo does not have yet is refused by name.
     let mut bad = json.clone();
-    bad["vsock"] = serde_json::json!({"guest_cid": 3, "uds_path": "/tmp/v.sock"});
+    bad["balloon"] = serde_json::json!({"amount_mib": 1, "deflate_on_oom": false});
     write_file(&cfg, bad.to_string().as_bytes());
     let r = run_raw(&["--config-file", cfg.to_str().unwrap(), "--no-api"]);
     assert_eq!(r.code(), 1);
     assert!(
-        r.stderr.contains("vsock: this device is not supported"),
+        r.stderr.contains("balloon: this device is not supported"),
         "{}",
         r.stderr
     );
@@ -1264,7 +1264,7 @@ fn firecracker_route_table(dir: &Path) -> Vec<RouteCase> {
         // Before InstanceStart Firecracker refuses this too.
         ("PATCH", "/vm", "/vm", r#"{"state":"Paused"}"#.into(), 400, "not running"),
         ("GET", "/vm/config", "/vm/config", String::new(), 200, "\"cov\""),
-        ("PUT", "/vsock", "/vsock", r#"{"guest_cid":3,"uds_path":"/tmp/v.sock"}"#.into(), 400, MISSING),
+        ("PUT", "/vsock", "/vsock", r#"{"guest_cid":3,"uds_path":"/tmp/v.sock","vsock_id":"vsock0"}"#.into(), 204, ""),
     ]
 }
 

@@ -36,6 +36,28 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// The metadata service, answered on the interfaces whose `mmds` is set.
     pub mmds: Option<MmdsSetup>,
+    /// The virtio-vsock device.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A virtio-vsock device and the Unix socket its host side listens on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID (3 to 2^32 - 2).
+    pub cid: u64,
+    /// Host clients connect here; guest connections to port P go to `PATH_P`.
+    pub uds: std::path::PathBuf,
+}
+
+/// Checks a guest CID: 0, 1 and 2 are reserved (hypervisor, local, host) and 2^32 - 1 is
+/// VMADDR_CID_ANY.
+pub fn check_cid(cid: u64) -> Result<(), String> {
+    if cid <= 2 || cid >= u64::from(u32::MAX) {
+        return Err(format!(
+            "guest CID {cid} cannot be used: 0, 1 and 2 are reserved and it must be below 4294967295"
+        ));
+    }
+    Ok(())
 }
 
 /// The data store and address of MMDS.

@@ -5,7 +5,7 @@ use crate::device_manager::{DeviceKind, DeviceUpdate};
 use crate::resources::{
     ActionType, BootSource, Drive, EntropyDevice, LoggerConfig, MachineConfig, MachineConfigUpdate,
     MetricsConfig, MmdsConfig, NetworkInterface, PartialDrive, PartialNetworkInterface,
-    ResourceError, SerialDevice, VmResources, VmState,
+    ResourceError, SerialDevice, VmResources, VmState, VsockDevice,
 };
 use crate::{ExitReason, RunningVm, VmEvent};
 use serde_json::{json, Value};
@@ -43,6 +43,8 @@ pub enum VmmAction {
     PatchMmds(Value),
     /// `GET /mmds`.
     GetMmds,
+    /// `PUT /vsock`.
+    PutVsock(VsockDevice),
     /// `PUT /entropy`.
     PutEntropy(EntropyDevice),
     /// `PUT /serial`.
@@ -194,6 +196,10 @@ impl Controller {
                     .data()
                     .clone(),
             )),
+            PutVsock(v) => {
+                pre_boot("PUT /vsock")?;
+                self.resources.set_vsock(v).map(|_| VmmData::Empty)
+            }
             PutEntropy(e) => {
                 pre_boot("PUT /entropy")?;
                 self.resources.set_entropy(e).map(|_| VmmData::Empty)

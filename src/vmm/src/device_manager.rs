@@ -44,6 +44,8 @@ pub enum DeviceKind {
     Entropy,
     /// A virtio-net interface (`PUT /network-interfaces/{id}`).
     Interface,
+    /// The virtio-vsock device (`PUT /vsock`; ID `vsock`).
+    Vsock,
 }
 
 impl DeviceKind {
@@ -52,6 +54,7 @@ impl DeviceKind {
             DeviceKind::Drive => "drive",
             DeviceKind::Entropy => "entropy device",
             DeviceKind::Interface => "network interface",
+            DeviceKind::Vsock => "vsock device",
         }
     }
 }
@@ -89,6 +92,8 @@ pub struct DeviceManager {
     serial: Arc<Mutex<Serial>>,
     i8042: Arc<Mutex<I8042>>,
     events: PlatformEvents,
+    /// Unix sockets devices listen on, removed when the VM goes.
+    sockets: Vec<utils::unix_socket::OwnedPath>,
 }
 
 impl DeviceManager {
@@ -166,6 +171,15 @@ impl DeviceManager {
                 Box::new(device),
             )?;
         }
+        if let Some(v) = &config.vsock {
+            crate::config::check_cid(v.cid).map_err(Error::InvalidConfig)?;
+            let (listener, owned) = utils::unix_socket::bind(&v.uds).map_err(|e| {
+                Error::InvalidConfig(format!("vsock socket {}: {e}", v.uds.display()))
+            })?;
+            dm.sockets.push(owned);
+            let device = devices::virtio::vsock::Vsock::new(v.cid, v.uds.clone(), listener);
+            dm.add_virtio(vm, mem, DeviceKind::Vsock, "vsock".into(), Box::new(device))?;
+        }
         if config.rng {
             dm.add_virtio(
                 vm,
@@ -224,6 +238,7 @@ impl DeviceManager {
             serial,
             i8042,
             events,
+            sockets: Vec::new(),
         })
     }
 

@@ -202,6 +202,19 @@ impl MmdsConfig {
     }
 }
 
+/// `PUT /vsock`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockDevice {
+    /// The guest's CID.
+    pub guest_cid: u64,
+    /// The Unix socket host programs connect to.
+    pub uds_path: String,
+    /// Deprecated in Firecracker; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
 /// `PUT /entropy`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -306,6 +319,8 @@ pub struct VmResources {
     pub mmds: crate::config::MmdsHandle,
     /// Where and how MMDS answers.
     pub mmds_config: Option<MmdsConfig>,
+    /// The vsock device.
+    pub vsock: Option<VsockDevice>,
     /// Entropy device, if configured.
     pub entropy: Option<EntropyDevice>,
     /// Serial output.
@@ -547,6 +562,16 @@ impl VmResources {
         Ok(())
     }
 
+    /// Sets the vsock device (`PUT /vsock`).
+    pub fn set_vsock(&mut self, v: VsockDevice) -> Result<(), ResourceError> {
+        crate::config::check_cid(v.guest_cid).map_err(|e| ResourceError(format!("vsock: {e}")))?;
+        if v.uds_path.is_empty() {
+            return err("vsock: uds_path is empty");
+        }
+        self.vsock = Some(v);
+        Ok(())
+    }
+
     /// Adds the entropy device.
     pub fn set_entropy(&mut self, e: EntropyDevice) -> Result<(), ResourceError> {
         no_rate_limiter("entropy", &e.rate_limiter)?;
@@ -631,6 +656,10 @@ impl VmResources {
                         .is_some_and(|c| c.network_interfaces.contains(&n.iface_id)),
                 })
                 .collect(),
+            vsock: self.vsock.as_ref().map(|v| crate::config::VsockConfig {
+                cid: v.guest_cid,
+                uds: PathBuf::from(&v.uds_path),
+            }),
             mmds: match &self.mmds_config {
                 Some(c) => Some(crate::config::MmdsSetup {
                     ip: c.ip().map_err(ResourceError)?,
@@ -656,7 +685,7 @@ impl VmResources {
             "mmds-config": self.mmds_config,
             "network-interfaces": self.interfaces,
             "pmem": [],
-            "vsock": null,
+            "vsock": self.vsock,
         })
     }
 }
@@ -673,7 +702,7 @@ pub struct ConfigFile {
     drives: Vec<Drive>,
     #[serde(rename = "network-interfaces", default)]
     network_interfaces: Vec<NetworkInterface>,
-    vsock: Option<Value>,
+    vsock: Option<VsockDevice>,
     balloon: Option<Value>,
     entropy: Option<EntropyDevice>,
     serial: Option<SerialDevice>,
@@ -693,7 +722,6 @@ impl ConfigFile {
     /// `mmds_limit` bytes.
     pub fn into_resources(self, mmds_limit: usize) -> Result<VmResources, ResourceError> {
         let unsupported = [
-            ("vsock", self.vsock.as_ref().is_some_and(|v| !v.is_null())),
             (
                 "balloon",
                 self.balloon.as_ref().is_some_and(|v| !v.is_null()),
@@ -730,6 +758,9 @@ impl ConfigFile {
         }
         if let Some(c) = self.mmds_config {
             r.set_mmds_config(c)?;
+        }
+        if let Some(v) = self.vsock {
+            r.set_vsock(v)?;
         }
         if let Some(e) = self.entropy {
             r.set_entropy(e)?;

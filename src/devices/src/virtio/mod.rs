@@ -15,6 +15,7 @@ pub mod net;
 pub mod rng;
 #[cfg(test)]
 mod test_utils;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -86,12 +86,12 @@ impl Conn {
 }
 
 /// Changes to what the device thread watches.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Watch {
     /// Watch this descriptor (readable, writable, edge-triggered).
     Add(RawFd),
-    /// Stop watching it (it is being closed).
-    Remove(RawFd),
+    /// Stop watching this stream, then close it (by dropping it).
+    Remove(UnixStream),
 }
 
 /// All connections of one device.
@@ -228,9 +228,8 @@ impl Muxer {
 
     fn close(&mut self, key: Key) {
         if let Some(c) = self.conns.remove(&key) {
-            let fd = c.stream.as_raw_fd();
-            self.by_fd.remove(&fd);
-            self.watch.push(Watch::Remove(fd));
+            self.by_fd.remove(&c.stream.as_raw_fd());
+            self.watch.push(Watch::Remove(c.stream));
             add(&self.metrics.conns_closed, 1);
         }
     }
@@ -244,6 +243,16 @@ impl Muxer {
     /// The next control packet for the guest, if any.
     pub fn pop_control(&mut self) -> Option<Header> {
         self.control.pop_front()
+    }
+
+    /// Puts back a control packet no buffer was posted for.
+    pub fn unpop_control(&mut self, h: Header) {
+        self.control.push_front(h);
+    }
+
+    /// Counts a packet dropped before it reached a connection.
+    pub fn dropped(&self) {
+        add(&self.metrics.dropped, 1);
     }
 
     /// Whether anything waits to go to the guest.
@@ -343,7 +352,7 @@ impl Muxer {
                     self.reset(key);
                 }
             }
-            op::RW if c.state == State::Established => self.to_host(key, data),
+            op::RW if c.state == State::Established => self.forward_to_host(key, data),
             op::CREDIT_UPDATE => {}
             op::CREDIT_REQUEST => self.send_control(key, op::CREDIT_UPDATE, 0),
             op::SHUTDOWN => {
@@ -364,7 +373,7 @@ impl Muxer {
 
     /// Guest data for the Unix peer: written at once where it can be, kept (within the credit
     /// the guest was given) where it cannot.
-    fn to_host(&mut self, key: Key, data: &[u8]) {
+    fn forward_to_host(&mut self, key: Key, data: &[u8]) {
         let Some(c) = self.conns.get_mut(&key) else {
             return;
         };
@@ -485,13 +494,13 @@ impl Muxer {
         loop {
             match stream.read(&mut buf) {
                 Ok(0) => {
-                    self.watch.push(Watch::Remove(fd));
+                    self.watch.push(Watch::Remove(stream));
                     return;
                 }
                 Ok(n) => line.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => {
-                    self.watch.push(Watch::Remove(fd));
+                    self.watch.push(Watch::Remove(stream));
                     return;
                 }
             }
@@ -502,7 +511,7 @@ impl Muxer {
         let Some(end) = line.iter().position(|&b| b == b'\n') else {
             if line.len() > MAX_LINE {
                 add(&self.metrics.dropped, 1);
-                self.watch.push(Watch::Remove(fd));
+                self.watch.push(Watch::Remove(stream));
             } else {
                 self.pending.insert(fd, (stream, line));
             }
@@ -515,7 +524,7 @@ impl Muxer {
         let Some(port) = port.filter(|_| self.conns.len() < MAX_CONNS) else {
             // Not a CONNECT line (or no room): close this client, nothing else changes.
             add(&self.metrics.dropped, 1);
-            self.watch.push(Watch::Remove(fd));
+            self.watch.push(Watch::Remove(stream));
             return;
         };
         let key = loop {
@@ -525,22 +534,10 @@ impl Muxer {
                 break (p, port);
             }
         };
-        let mut c = Conn::new(stream, State::Connecting);
-        // Whatever followed the line is the first data for the guest.
-        c.readable = true;
-        self.conns.insert(key, c);
+        // As in Firecracker, the client sends nothing more before its `OK`.
+        self.conns.insert(key, Conn::new(stream, State::Connecting));
         self.by_fd.insert(fd, key);
         add(&self.metrics.conns_opened, 1);
         self.send_control(key, op::REQUEST, 0);
-        // Bytes after the line were read already: not supported before the OK, as in
-        // Firecracker the client waits for it.
     }
-}
-
-// A descriptor the muxer holds is closed when its stream drops; `from_raw_fd` above is the
-// only place one is adopted.
-#[allow(dead_code)]
-fn _owned(fd: RawFd) -> UnixStream {
-    // SAFETY: never called; documents that streams own their descriptors.
-    unsafe { UnixStream::from_raw_fd(fd) }
 }

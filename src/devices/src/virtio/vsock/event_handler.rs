@@ -1,0 +1,392 @@
+//! The vsock device thread: queues, the listening socket and every connection's stream.
+
+use super::muxer::{Key, Muxer, Watch};
+use super::packet::{Header, HDR_LEN};
+use crate::virtio::worker::DeviceThread;
+use crate::virtio::{
+    ActivateContext, ActivateError, GuestMemoryMmap, Interrupt, INTERRUPT_USED_RING,
+};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+const RX_EVT: u32 = 0;
+const TX_EVT: u32 = 1;
+const EV_EVT: u32 = 2;
+const KILL: u32 = 3;
+const LISTENER: u32 = 4;
+/// Connection streams are watched with this plus their descriptor as data.
+const CONN_BASE: u32 = 1 << 16;
+/// Largest payload taken in one packet either way.
+const MAX_PAYLOAD: usize = 64 * 1024;
+
+/// A chain's buffers: (address, length, device-writable).
+type Segments = Vec<(GuestAddress, usize, bool)>;
+
+pub(super) struct VsockThread {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    evts: Vec<EventFd>,
+    kill: EventFd,
+    interrupt: Arc<Interrupt>,
+    muxer: Muxer,
+    broken: bool,
+    stop: bool,
+}
+
+/// Copies `len` bytes at byte `offset` of `segments` (of one kind) out of guest memory.
+fn read_from(
+    mem: &GuestMemoryMmap,
+    segments: &[(GuestAddress, usize)],
+    offset: usize,
+    len: usize,
+) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(len);
+    let mut skip = offset;
+    for &(addr, l) in segments {
+        if skip >= l {
+            skip -= l;
+            continue;
+        }
+        let n = (l - skip).min(len - out.len());
+        let start = out.len();
+        out.resize(start + n, 0);
+        mem.read_slice(&mut out[start..], GuestAddress(addr.0 + skip as u64))
+            .ok()?;
+        skip = 0;
+        if out.len() == len {
+            break;
+        }
+    }
+    (out.len() == len).then_some(out)
+}
+
+/// Writes `bytes` at byte `offset` of `segments`.
+fn write_to(
+    mem: &GuestMemoryMmap,
+    segments: &[(GuestAddress, usize)],
+    offset: usize,
+    bytes: &[u8],
+) -> bool {
+    let mut skip = offset;
+    let mut done = 0;
+    for &(addr, l) in segments {
+        if skip >= l {
+            skip -= l;
+            continue;
+        }
+        let n = (l - skip).min(bytes.len() - done);
+        if mem
+            .write_slice(&bytes[done..done + n], GuestAddress(addr.0 + skip as u64))
+            .is_err()
+        {
+            return false;
+        }
+        done += n;
+        skip = 0;
+        if done == bytes.len() {
+            break;
+        }
+    }
+    done == bytes.len()
+}
+
+impl VsockThread {
+    pub(super) fn new(
+        ctx: ActivateContext,
+        muxer: Muxer,
+        kill: EventFd,
+    ) -> Result<Self, ActivateError> {
+        let mut queues = ctx.queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+            return Err(ActivateError::InvalidQueue(1));
+        };
+        Ok(Self {
+            mem: ctx.mem,
+            rx,
+            tx,
+            evts: ctx.queue_evts,
+            kill,
+            interrupt: ctx.interrupt,
+            muxer,
+            broken: false,
+            stop: false,
+        })
+    }
+
+    fn broken(&mut self, e: virtio_queue::Error) {
+        utils::warn_limited!(
+            "virtio_broken_queue",
+            "virtio-vsock: a queue is broken ({e}); device needs reset"
+        );
+        self.broken = true;
+        self.interrupt.set_needs_reset();
+    }
+
+    /// Every packet the guest made available: parsed and handed to the muxer.
+    fn transmit(&mut self) -> Result<bool, virtio_queue::Error> {
+        let mut used = false;
+        loop {
+            self.tx.disable_notification(&self.mem)?;
+            while let Some(chain) = self.tx.iter(&self.mem)?.next() {
+                let head = chain.head_index();
+                let segs: Vec<(GuestAddress, usize)> = chain
+                    .filter(|d| !d.is_write_only())
+                    .map(|d| (d.addr(), d.len() as usize))
+                    .collect();
+                let total: usize = segs.iter().map(|s| s.1).sum();
+                match read_from(&self.mem, &segs, 0, HDR_LEN) {
+                    Some(raw) => {
+                        let raw: [u8; HDR_LEN] = raw.try_into().unwrap_or([0; HDR_LEN]);
+                        let h = Header::parse(&raw);
+                        let len = h.len as usize;
+                        if len > MAX_PAYLOAD || HDR_LEN + len > total {
+                            utils::warn_limited!(
+                                "vsock_bad_len",
+                                "virtio-vsock: packet claims {len} bytes in a {total}-byte chain; dropped"
+                            );
+                            self.muxer.dropped();
+                        } else {
+                            let data =
+                                read_from(&self.mem, &segs, HDR_LEN, len).unwrap_or_default();
+                            self.muxer.from_guest(&h, &data);
+                        }
+                    }
+                    None => self.muxer.dropped(),
+                }
+                self.tx.add_used(&self.mem, head, 0)?;
+                used = true;
+            }
+            if !self.tx.enable_notification(&self.mem)? {
+                return Ok(used);
+            }
+        }
+    }
+
+    /// Takes the next receive chain's device-writable buffers, or `None` if none is posted.
+    fn pop_rx(&mut self) -> Result<Option<(u16, Segments)>, virtio_queue::Error> {
+        let Some(chain) = self.rx.iter(&self.mem)?.next() else {
+            return Ok(None);
+        };
+        let head = chain.head_index();
+        let segs = chain
+            .map(|d| (d.addr(), d.len() as usize, d.is_write_only()))
+            .collect();
+        Ok(Some((head, segs)))
+    }
+
+    /// Fills posted receive buffers: control packets first, then data from readable streams.
+    fn receive(&mut self) -> Result<bool, virtio_queue::Error> {
+        let mut used = false;
+        loop {
+            let control = self.muxer.pop_control();
+            let data = if control.is_none() {
+                self.muxer.next_readable()
+            } else {
+                None
+            };
+            if control.is_none() && data.is_none() {
+                return Ok(used);
+            }
+            let Some((head, segs)) = self.pop_rx()? else {
+                if let Some(h) = control {
+                    self.muxer.unpop_control(h);
+                }
+                self.rx.enable_notification(&self.mem)?;
+                return Ok(used);
+            };
+            let writable: Vec<(GuestAddress, usize)> =
+                segs.iter().filter(|s| s.2).map(|s| (s.0, s.1)).collect();
+            let room: usize = writable.iter().map(|s| s.1).sum();
+            if room < HDR_LEN {
+                // Nothing a packet fits in: returned empty, counted.
+                self.muxer.dropped();
+                self.rx.add_used(&self.mem, head, 0)?;
+                used = true;
+                if let Some(h) = control {
+                    self.muxer.unpop_control(h);
+                }
+                continue;
+            }
+            if let Some(h) = control {
+                let ok = write_to(&self.mem, &writable, 0, &h.bytes());
+                self.rx
+                    .add_used(&self.mem, head, if ok { HDR_LEN as u32 } else { 0 })?;
+                used = true;
+                continue;
+            }
+            let Some((key, credit)) = data else { continue };
+            let max = (room - HDR_LEN).min(credit as usize).min(MAX_PAYLOAD);
+            let result = self.read_stream(key, &writable, max);
+            match self.muxer.read_done(key, result) {
+                Some(h) => {
+                    let ok = write_to(&self.mem, &writable, 0, &h.bytes());
+                    let len = if ok { HDR_LEN as u32 + h.len } else { 0 };
+                    self.rx.add_used(&self.mem, head, len)?;
+                    used = true;
+                }
+                None => self.rx.go_to_previous_position(),
+            }
+        }
+    }
+
+    /// Reads up to `max` bytes from a connection's stream straight into the guest's buffers,
+    /// after the header's place.
+    fn read_stream(
+        &self,
+        key: Key,
+        writable: &[(GuestAddress, usize)],
+        max: usize,
+    ) -> std::io::Result<usize> {
+        let Some(stream) = self.muxer.stream(key) else {
+            return Err(std::io::ErrorKind::NotConnected.into());
+        };
+        let mut iov: Vec<libc::iovec> = Vec::new();
+        let (mut skip, mut want) = (HDR_LEN, max);
+        for &(addr, l) in writable {
+            if want == 0 {
+                break;
+            }
+            if skip >= l {
+                skip -= l;
+                continue;
+            }
+            let n = (l - skip).min(want);
+            for slice in self.mem.get_slices(GuestAddress(addr.0 + skip as u64), n) {
+                let slice = slice.map_err(std::io::Error::other)?;
+                iov.push(libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: slice.len(),
+                });
+            }
+            want -= n;
+            skip = 0;
+        }
+        if iov.is_empty() {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        // SAFETY: the iovecs point into guest memory that `self.mem` keeps mapped for the call,
+        // each within one region and within a device-writable descriptor; readv writes at most
+        // their lengths.
+        let n = unsafe { libc::readv(stream.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    fn apply_watches(&mut self, ops: &mut EventOps) {
+        for w in std::mem::take(&mut self.muxer.watch) {
+            match w {
+                Watch::Add(fd) => {
+                    let set = EventSet::IN
+                        | EventSet::OUT
+                        | EventSet::READ_HANG_UP
+                        | EventSet::EDGE_TRIGGERED;
+                    if ops
+                        .add(Events::with_data_raw(fd, CONN_BASE + fd as u32, set))
+                        .is_err()
+                    {
+                        utils::warn_limited!(
+                            "vsock_watch_failed",
+                            "virtio-vsock: cannot watch a connection"
+                        );
+                    }
+                }
+                Watch::Remove(stream) => {
+                    let fd = stream.as_raw_fd();
+                    let _ = ops.remove(Events::with_data_raw(
+                        fd,
+                        CONN_BASE + fd as u32,
+                        EventSet::empty(),
+                    ));
+                    drop(stream);
+                }
+            }
+        }
+    }
+
+    fn run_queues(&mut self, ops: &mut EventOps) {
+        if self.broken {
+            return;
+        }
+        let tx = self.transmit();
+        self.apply_watches(ops);
+        let rx = self.receive();
+        self.apply_watches(ops);
+        match (tx, rx) {
+            (Ok(t), Ok(r)) => {
+                let notify_tx = t && self.tx.needs_notification(&self.mem).unwrap_or(true);
+                let notify_rx = r && self.rx.needs_notification(&self.mem).unwrap_or(true);
+                if notify_tx || notify_rx {
+                    self.interrupt.trigger(INTERRUPT_USED_RING);
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => self.broken(e),
+        }
+    }
+}
+
+impl MutEventSubscriber for VsockThread {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            KILL => {
+                self.stop = true;
+                return;
+            }
+            RX_EVT | TX_EVT | EV_EVT => {
+                if let Some(e) = self.evts.get(events.data() as usize) {
+                    let _ = e.read();
+                }
+            }
+            LISTENER => self.muxer.accept(),
+            d if d >= CONN_BASE => {
+                let set = events.event_set();
+                self.muxer.ready(
+                    (d - CONN_BASE) as i32,
+                    set.contains(EventSet::IN),
+                    set.contains(EventSet::OUT),
+                    set.intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR),
+                );
+            }
+            _ => {}
+        }
+        self.apply_watches(ops);
+        self.run_queues(ops);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, e) in self.evts.iter().enumerate() {
+            if let Err(err) = ops.add(Events::with_data(e, i as u32, EventSet::IN)) {
+                tracing::error!("virtio-vsock: cannot watch queue {i}: {err:?}");
+            }
+        }
+        let listener = self.muxer.listener_fd();
+        for (ev, what) in [
+            (
+                Events::with_data(&self.kill, KILL, EventSet::IN),
+                "stop event",
+            ),
+            (
+                Events::with_data_raw(listener, LISTENER, EventSet::IN),
+                "listening socket",
+            ),
+        ] {
+            if let Err(err) = ops.add(ev) {
+                tracing::error!("virtio-vsock: cannot watch the {what}: {err:?}");
+            }
+        }
+    }
+}
+
+impl DeviceThread for VsockThread {
+    fn stopped(&self) -> bool {
+        self.stop
+    }
+}
