@@ -4,6 +4,7 @@
 //!   read-back, an indirect read, discard, write-zeroes and an out-of-range read;
 //! * `vireo.rngtest`: 32 bytes from every entropy device;
 //! * `vireo.nettest`: the network test on the first virtio-net device (see `net`);
+//! * `vireo.vsocktest`: the vsock test (see `vsock`);
 //! * `vireo.blkbench`: the block benchmark on the first virtio-blk device;
 //! * `vireo.blkwatch`: wait for the host to replace the first drive's image and report the new
 //!   capacity;
@@ -476,6 +477,9 @@ pub fn run(info: &BootInfo, cmdline: &[u8], bsp: u8) {
             blk_test(i, *dev, bsp);
         } else if id == ID_RNG && info.has_option(b"vireo.rngtest") {
             rng_test(i, *dev, bsp);
+        } else if id == 19 && info.has_option(b"vireo.vsocktest") {
+            crate::vsock::test(info, dev.base, dev.irq, bsp);
+            return;
         } else if id == ID_NET && info.has_option(b"vireo.nettest") {
             crate::net::test(info, i, dev.base, dev.irq, bsp);
             return;

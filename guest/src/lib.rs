@@ -27,6 +27,7 @@ pub mod mp;
 mod net;
 pub mod smp;
 pub mod virtio;
+mod vsock;
 
 use boot::BootInfo;
 use io::{getc, put_dec, put_hex, puts};

@@ -1,0 +1,389 @@
+//! A virtio-vsock driver (receive, transmit and event queues) and the test the host suite asks
+//! for with `vireo.vsocktest`:
+//!
+//! * connect to host port 6000 (a listener at `PATH_6000`) and send a line, then to host port
+//!   6001 (nobody listens: RST expected), reporting each outcome;
+//! * report `@vsock ready`, accept the host's connection to port 5000, receive
+//!   `vireo.vsockbytes` bytes (default 100000) checking every one, with a small receive buffer
+//!   (`buf_alloc` 16 KiB) so that the host must wait for credit, then send as many back and
+//!   shut the connection down.
+//!
+//! Stream byte `i` is `(i * 7 + seed) % 251` (seed 0 host to guest, 1 guest to host).
+
+use crate::io::{peek, poke, puts};
+use crate::{apic, field};
+use core::sync::atomic::{fence, Ordering};
+
+const QSIZE: u16 = 64;
+const BASE: u64 = 0x300_0000;
+const RINGS: [u64; 3] = [BASE, BASE + 0x4000, BASE + 0x8000];
+const RX_BUFS: u64 = BASE + 0x10_0000;
+const TX_BUFS: u64 = BASE + 0x20_0000;
+const BUF: u64 = 4096;
+const HDR: u64 = 44;
+const HOST_CID: u64 = 2;
+/// Receive buffer the guest advertises: small, so flow control is exercised.
+const GUEST_BUF: u32 = 16 * 1024;
+
+const REQUEST: u16 = 1;
+const RESPONSE: u16 = 2;
+const RST: u16 = 3;
+const SHUTDOWN: u16 = 4;
+const RW: u16 = 5;
+const CREDIT_UPDATE: u16 = 6;
+
+struct Queue {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl Queue {
+    fn new(ring: u64) -> Queue {
+        for i in 0..0x3000 / 8 {
+            poke::<u64>(ring + i * 8, 0);
+        }
+        Queue {
+            desc: ring,
+            avail: ring + 0x1000,
+            used: ring + 0x2000,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    fn publish(&mut self, id: u16, addr: u64, len: u32, write: bool) {
+        let d = self.desc + u64::from(id) * 16;
+        poke(d, addr);
+        poke(d + 8, len);
+        poke::<u16>(d + 12, if write { 2 } else { 0 });
+        poke::<u16>(d + 14, 0);
+        poke::<u16>(self.avail + 4 + u64::from(self.avail_idx % QSIZE) * 2, id);
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        poke::<u16>(self.avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+    }
+
+    fn pop_used(&mut self) -> Option<(u16, u32)> {
+        if peek::<u16>(self.used + 2) == self.used_seen {
+            return None;
+        }
+        fence(Ordering::SeqCst);
+        let e = self.used + 4 + u64::from(self.used_seen % QSIZE) * 8;
+        self.used_seen = self.used_seen.wrapping_add(1);
+        Some((peek::<u32>(e) as u16, peek::<u32>(e + 4)))
+    }
+}
+
+/// One packet header as the guest reads it.
+#[derive(Clone, Copy, Default)]
+struct Pkt {
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    op: u16,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+}
+
+struct Vsock {
+    base: u64,
+    cid: u64,
+    rx: Queue,
+    tx: Queue,
+    tx_next: u16,
+}
+
+/// The connection the test serves: ports, credit both ways, bytes in and out.
+#[derive(Default)]
+struct Conn {
+    local: u32,
+    peer: u32,
+    peer_buf: u32,
+    peer_fwd: u32,
+    tx_cnt: u32,
+    fwd_cnt: u32,
+    fwd_sent: u32,
+    received: u64,
+    bad: u64,
+    closed: bool,
+}
+
+fn pattern(i: u64, seed: u64) -> u8 {
+    ((i * 7 + seed) % 251) as u8
+}
+
+impl Vsock {
+    fn init(base: u64, irq: u32, bsp: u8) -> Result<Vsock, &'static [u8]> {
+        let reg = |o: u64| peek::<u32>(base + o);
+        let set = |o: u64, v: u32| poke::<u32>(base + o, v);
+        set(0x70, 0);
+        set(0x70, 3);
+        set(0x14, 1);
+        if reg(0x10) & 1 == 0 {
+            return Err(b"no VERSION_1");
+        }
+        set(0x24, 0);
+        set(0x20, 0);
+        set(0x24, 1);
+        set(0x20, 1);
+        set(0x70, 11);
+        if reg(0x70) & 8 == 0 {
+            return Err(b"FEATURES_OK refused");
+        }
+        for (i, ring) in RINGS.iter().enumerate() {
+            let q = Queue::new(*ring);
+            set(0x30, i as u32);
+            set(0x38, u32::from(QSIZE));
+            for (off, a) in [(0x80, q.desc), (0x90, q.avail), (0xa0, q.used)] {
+                set(off, a as u32);
+                set(off + 4, (a >> 32) as u32);
+            }
+            set(0x44, 1);
+        }
+        apic::route_irq(irq, apic::VIRTIO_VECTOR, bsp);
+        set(0x70, 15);
+        let mut v = Vsock {
+            base,
+            cid: u64::from(reg(0x100)) | u64::from(reg(0x104)) << 32,
+            rx: Queue {
+                desc: RINGS[0],
+                avail: RINGS[0] + 0x1000,
+                used: RINGS[0] + 0x2000,
+                avail_idx: 0,
+                used_seen: 0,
+            },
+            tx: Queue {
+                desc: RINGS[1],
+                avail: RINGS[1] + 0x1000,
+                used: RINGS[1] + 0x2000,
+                avail_idx: 0,
+                used_seen: 0,
+            },
+            tx_next: 0,
+        };
+        for i in 0..QSIZE {
+            v.rx.publish(i, RX_BUFS + u64::from(i) * BUF, BUF as u32, true);
+        }
+        set(0x50, 0);
+        Ok(v)
+    }
+
+    /// Sends a packet of `len` bytes of the guest's stream pattern.
+    fn send(&mut self, c: &mut Conn, op: u16, flags: u32, len: u32) {
+        // Wait for a free slot (the device completes transmits at once).
+        let expiries = apic::timer_irqs();
+        apic::start_watchdog(100);
+        while self
+            .tx
+            .avail_idx
+            .wrapping_sub(peek::<u16>(self.tx.used + 2))
+            >= QSIZE
+            && apic::timer_irqs() == expiries
+        {
+            core::hint::spin_loop();
+        }
+        apic::stop_watchdog();
+        let slot = self.tx_next;
+        self.tx_next = (slot + 1) % QSIZE;
+        let b = TX_BUFS + u64::from(slot) * BUF;
+        poke(b, self.cid);
+        poke(b + 8, HOST_CID);
+        poke(b + 16, c.local);
+        poke(b + 20, c.peer);
+        poke(b + 24, len);
+        poke::<u16>(b + 28, 1);
+        poke(b + 30, op);
+        poke(b + 32, flags);
+        poke(b + 36, GUEST_BUF);
+        poke(b + 40, c.fwd_cnt);
+        for i in 0..u64::from(len) {
+            poke::<u8>(b + HDR + i, pattern(u64::from(c.tx_cnt) + i, 1));
+        }
+        c.tx_cnt = c.tx_cnt.wrapping_add(len);
+        c.fwd_sent = c.fwd_cnt;
+        self.tx.publish(slot, b, (HDR as u32) + len, false);
+        poke::<u32>(self.base + 0x50, 1);
+    }
+
+    /// Waits up to `ms` for a received packet; returns it with where its data is.
+    fn recv(&mut self, ms: u32) -> Option<(Pkt, u64, u16)> {
+        let expiries = apic::timer_irqs();
+        apic::start_watchdog(ms);
+        loop {
+            if let Some((id, _len)) = self.rx.pop_used() {
+                apic::stop_watchdog();
+                let b = RX_BUFS + u64::from(id) * BUF;
+                let p = Pkt {
+                    src_port: peek(b + 16),
+                    dst_port: peek(b + 20),
+                    len: peek(b + 24),
+                    op: peek(b + 30),
+                    buf_alloc: peek(b + 36),
+                    fwd_cnt: peek(b + 40),
+                };
+                return Some((p, b + HDR, id));
+            }
+            if apic::timer_irqs() != expiries {
+                return None;
+            }
+            // Ask for an interrupt at the next used entry, then sleep.
+            poke::<u16>(self.rx.avail + 4 + u64::from(QSIZE) * 2, self.rx.used_seen);
+            fence(Ordering::SeqCst);
+            if peek::<u16>(self.rx.used + 2) != self.rx.used_seen {
+                continue;
+            }
+            // SAFETY: wait for the device (or watchdog) interrupt.
+            unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
+            let isr = peek::<u32>(self.base + 0x60);
+            poke::<u32>(self.base + 0x64, isr);
+        }
+    }
+
+    fn repost(&mut self, id: u16) {
+        self.rx
+            .publish(id, RX_BUFS + u64::from(id) * BUF, BUF as u32, true);
+        poke::<u32>(self.base + 0x50, 0);
+    }
+
+    /// Connects to host port `port` from `local`: the answer's operation (RESPONSE or RST).
+    fn connect(&mut self, local: u32, port: u32) -> u16 {
+        let mut c = Conn {
+            local,
+            peer: port,
+            ..Default::default()
+        };
+        self.send(&mut c, REQUEST, 0, 0);
+        let mut answer = 0;
+        for _ in 0..20 {
+            let Some((p, _, id)) = self.recv(250) else {
+                continue;
+            };
+            self.repost(id);
+            if p.dst_port == local && p.src_port == port {
+                answer = p.op;
+                break;
+            }
+        }
+        if answer == RESPONSE {
+            c.peer_buf = 256 * 1024;
+            self.send(&mut c, RW, 0, 20);
+            self.send(&mut c, SHUTDOWN, 3, 0);
+        }
+        answer
+    }
+}
+
+fn report_connect(port: u32, op: u16) {
+    puts(b"@vsock connect");
+    field(b"port", u64::from(port), false);
+    puts(match op {
+        RESPONSE => b" result=response\n" as &[u8],
+        RST => b" result=rst\n",
+        _ => b" result=none\n",
+    });
+}
+
+/// The vsock test on the device at `base`.
+pub fn test(info: &crate::boot::BootInfo, base: u64, irq: u32, bsp: u8) {
+    let total = info
+        .option_value(b"vireo.vsockbytes")
+        .and_then(|v| {
+            v.iter().try_fold(0u64, |a, &c| {
+                c.is_ascii_digit().then(|| a * 10 + u64::from(c - b'0'))
+            })
+        })
+        .unwrap_or(100_000);
+    let mut v = match Vsock::init(base, irq, bsp) {
+        Ok(v) => v,
+        Err(e) => {
+            puts(b"@vsock error=");
+            puts(e);
+            puts(b"\n");
+            return;
+        }
+    };
+    puts(b"@vsock");
+    field(b"cid", v.cid, false);
+    puts(b"\n");
+    let r = v.connect(40000, 6000);
+    report_connect(6000, r);
+    let r = v.connect(40001, 6001);
+    report_connect(6001, r);
+    puts(b"@vsock ready\n");
+
+    // Serve one host connection to port 5000.
+    let mut c = Conn::default();
+    let mut idle = 0;
+    while !c.closed && idle < 80 {
+        let Some((p, data, id)) = v.recv(250) else {
+            idle += 1;
+            continue;
+        };
+        idle = 0;
+        c.peer_buf = p.buf_alloc;
+        c.peer_fwd = p.fwd_cnt;
+        match p.op {
+            REQUEST if p.dst_port == 5000 => {
+                c.local = 5000;
+                c.peer = p.src_port;
+                puts(b"@vsock accepted");
+                field(b"from", u64::from(p.src_port), false);
+                puts(b"\n");
+                v.repost(id);
+                v.send(&mut c, RESPONSE, 0, 0);
+                continue;
+            }
+            RW if p.dst_port == c.local && c.local != 0 => {
+                for i in 0..u64::from(p.len) {
+                    if peek::<u8>(data + i) != pattern(c.received + i, 0) {
+                        c.bad += 1;
+                    }
+                }
+                c.received += u64::from(p.len);
+                c.fwd_cnt = c.fwd_cnt.wrapping_add(p.len);
+                v.repost(id);
+                if c.fwd_cnt.wrapping_sub(c.fwd_sent) >= GUEST_BUF / 2 {
+                    v.send(&mut c, CREDIT_UPDATE, 0, 0);
+                }
+                if c.received >= total {
+                    puts(b"@vsock received");
+                    field(b"bytes", c.received, false);
+                    field(b"bad", c.bad, false);
+                    puts(b"\n");
+                    // Send as much back, within the host's credit.
+                    let mut sent = 0u64;
+                    let mut waits = 0;
+                    while sent < total && waits < 200 {
+                        let credit = c.peer_buf.saturating_sub(c.tx_cnt.wrapping_sub(c.peer_fwd));
+                        let n = (total - sent).min(BUF - HDR).min(u64::from(credit)) as u32;
+                        if n == 0 {
+                            // Wait for a credit update from the host.
+                            if let Some((p, _, id)) = v.recv(250) {
+                                c.peer_buf = p.buf_alloc;
+                                c.peer_fwd = p.fwd_cnt;
+                                v.repost(id);
+                            }
+                            waits += 1;
+                            continue;
+                        }
+                        v.send(&mut c, RW, 0, n);
+                        sent += u64::from(n);
+                    }
+                    puts(b"@vsock sent");
+                    field(b"bytes", sent, false);
+                    puts(b"\n");
+                    v.send(&mut c, SHUTDOWN, 3, 0);
+                    c.closed = true;
+                }
+                continue;
+            }
+            SHUTDOWN | RST => c.closed = c.local != 0 && p.dst_port == c.local,
+            _ => {}
+        }
+        v.repost(id);
+    }
+}

@@ -1,0 +1,152 @@
+//! virtio-vsock end to end with the test guest's driver and host programs on the Unix sockets,
+//! as Firecracker's users drive it: `CONNECT <port>` on the device's socket for host-initiated
+//! connections, `PATH_<port>` listeners for guest-initiated ones.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn pattern(len: usize, seed: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i * 7 + seed) % 251) as u8).collect()
+}
+
+/// The host's side of the test guest's vsock test: a listener for its connection to port
+/// 6000, then a `CONNECT 5000` carrying `n` bytes each way.
+fn exercise(mut child: std::process::Child, sock: &Path, n: usize) {
+    let l6000 = UnixListener::bind(format!("{}_6000", sock.display())).unwrap();
+    let from_guest = std::thread::spawn(move || {
+        let (mut c, _) = l6000.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut v = Vec::new();
+        let _ = c.read_to_end(&mut v);
+        v
+    });
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines().map_while(Result::ok);
+    let mut seen = Vec::new();
+    for l in lines.by_ref() {
+        let l = l.trim_end_matches('\r').to_owned();
+        let ready = l == "@vsock ready";
+        seen.push(l);
+        if ready {
+            break;
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|l| l == "@vsock connect port=6000 result=response"),
+        "{seen:#?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l == "@vsock connect port=6001 result=rst"),
+        "no listener: RST; {seen:#?}"
+    );
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"CONNECT 5000\n").unwrap();
+    let mut ok = [0u8; 32];
+    let k = s.read(&mut ok).unwrap();
+    let ok = String::from_utf8_lossy(&ok[..k]).to_string();
+    assert!(ok.starts_with("OK ") && ok.ends_with('\n'), "{ok:?}");
+    // Several times the guest's 16 KiB receive buffer: the host must wait for its credit.
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&pattern(n, 0)).unwrap());
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back);
+    writer.join().unwrap();
+    assert_eq!(back.len(), n);
+    assert!(back == pattern(n, 1), "every byte from the guest");
+    let rest: Vec<String> = lines.map(|l| l.trim_end_matches('\r').to_owned()).collect();
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    assert!(
+        rest.iter()
+            .any(|l| l == &format!("@vsock received bytes={n} bad=0")),
+        "every byte to the guest: {rest:#?}"
+    );
+    let g = from_guest.join().unwrap();
+    assert_eq!(g, pattern(20, 1), "the guest's bytes on port 6000");
+}
+
+#[test]
+fn streams_both_ways_with_flow_control() {
+    let dir = scratch("vsock-run");
+    let sock = dir.join("v.sock");
+    let child = vireo()
+        .args(["run", "--kernel"])
+        .arg(guest("elf"))
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", sock.display()))
+        .args(["--cmdline", "vireo.vsocktest vireo.vsockbytes=200000"])
+        .spawn()
+        .unwrap();
+    exercise(child, &sock, 200_000);
+    assert!(!sock.exists(), "the socket goes with vireo");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn through_the_config_file() {
+    let dir = scratch("vsock-config");
+    let sock = dir.join("v.sock");
+    let cfg = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": guest("pvh"),
+            "boot_args": "console=ttyS0 vireo.vsocktest vireo.vsockbytes=50000",
+        },
+        "vsock": { "guest_cid": 3, "uds_path": sock, "vsock_id": "vsock0" },
+    });
+    let path = dir.join("vm.json");
+    write_file(&path, cfg.to_string().as_bytes());
+    let child = Command::new(env!("CARGO_BIN_EXE_vireo"))
+        .args(["--no-api", "--config-file"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    exercise(child, &sock, 50_000);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bad_cids_and_a_live_socket_are_refused() {
+    let dir = scratch("vsock-bad");
+    let k = guest("elf");
+    let k = k.to_str().unwrap();
+    for cid in ["0", "1", "2", "4294967295"] {
+        let r = run(&[
+            "--kernel",
+            k,
+            "--vsock",
+            &format!("cid={cid},uds=/tmp/x.sock"),
+        ]);
+        assert_eq!(r.code(), 2, "{cid}");
+        assert!(
+            r.stderr
+                .contains(&format!("guest CID {cid} cannot be used")),
+            "{}",
+            r.stderr
+        );
+    }
+    let sock = dir.join("live.sock");
+    let _live = UnixListener::bind(&sock).unwrap();
+    let r = run(&[
+        "--kernel",
+        k,
+        "--vsock",
+        &format!("cid=3,uds={}", sock.display()),
+    ]);
+    assert_eq!(r.code(), 1);
+    assert!(
+        r.stderr.contains("in use by a running process"),
+        "{}",
+        r.stderr
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
