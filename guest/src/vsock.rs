@@ -172,9 +172,9 @@ impl Vsock {
         Ok(v)
     }
 
-    /// Sends a packet of `len` bytes of the guest's stream pattern.
-    fn send(&mut self, c: &mut Conn, op: u16, flags: u32, len: u32) {
-        // Wait for a free slot (the device completes transmits at once).
+    /// Where the next packet's payload goes (after waiting for a free slot: the device
+    /// completes transmits at once).
+    fn peek_tx_data(&mut self) -> u64 {
         let expiries = apic::timer_irqs();
         apic::start_watchdog(100);
         while self
@@ -187,6 +187,25 @@ impl Vsock {
             core::hint::spin_loop();
         }
         apic::stop_watchdog();
+        TX_BUFS + u64::from(self.tx_next) * BUF + HDR
+    }
+
+    /// Sends a packet of `len` bytes of the guest's stream pattern.
+    fn send(&mut self, c: &mut Conn, op: u16, flags: u32, len: u32) {
+        let data = self.peek_tx_data();
+        for i in 0..u64::from(len) {
+            poke::<u8>(data + i, pattern(u64::from(c.tx_cnt) + i, 1));
+        }
+        self.send_packet(c, op, flags, len);
+    }
+
+    /// Sends a packet whose `len` payload bytes are already in place.
+    fn send_raw(&mut self, c: &mut Conn, op: u16, len: u32) {
+        self.peek_tx_data();
+        self.send_packet(c, op, 0, len);
+    }
+
+    fn send_packet(&mut self, c: &mut Conn, op: u16, flags: u32, len: u32) {
         let slot = self.tx_next;
         self.tx_next = (slot + 1) % QSIZE;
         let b = TX_BUFS + u64::from(slot) * BUF;
@@ -200,9 +219,6 @@ impl Vsock {
         poke(b + 32, flags);
         poke(b + 36, GUEST_BUF);
         poke(b + 40, c.fwd_cnt);
-        for i in 0..u64::from(len) {
-            poke::<u8>(b + HDR + i, pattern(u64::from(c.tx_cnt) + i, 1));
-        }
         c.tx_cnt = c.tx_cnt.wrapping_add(len);
         c.fwd_sent = c.fwd_cnt;
         self.tx.publish(slot, b, (HDR as u32) + len, false);
@@ -287,6 +303,49 @@ fn report_connect(port: u32, op: u16) {
     });
 }
 
+/// Echo mode (`vireo.vsockecho=N`): accepts connections to port 5000 and sends every byte
+/// back on the connection it came from, until N connections have been served and closed.
+fn echo(v: &mut Vsock, want: u64) {
+    let mut served = 0u64;
+    let mut idle = 0;
+    puts(b"@vsock ready\n");
+    while served < want && idle < 120 {
+        let Some((p, data, id)) = v.recv(250) else {
+            idle += 1;
+            continue;
+        };
+        idle = 0;
+        let mut c = Conn {
+            local: p.dst_port,
+            peer: p.src_port,
+            peer_buf: p.buf_alloc,
+            peer_fwd: p.fwd_cnt,
+            ..Default::default()
+        };
+        match p.op {
+            REQUEST if p.dst_port == 5000 => v.send(&mut c, RESPONSE, 0, 0),
+            RW => {
+                // Echo: the payload goes back as it came (it is well within every credit).
+                let n = p.len.min((BUF - HDR) as u32);
+                let slot_data = v.peek_tx_data();
+                for i in 0..u64::from(n) {
+                    poke::<u8>(slot_data + i, peek::<u8>(data + i));
+                }
+                v.send_raw(&mut c, RW, n);
+            }
+            SHUTDOWN => {
+                v.send(&mut c, RST, 0, 0);
+                served += 1;
+            }
+            _ => {}
+        }
+        v.repost(id);
+    }
+    puts(b"@vsock echo");
+    field(b"served", served, false);
+    puts(b"\n");
+}
+
 /// The vsock test on the device at `base`.
 pub fn test(info: &crate::boot::BootInfo, base: u64, irq: u32, bsp: u8) {
     let total = info
@@ -309,6 +368,16 @@ pub fn test(info: &crate::boot::BootInfo, base: u64, irq: u32, bsp: u8) {
     puts(b"@vsock");
     field(b"cid", v.cid, false);
     puts(b"\n");
+    if let Some(n) = info.option_value(b"vireo.vsockecho") {
+        let n = n
+            .iter()
+            .try_fold(0u64, |a, &c| {
+                c.is_ascii_digit().then(|| a * 10 + u64::from(c - b'0'))
+            })
+            .unwrap_or(1);
+        echo(&mut v, n);
+        return;
+    }
     let r = v.connect(40000, 6000);
     report_connect(6000, r);
     let r = v.connect(40001, 6001);

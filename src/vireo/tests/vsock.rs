@@ -150,3 +150,80 @@ fn bad_cids_and_a_live_socket_are_refused() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// 1024 connections at once, each carrying its own bytes, all echoed back intact by the
+/// guest; each closed from the host side.
+#[test]
+fn a_thousand_concurrent_connections() {
+    const CONNS: usize = 1024;
+    // SAFETY: setrlimit(2) reads the struct we pass; vireo inherits the raised limit.
+    unsafe {
+        let lim = libc::rlimit {
+            rlim_cur: 8192,
+            rlim_max: 8192,
+        };
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    let dir = scratch("vsock-many");
+    let sock = dir.join("v.sock");
+    let mut child = vireo()
+        .args(["run", "--kernel"])
+        .arg(guest("elf"))
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", sock.display()))
+        .args([
+            "--cmdline",
+            &format!("vireo.vsocktest vireo.vsockecho={CONNS}"),
+        ])
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines().map_while(Result::ok);
+    for l in lines.by_ref() {
+        if l.trim_end_matches('\r') == "@vsock ready" {
+            break;
+        }
+    }
+    let mut conns: Vec<UnixStream> = (0..CONNS)
+        .map(|_| {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            s.write_all(b"CONNECT 5000\n").unwrap();
+            s
+        })
+        .collect();
+    for s in &mut conns {
+        let mut ok = [0u8; 32];
+        let n = s.read(&mut ok).unwrap();
+        assert!(
+            ok[..n].starts_with(b"OK "),
+            "{:?}",
+            String::from_utf8_lossy(&ok[..n])
+        );
+    }
+    let payload = |i: usize| -> Vec<u8> { (0..64).map(|k| (i * 31 + k) as u8).collect() };
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(&payload(i)).unwrap();
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut back = vec![0u8; 64];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, payload(i), "connection {i}");
+    }
+    for s in &conns {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    for s in &mut conns {
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty());
+    }
+    let rest: Vec<String> = lines.map(|l| l.trim_end_matches('\r').to_owned()).collect();
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    assert!(
+        rest.iter()
+            .any(|l| l == &format!("@vsock echo served={CONNS}")),
+        "{rest:#?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -161,6 +161,49 @@ pub fn mmds_frames(data: &[u8]) {
     }
 }
 
+/// Feeds `data`, cut into packets (a 44-byte header and up to 255 bytes of payload each), to
+/// a vsock host side with a listener on `PATH_6000`, pumping its packets for the guest after
+/// each: the header parser and the connection state machine, credit included.
+pub fn vsock_packets(data: &[u8]) {
+    use super::vsock::packet::{Header, HDR_LEN};
+    use super::vsock::{Muxer, VsockMetrics};
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("vireo-fuzz-vsock-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&d);
+        d
+    });
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("v{n}.sock"));
+    let Ok(listener) = std::os::unix::net::UnixListener::bind(&path) else {
+        return;
+    };
+    let peer = std::os::unix::net::UnixListener::bind(format!("{}_6000", path.display()));
+    let mut mux = Muxer::new(3, path.clone(), listener, Arc::new(VsockMetrics::default()));
+    let mut rest = data;
+    while rest.len() > HDR_LEN {
+        let raw: [u8; HDR_LEN] = rest[..HDR_LEN].try_into().unwrap_or([0; HDR_LEN]);
+        let mut h = Header::parse(&raw);
+        // Mostly well-addressed packets, so that the state machine gets past the CID checks.
+        if rest[HDR_LEN] & 1 == 0 {
+            h.src_cid = 3;
+            h.dst_cid = 2;
+            h.kind = 1;
+            h.dst_port = 6000 + u32::from(rest[HDR_LEN] & 2);
+        }
+        let len = usize::from(rest[HDR_LEN]).min(rest.len() - HDR_LEN - 1);
+        let payload = &rest[HDR_LEN + 1..HDR_LEN + 1 + len];
+        mux.from_guest(&h, payload);
+        while mux.pop_control().is_some() {}
+        mux.watch.clear();
+        rest = &rest[HDR_LEN + 1 + len..];
+    }
+    drop(peer);
+    let _ = std::fs::remove_file(format!("{}_6000", path.display()));
+    let _ = std::fs::remove_file(&path);
+}
+
 /// Replays `data` as register accesses on an entropy device's MMIO window (7 bytes each:
 /// kind, offset, value) interleaved with writes to guest memory where the rings live.
 pub fn mmio_registers(data: &[u8]) {
@@ -372,6 +415,14 @@ mod tests {
             }
             let r = std::panic::catch_unwind(|| super::mmds_frames(&data));
             assert!(r.is_ok(), "panic on mutation #{seed}: {noise:?}");
+        }
+    }
+
+    #[test]
+    fn vsock_packets_survive_random_input() {
+        for (seed, data) in inputs(0x0050_c4e7, iterations() / 10, 1024) {
+            let r = std::panic::catch_unwind(|| super::vsock_packets(&data));
+            assert!(r.is_ok(), "panic on input #{seed}: {data:?}");
         }
     }
 

@@ -22,7 +22,7 @@ pub const CONN_BUF: u32 = 256 * 1024;
 /// Connections at once (the issue asks for at least 1024).
 pub const MAX_CONNS: usize = 4096;
 /// Host clients still writing their `CONNECT` line.
-const MAX_PENDING: usize = 256;
+const MAX_PENDING: usize = 1024;
 /// Longest `CONNECT <port>\n` line.
 const MAX_LINE: usize = 32;
 /// Control packets waiting for receive buffers; beyond this the oldest connections' packets
@@ -456,6 +456,8 @@ impl Muxer {
                     let fd = s.as_raw_fd();
                     self.pending.insert(fd, (s, Vec::new()));
                     self.watch.push(Watch::Add(fd));
+                    // The line is often there already.
+                    self.connect_line(fd);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
