@@ -225,8 +225,12 @@ impl Vsock {
         poke::<u32>(self.base + 0x50, 1);
     }
 
-    /// Waits up to `ms` for a received packet; returns it with where its data is.
+    /// Waits up to `ms` (0: does not wait) for a received packet; returns it with where its
+    /// data is.
     fn recv(&mut self, ms: u32) -> Option<(Pkt, u64, u16)> {
+        if ms == 0 && peek::<u16>(self.rx.used + 2) == self.rx.used_seen {
+            return None;
+        }
         let expiries = apic::timer_irqs();
         apic::start_watchdog(ms);
         loop {
@@ -426,16 +430,21 @@ pub fn test(info: &crate::boot::BootInfo, base: u64, irq: u32, bsp: u8) {
                     // Send as much back, within the host's credit.
                     let mut sent = 0u64;
                     let mut waits = 0;
-                    while sent < total && waits < 200 {
+                    let mut reset = false;
+                    while sent < total && waits < 200 && !reset {
+                        // Packets from the host meanwhile: credit updates, or a reset when the
+                        // host side went away.
                         let credit = c.peer_buf.saturating_sub(c.tx_cnt.wrapping_sub(c.peer_fwd));
                         let n = (total - sent).min(BUF - HDR).min(u64::from(credit)) as u32;
+                        let wait = if n == 0 { 250 } else { 0 };
+                        if let Some((p, _, id)) = v.recv(wait) {
+                            reset = p.op == RST;
+                            c.peer_buf = p.buf_alloc;
+                            c.peer_fwd = p.fwd_cnt;
+                            v.repost(id);
+                            continue;
+                        }
                         if n == 0 {
-                            // Wait for a credit update from the host.
-                            if let Some((p, _, id)) = v.recv(250) {
-                                c.peer_buf = p.buf_alloc;
-                                c.peer_fwd = p.fwd_cnt;
-                                v.repost(id);
-                            }
                             waits += 1;
                             continue;
                         }
@@ -444,8 +453,11 @@ pub fn test(info: &crate::boot::BootInfo, base: u64, irq: u32, bsp: u8) {
                     }
                     puts(b"@vsock sent");
                     field(b"bytes", sent, false);
+                    field(b"reset", u64::from(reset), false);
                     puts(b"\n");
-                    v.send(&mut c, SHUTDOWN, 3, 0);
+                    if !reset {
+                        v.send(&mut c, SHUTDOWN, 3, 0);
+                    }
                     c.closed = true;
                 }
                 continue;

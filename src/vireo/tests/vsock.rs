@@ -227,3 +227,43 @@ fn a_thousand_concurrent_connections() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A host peer that goes away while the guest still sends: that connection is reset, the
+/// guest is told, and vireo carries on.
+#[test]
+fn a_vanishing_host_peer_resets_its_connection() {
+    let dir = scratch("vsock-vanish");
+    let sock = dir.join("v.sock");
+    let _l6000 = UnixListener::bind(format!("{}_6000", sock.display())).unwrap();
+    let mut child = vireo()
+        .args(["run", "--kernel"])
+        .arg(guest("elf"))
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", sock.display()))
+        .args(["--cmdline", "vireo.vsocktest vireo.vsockbytes=300000"])
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines().map_while(Result::ok);
+    for l in lines.by_ref() {
+        if l.trim_end_matches('\r') == "@vsock ready" {
+            break;
+        }
+    }
+    {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(b"CONNECT 5000\n").unwrap();
+        let mut ok = [0u8; 32];
+        let _ = s.read(&mut ok).unwrap();
+        s.write_all(&pattern(300_000, 0)).unwrap();
+        // Gone without reading a byte of what the guest now sends.
+    }
+    let rest: Vec<String> = lines.map(|l| l.trim_end_matches('\r').to_owned()).collect();
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    let sent = rest
+        .iter()
+        .find(|l| l.starts_with("@vsock sent"))
+        .unwrap_or_else(|| panic!("{rest:#?}"));
+    assert_eq!(field(sent, "reset"), Some("1"), "{sent}");
+    let _ = std::fs::remove_dir_all(dir);
+}
