@@ -267,3 +267,61 @@ fn a_vanishing_host_peer_resets_its_connection() {
     assert_eq!(field(sent, "reset"), Some("1"), "{sent}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The same through Firecracker's API: `PUT /vsock` (with the deprecated `vsock_id`), shown in
+/// `GET /vm/config`.
+#[test]
+fn through_the_api() {
+    let dir = scratch("vsock-api");
+    let sock = dir.join("v.sock");
+    let api = dir.join("api.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_vireo"))
+        .arg("--api-sock")
+        .arg(&api)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&api).is_err() {
+        assert!(std::time::Instant::now() < end, "API socket never came up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let req = |method: &str, path: &str, body: &str| -> (u16, String) {
+        let mut s = UnixStream::connect(&api).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+        (answer[9..12].parse().unwrap(), body)
+    };
+    let (code, body) = req("PUT", "/vsock", r#"{"guest_cid":1,"uds_path":"/tmp/x"}"#);
+    assert_eq!(code, 400);
+    assert!(body.contains("guest CID 1 cannot be used"), "{body}");
+    let vsock = format!(
+        r#"{{"vsock_id":"vsock0","guest_cid":3,"uds_path":"{}"}}"#,
+        sock.display()
+    );
+    assert_eq!(req("PUT", "/vsock", &vsock).0, 204);
+    let (_, cfg) = req("GET", "/vm/config", "");
+    let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    assert_eq!(cfg["vsock"]["guest_cid"], 3);
+    let boot = format!(
+        r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 vireo.vsocktest vireo.vsockbytes=30000"}}"#,
+        guest("elf").display()
+    );
+    assert_eq!(req("PUT", "/boot-source", &boot).0, 204);
+    assert_eq!(
+        req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#).0,
+        204
+    );
+    exercise(child, &sock, 30_000);
+    assert!(!sock.exists() && !api.exists());
+    let _ = std::fs::remove_dir_all(dir);
+}
