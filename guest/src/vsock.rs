@@ -95,6 +95,8 @@ struct Vsock {
     rx: Queue,
     tx: Queue,
     tx_next: u16,
+    /// The receive buffer advertised to the host.
+    buf_alloc: u32,
 }
 
 /// The connection the test serves: ports, credit both ways, bytes in and out.
@@ -120,16 +122,23 @@ impl Vsock {
     fn init(base: u64, irq: u32, bsp: u8) -> Result<Vsock, &'static [u8]> {
         let reg = |o: u64| peek::<u32>(base + o);
         let set = |o: u64, v: u32| poke::<u32>(base + o, v);
+        // ACKNOWLEDGE, then DRIVER: devices may insist on the order (virtio 1.2, 3.1.1).
         set(0x70, 0);
+        set(0x70, 1);
         set(0x70, 3);
+        set(0x14, 0);
+        let lo = reg(0x10);
         set(0x14, 1);
-        if reg(0x10) & 1 == 0 {
+        let hi = reg(0x10);
+        if hi & 1 == 0 {
             return Err(b"no VERSION_1");
         }
+        // VERSION_1, and EVENT_IDX and IN_ORDER where offered (Firecracker offers IN_ORDER and
+        // refuses a driver that drops it); nothing else.
         set(0x24, 0);
-        set(0x20, 0);
+        set(0x20, lo & (1 << 29));
         set(0x24, 1);
-        set(0x20, 1);
+        set(0x20, hi & (1 | 1 << 3));
         set(0x70, 11);
         if reg(0x70) & 8 == 0 {
             return Err(b"FEATURES_OK refused");
@@ -164,6 +173,7 @@ impl Vsock {
                 used_seen: 0,
             },
             tx_next: 0,
+            buf_alloc: GUEST_BUF,
         };
         for i in 0..QSIZE {
             v.rx.publish(i, RX_BUFS + u64::from(i) * BUF, BUF as u32, true);
@@ -217,7 +227,7 @@ impl Vsock {
         poke::<u16>(b + 28, 1);
         poke(b + 30, op);
         poke(b + 32, flags);
-        poke(b + 36, GUEST_BUF);
+        poke(b + 36, self.buf_alloc);
         poke(b + 40, c.fwd_cnt);
         c.tx_cnt = c.tx_cnt.wrapping_add(len);
         c.fwd_sent = c.fwd_cnt;
@@ -350,10 +360,83 @@ fn echo(v: &mut Vsock, want: u64) {
     puts(b"\n");
 }
 
+/// Benchmark mode (`vireo.vsockbench=BYTES`): sinks every connection to port 5000 without
+/// reading the bytes (credit returned as they arrive), and answers a connection to port 5001
+/// by sending BYTES from one untouched buffer, then shutting it down.
+fn bench(v: &mut Vsock, total: u64) {
+    // Credit bookkeeping for the connections in flight, by the host's port.
+    let mut fwd = [(0u32, 0u32, 0u32); 64];
+    // What the posted buffers hold: the host may send that much before waiting.
+    v.buf_alloc = u32::from(QSIZE) * (BUF - HDR) as u32;
+    puts(b"@vsock ready\n");
+    let mut idle = 0;
+    while idle < 240 {
+        let Some((p, _, id)) = v.recv(250) else {
+            idle += 1;
+            continue;
+        };
+        idle = 0;
+        let slot = (p.src_port % 64) as usize;
+        if fwd[slot].0 != p.src_port {
+            fwd[slot] = (p.src_port, 0, 0);
+        }
+        let mut c = Conn {
+            local: p.dst_port,
+            peer: p.src_port,
+            peer_buf: p.buf_alloc,
+            peer_fwd: p.fwd_cnt,
+            fwd_cnt: fwd[slot].1,
+            fwd_sent: fwd[slot].2,
+            ..Default::default()
+        };
+        v.repost(id);
+        match p.op {
+            REQUEST if p.dst_port == 5000 => v.send(&mut c, RESPONSE, 0, 0),
+            REQUEST if p.dst_port == 5001 => {
+                v.send(&mut c, RESPONSE, 0, 0);
+                let mut sent = 0u64;
+                let mut waits = 0;
+                while sent < total && waits < 400 {
+                    let credit = c.peer_buf.saturating_sub(c.tx_cnt.wrapping_sub(c.peer_fwd));
+                    let n = (total - sent).min(BUF - HDR).min(u64::from(credit)) as u32;
+                    if let Some((q, _, id)) = v.recv(if n == 0 { 250 } else { 0 }) {
+                        if q.src_port == c.peer {
+                            c.peer_buf = q.buf_alloc;
+                            c.peer_fwd = q.fwd_cnt;
+                        }
+                        v.repost(id);
+                        continue;
+                    }
+                    if n == 0 {
+                        waits += 1;
+                        continue;
+                    }
+                    v.peek_tx_data();
+                    v.send_raw(&mut c, RW, n);
+                    sent += u64::from(n);
+                }
+                v.send(&mut c, SHUTDOWN, 3, 0);
+                puts(b"@vsock bench sent\n");
+                return;
+            }
+            RW => {
+                c.fwd_cnt = c.fwd_cnt.wrapping_add(p.len);
+                if c.fwd_cnt.wrapping_sub(c.fwd_sent) >= v.buf_alloc / 4 {
+                    v.send(&mut c, CREDIT_UPDATE, 0, 0);
+                }
+            }
+            SHUTDOWN => v.send(&mut c, RST, 0, 0),
+            _ => {}
+        }
+        fwd[slot] = (p.src_port, c.fwd_cnt, c.fwd_sent);
+    }
+}
+
 /// The vsock test on the device at `base`.
 pub fn test(info: &crate::boot::BootInfo, base: u64, irq: u32, bsp: u8) {
     let total = info
         .option_value(b"vireo.vsockbytes")
+        .or(info.option_value(b"vireo.vsockbench"))
         .and_then(|v| {
             v.iter().try_fold(0u64, |a, &c| {
                 c.is_ascii_digit().then(|| a * 10 + u64::from(c - b'0'))
@@ -372,6 +455,10 @@ pub fn test(info: &crate::boot::BootInfo, base: u64, irq: u32, bsp: u8) {
     puts(b"@vsock");
     field(b"cid", v.cid, false);
     puts(b"\n");
+    if info.option_value(b"vireo.vsockbench").is_some() {
+        bench(&mut v, total);
+        return;
+    }
     if let Some(n) = info.option_value(b"vireo.vsockecho") {
         let n = n
             .iter()
