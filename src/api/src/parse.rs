@@ -222,6 +222,8 @@ mod tests {
         let e = parse_request("GET", "/nope", b"").unwrap_err();
         assert!(e.contains("no such path"), "{e}");
         let e = parse_request("PUT", "/vsock", b"{}").unwrap_err();
+        assert!(e.contains("missing field `guest_cid`"), "{e}");
+        let e = parse_request("PUT", "/balloon", b"{}").unwrap_err();
         assert!(e.contains("not supported by vireo yet"), "{e}");
         let e = parse_request("PUT", "/snapshot/create", b"{}").unwrap_err();
         assert!(e.contains("snapshotting"), "{e}");
