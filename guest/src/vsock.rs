@@ -363,9 +363,45 @@ fn echo(v: &mut Vsock, want: u64) {
 /// Benchmark mode (`vireo.vsockbench=BYTES`): sinks every connection to port 5000 without
 /// reading the bytes (credit returned as they arrive), and answers a connection to port 5001
 /// by sending BYTES from one untouched buffer, then shutting it down.
+/// Credit bookkeeping of the sink connections, by the host's port.
+type Sinks = [(u32, u32, u32); 64];
+
+/// Sinks one packet for a connection to port 5000: accepts, takes data (returning credit a
+/// quarter of the buffer at a time), answers a shutdown with RST.
+fn sink(v: &mut Vsock, sinks: &mut Sinks, p: &Pkt) {
+    let slot = (p.src_port % 64) as usize;
+    if sinks[slot].0 != p.src_port {
+        sinks[slot] = (p.src_port, 0, 0);
+    }
+    let mut c = Conn {
+        local: p.dst_port,
+        peer: p.src_port,
+        peer_buf: p.buf_alloc,
+        peer_fwd: p.fwd_cnt,
+        fwd_cnt: sinks[slot].1,
+        fwd_sent: sinks[slot].2,
+        ..Default::default()
+    };
+    match p.op {
+        REQUEST if p.dst_port == 5000 => v.send(&mut c, RESPONSE, 0, 0),
+        RW => {
+            c.fwd_cnt = c.fwd_cnt.wrapping_add(p.len);
+            if c.fwd_cnt.wrapping_sub(c.fwd_sent) >= v.buf_alloc / 4 {
+                v.send(&mut c, CREDIT_UPDATE, 0, 0);
+            }
+        }
+        SHUTDOWN => v.send(&mut c, RST, 0, 0),
+        _ => {}
+    }
+    sinks[slot] = (p.src_port, c.fwd_cnt, c.fwd_sent);
+}
+
+/// Benchmark mode (`vireo.vsockbench=BYTES`): sinks every connection to port 5000 without
+/// reading the bytes, and answers a connection to port 5001 by sending BYTES from one
+/// untouched buffer (serving the sinks meanwhile), then shutting it down, or stopping at a
+/// reset.
 fn bench(v: &mut Vsock, total: u64) {
-    // Credit bookkeeping for the connections in flight, by the host's port.
-    let mut fwd = [(0u32, 0u32, 0u32); 64];
+    let mut sinks: Sinks = [(0, 0, 0); 64];
     // What the posted buffers hold: the host may send that much before waiting.
     v.buf_alloc = u32::from(QSIZE) * (BUF - HDR) as u32;
     puts(b"@vsock ready\n");
@@ -376,59 +412,50 @@ fn bench(v: &mut Vsock, total: u64) {
             continue;
         };
         idle = 0;
-        let slot = (p.src_port % 64) as usize;
-        if fwd[slot].0 != p.src_port {
-            fwd[slot] = (p.src_port, 0, 0);
+        v.repost(id);
+        if !(p.op == REQUEST && p.dst_port == 5001) {
+            sink(v, &mut sinks, &p);
+            continue;
         }
         let mut c = Conn {
             local: p.dst_port,
             peer: p.src_port,
             peer_buf: p.buf_alloc,
             peer_fwd: p.fwd_cnt,
-            fwd_cnt: fwd[slot].1,
-            fwd_sent: fwd[slot].2,
             ..Default::default()
         };
-        v.repost(id);
-        match p.op {
-            REQUEST if p.dst_port == 5000 => v.send(&mut c, RESPONSE, 0, 0),
-            REQUEST if p.dst_port == 5001 => {
-                v.send(&mut c, RESPONSE, 0, 0);
-                let mut sent = 0u64;
-                let mut waits = 0;
-                while sent < total && waits < 400 {
-                    let credit = c.peer_buf.saturating_sub(c.tx_cnt.wrapping_sub(c.peer_fwd));
-                    let n = (total - sent).min(BUF - HDR).min(u64::from(credit)) as u32;
-                    if let Some((q, _, id)) = v.recv(if n == 0 { 250 } else { 0 }) {
-                        if q.src_port == c.peer {
-                            c.peer_buf = q.buf_alloc;
-                            c.peer_fwd = q.fwd_cnt;
-                        }
-                        v.repost(id);
-                        continue;
-                    }
-                    if n == 0 {
-                        waits += 1;
-                        continue;
-                    }
-                    v.peek_tx_data();
-                    v.send_raw(&mut c, RW, n);
-                    sent += u64::from(n);
+        v.send(&mut c, RESPONSE, 0, 0);
+        let (mut sent, mut waits, mut reset) = (0u64, 0, false);
+        while sent < total && waits < 400 && !reset {
+            let credit = c.peer_buf.saturating_sub(c.tx_cnt.wrapping_sub(c.peer_fwd));
+            let n = (total - sent).min(BUF - HDR).min(u64::from(credit)) as u32;
+            if let Some((q, _, id)) = v.recv(if n == 0 { 250 } else { 0 }) {
+                v.repost(id);
+                if q.src_port == c.peer && q.dst_port == c.local {
+                    c.peer_buf = q.buf_alloc;
+                    c.peer_fwd = q.fwd_cnt;
+                    reset = q.op == RST;
+                } else {
+                    sink(v, &mut sinks, &q);
                 }
-                v.send(&mut c, SHUTDOWN, 3, 0);
-                puts(b"@vsock bench sent\n");
-                return;
+                continue;
             }
-            RW => {
-                c.fwd_cnt = c.fwd_cnt.wrapping_add(p.len);
-                if c.fwd_cnt.wrapping_sub(c.fwd_sent) >= v.buf_alloc / 4 {
-                    v.send(&mut c, CREDIT_UPDATE, 0, 0);
-                }
+            if n == 0 {
+                waits += 1;
+                continue;
             }
-            SHUTDOWN => v.send(&mut c, RST, 0, 0),
-            _ => {}
+            v.peek_tx_data();
+            v.send_raw(&mut c, RW, n);
+            sent += u64::from(n);
         }
-        fwd[slot] = (p.src_port, c.fwd_cnt, c.fwd_sent);
+        if !reset {
+            v.send(&mut c, SHUTDOWN, 3, 0);
+        }
+        puts(b"@vsock bench sent");
+        field(b"bytes", sent, false);
+        field(b"reset", u64::from(reset), false);
+        puts(b"\n");
+        return;
     }
 }
 

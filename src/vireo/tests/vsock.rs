@@ -325,3 +325,78 @@ fn through_the_api() {
     assert!(!sock.exists() && !api.exists());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+fn host_connect(sock: &Path, port: u32) -> UnixStream {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "CONNECT {port}\n").unwrap();
+    let mut ok = Vec::new();
+    let mut b = [0u8; 1];
+    while !ok.ends_with(b"\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "OK line");
+        ok.push(b[0]);
+    }
+    assert!(ok.starts_with(b"OK "));
+    s
+}
+
+/// A host peer that never reads while the guest tries to send it 100 MiB: credit stops the
+/// guest, vireo's memory stays bounded, and another connection carries 1 MiB meanwhile.
+#[test]
+fn a_peer_that_never_reads_costs_bounded_memory() {
+    let dir = scratch("vsock-slow");
+    let sock = dir.join("v.sock");
+    let mut child = vireo()
+        .args(["run", "--kernel"])
+        .arg(guest("elf"))
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", sock.display()))
+        .args(["--cmdline", "vireo.vsocktest vireo.vsockbench=104857600"])
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines().map_while(Result::ok);
+    for l in lines.by_ref() {
+        if l.trim_end_matches('\r') == "@vsock ready" {
+            break;
+        }
+    }
+    let before = rss_kib(child.id());
+    let slow = host_connect(&sock, 5001);
+    std::thread::sleep(Duration::from_secs(2));
+    // Meanwhile another connection flows: 1 MiB to the guest, then its close.
+    let mut other = host_connect(&sock, 5000);
+    other
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    other.write_all(&vec![0x5a; 1 << 20]).unwrap();
+    other.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = other.read_to_end(&mut rest);
+    let after = rss_kib(child.id());
+    assert!(
+        after < before + 16 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+    // The slow peer goes away: its connection is reset and the guest stops sending.
+    drop(slow);
+    let rest: Vec<String> = lines.map(|l| l.trim_end_matches('\r').to_owned()).collect();
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    let sent = rest
+        .iter()
+        .find(|l| l.starts_with("@vsock bench sent"))
+        .unwrap_or_else(|| panic!("{rest:#?}"));
+    let bytes: u64 = field(sent, "bytes").unwrap().parse().unwrap();
+    assert!(bytes < 4 << 20, "credit held the guest back: {sent}");
+    assert_eq!(field(sent, "reset"), Some("1"), "{sent}");
+    let _ = std::fs::remove_dir_all(dir);
+}
