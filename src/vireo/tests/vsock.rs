@@ -338,7 +338,7 @@ fn rss_kib(pid: u32) -> u64 {
 fn host_connect(sock: &Path, port: u32) -> UnixStream {
     let mut s = UnixStream::connect(sock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "CONNECT {port}\n").unwrap();
+    writeln!(s, "CONNECT {port}").unwrap();
     let mut ok = Vec::new();
     let mut b = [0u8; 1];
     while !ok.ends_with(b"\n") {
