@@ -99,6 +99,7 @@ fn through_the_config_file() {
             "boot_args": "console=ttyS0 vireo.vsocktest vireo.vsockbytes=50000",
         },
         "vsock": { "guest_cid": 3, "uds_path": sock, "vsock_id": "vsock0" },
+        "metrics": { "metrics_path": dir.join("metrics") },
     });
     let path = dir.join("vm.json");
     write_file(&path, cfg.to_string().as_bytes());
@@ -111,6 +112,14 @@ fn through_the_config_file() {
         .spawn()
         .unwrap();
     exercise(child, &sock, 50_000);
+    // Counted: both connections, the reset for port 6001, the bytes each way.
+    let text = std::fs::read_to_string(dir.join("metrics")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let v = &m["devices"]["vsock"];
+    assert_eq!(v["conns_opened"], 2, "{m}");
+    assert!(v["resets"].as_u64().unwrap() >= 1, "{m}");
+    assert_eq!(v["rx_bytes"], 50_000, "{m}");
+    assert_eq!(v["tx_bytes"], 50_000 + 20, "{m}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
