@@ -230,3 +230,37 @@ fn a_guest_that_ignores_credit_is_reset() {
     assert!(reset, "reset once past the advertised credit");
     let _ = host.as_raw_fd();
 }
+
+#[test]
+fn half_close_each_way() {
+    let mut r = Rig::new("half-close");
+    let host = UnixListener::bind(format!("{}_6000", r.path.display())).unwrap();
+    r.guest(9, 6000, op::REQUEST, 0, &[]);
+    r.controls();
+    let (mut peer, _) = host.accept().unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    // The guest will send no more: the host peer reads the end of the stream...
+    r.guest(9, 6000, op::RW, 0, b"last words");
+    r.guest(9, 6000, op::SHUTDOWN, SHUTDOWN_SEND, &[]);
+    let mut got = Vec::new();
+    peer.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"last words");
+    // ...and can still send to the guest, which still has the connection.
+    peer.write_all(b"reply").unwrap();
+    assert!(r.controls().iter().all(|h| h.op != op::RST), "not reset");
+    let (key, _) = r.mux.next_readable().expect("still readable");
+    let mut buf = [0u8; 16];
+    let n = r.mux.stream(key).unwrap().read(&mut buf);
+    let h = r.mux.read_done(key, n).unwrap();
+    assert_eq!(&buf[..h.len as usize], b"reply");
+    // The host peer closes too: the guest is told to expect nothing more either way.
+    peer.shutdown(std::net::Shutdown::Both).unwrap();
+    let n = r.mux.stream(key).unwrap().read(&mut buf);
+    assert!(r.mux.read_done(key, n).is_none());
+    let c = r.controls();
+    assert!(
+        c.iter()
+            .any(|h| h.op == op::SHUTDOWN && h.flags == SHUTDOWN_RCV | SHUTDOWN_SEND),
+        "{c:?}"
+    );
+}
