@@ -255,14 +255,6 @@ impl Muxer {
         add(&self.metrics.dropped, 1);
     }
 
-    /// Whether anything waits to go to the guest.
-    pub fn has_rx_work(&self) -> bool {
-        !self.control.is_empty()
-            || self.conns.values().any(|c| {
-                c.state == State::Established && c.readable && !c.host_done && c.peer_credit() > 0
-            })
-    }
-
     /// A connection with data for the guest and credit to send it: its key and how much it
     /// may send.
     pub fn next_readable(&self) -> Option<(Key, u32)> {
