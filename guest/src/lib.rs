@@ -25,6 +25,7 @@ mod entry;
 pub mod io;
 pub mod mp;
 mod net;
+mod ring;
 pub mod smp;
 pub mod virtio;
 mod vsock;

@@ -22,6 +22,7 @@
 //! and checks the heavy data; the guest touches a few bytes per frame.
 
 use crate::io::{peek, poke, putc, puts};
+use crate::ring::Queue;
 use crate::{apic, field};
 use core::sync::atomic::{fence, Ordering};
 
@@ -48,71 +49,6 @@ const TSO_BUF: u64 = BASE + 0xc0_0000;
 const RESP_BUF: u64 = BASE + 0xe0_0000;
 const RESP_MAX: u64 = 0x1_0000;
 const HDR: u64 = 12;
-
-struct Queue {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
-impl Queue {
-    fn new(ring: u64) -> Self {
-        for i in 0..0x3000u64 / 8 {
-            poke::<u64>(ring + i * 8, 0);
-        }
-        Queue {
-            desc: ring,
-            avail: ring + 0x1000,
-            used: ring + 0x2000,
-            avail_idx: 0,
-            used_seen: 0,
-        }
-    }
-
-    fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let d = self.desc + u64::from(i) * 16;
-        poke(d, addr);
-        poke(d + 8, len);
-        poke(d + 12, flags);
-        poke(d + 14, next);
-    }
-
-    /// Makes chain `head` available; returns whether the device asked to be notified.
-    fn publish(&mut self, head: u16) -> bool {
-        poke::<u16>(self.avail + 4 + u64::from(self.avail_idx % QSIZE) * 2, head);
-        fence(Ordering::SeqCst);
-        let old = self.avail_idx;
-        self.avail_idx = old.wrapping_add(1);
-        poke::<u16>(self.avail + 2, self.avail_idx);
-        fence(Ordering::SeqCst);
-        // EVENT_IDX: the device's avail_event sits after the used ring.
-        let event: u16 = peek(self.used + 4 + u64::from(QSIZE) * 8);
-        self.avail_idx.wrapping_sub(event).wrapping_sub(1) < self.avail_idx.wrapping_sub(old)
-    }
-
-    fn used_idx(&self) -> u16 {
-        peek(self.used + 2)
-    }
-
-    /// The next used entry, if any: (id, len).
-    fn pop_used(&mut self) -> Option<(u16, u32)> {
-        if self.used_idx() == self.used_seen {
-            return None;
-        }
-        fence(Ordering::SeqCst);
-        let e = self.used + 4 + u64::from(self.used_seen % QSIZE) * 8;
-        self.used_seen = self.used_seen.wrapping_add(1);
-        Some((peek::<u32>(e) as u16, peek::<u32>(e + 4)))
-    }
-
-    /// Asks for an interrupt at the next used entry (EVENT_IDX used_event).
-    fn arm(&self) {
-        poke::<u16>(self.avail + 4 + u64::from(QSIZE) * 2, self.used_seen);
-        fence(Ordering::SeqCst);
-    }
-}
 
 struct Net {
     base: u64,
@@ -294,8 +230,8 @@ impl Net {
         if reg(base, 0x70) & 8 == 0 {
             return Err(b"FEATURES_OK refused");
         }
-        let rx = Queue::new(RX_RING);
-        let tx = Queue::new(TX_RING);
+        let rx = Queue::new(RX_RING, QSIZE);
+        let tx = Queue::new(TX_RING, QSIZE);
         for (i, q) in [&rx, &tx].iter().enumerate() {
             set_reg(base, 0x30, i as u32);
             if reg(base, 0x34) < u32::from(QSIZE) {

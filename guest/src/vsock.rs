@@ -11,6 +11,7 @@
 //! Stream byte `i` is `(i * 7 + seed) % 251` (seed 0 host to guest, 1 guest to host).
 
 use crate::io::{peek, poke, puts};
+use crate::ring::Queue;
 use crate::{apic, field};
 use core::sync::atomic::{fence, Ordering};
 
@@ -32,50 +33,10 @@ const SHUTDOWN: u16 = 4;
 const RW: u16 = 5;
 const CREDIT_UPDATE: u16 = 6;
 
-struct Queue {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
-impl Queue {
-    fn new(ring: u64) -> Queue {
-        for i in 0..0x3000 / 8 {
-            poke::<u64>(ring + i * 8, 0);
-        }
-        Queue {
-            desc: ring,
-            avail: ring + 0x1000,
-            used: ring + 0x2000,
-            avail_idx: 0,
-            used_seen: 0,
-        }
-    }
-
-    fn publish(&mut self, id: u16, addr: u64, len: u32, write: bool) {
-        let d = self.desc + u64::from(id) * 16;
-        poke(d, addr);
-        poke(d + 8, len);
-        poke::<u16>(d + 12, if write { 2 } else { 0 });
-        poke::<u16>(d + 14, 0);
-        poke::<u16>(self.avail + 4 + u64::from(self.avail_idx % QSIZE) * 2, id);
-        fence(Ordering::SeqCst);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        poke::<u16>(self.avail + 2, self.avail_idx);
-        fence(Ordering::SeqCst);
-    }
-
-    fn pop_used(&mut self) -> Option<(u16, u32)> {
-        if peek::<u16>(self.used + 2) == self.used_seen {
-            return None;
-        }
-        fence(Ordering::SeqCst);
-        let e = self.used + 4 + u64::from(self.used_seen % QSIZE) * 8;
-        self.used_seen = self.used_seen.wrapping_add(1);
-        Some((peek::<u32>(e) as u16, peek::<u32>(e + 4)))
-    }
+/// Publishes a one-buffer chain in descriptor `id`.
+fn publish(q: &mut Queue, id: u16, addr: u64, len: u32, write: bool) {
+    q.set_desc(id, addr, len, if write { 2 } else { 0 }, 0);
+    q.publish(id);
 }
 
 /// One packet header as the guest reads it.
@@ -143,8 +104,8 @@ impl Vsock {
         if reg(0x70) & 8 == 0 {
             return Err(b"FEATURES_OK refused");
         }
-        for (i, ring) in RINGS.iter().enumerate() {
-            let q = Queue::new(*ring);
+        let queues = RINGS.map(|ring| Queue::new(ring, QSIZE));
+        for (i, q) in queues.iter().enumerate() {
             set(0x30, i as u32);
             set(0x38, u32::from(QSIZE));
             for (off, a) in [(0x80, q.desc), (0x90, q.avail), (0xa0, q.used)] {
@@ -153,30 +114,19 @@ impl Vsock {
             }
             set(0x44, 1);
         }
+        let [rx, tx, _events] = queues;
         apic::route_irq(irq, apic::VIRTIO_VECTOR, bsp);
         set(0x70, 15);
         let mut v = Vsock {
             base,
             cid: u64::from(reg(0x100)) | u64::from(reg(0x104)) << 32,
-            rx: Queue {
-                desc: RINGS[0],
-                avail: RINGS[0] + 0x1000,
-                used: RINGS[0] + 0x2000,
-                avail_idx: 0,
-                used_seen: 0,
-            },
-            tx: Queue {
-                desc: RINGS[1],
-                avail: RINGS[1] + 0x1000,
-                used: RINGS[1] + 0x2000,
-                avail_idx: 0,
-                used_seen: 0,
-            },
+            rx,
+            tx,
             tx_next: 0,
             buf_alloc: GUEST_BUF,
         };
         for i in 0..QSIZE {
-            v.rx.publish(i, RX_BUFS + u64::from(i) * BUF, BUF as u32, true);
+            publish(&mut v.rx, i, RX_BUFS + u64::from(i) * BUF, BUF as u32, true);
         }
         set(0x50, 0);
         Ok(v)
@@ -231,7 +181,7 @@ impl Vsock {
         poke(b + 40, c.fwd_cnt);
         c.tx_cnt = c.tx_cnt.wrapping_add(len);
         c.fwd_sent = c.fwd_cnt;
-        self.tx.publish(slot, b, (HDR as u32) + len, false);
+        publish(&mut self.tx, slot, b, (HDR as u32) + len, false);
         poke::<u32>(self.base + 0x50, 1);
     }
 
@@ -274,8 +224,13 @@ impl Vsock {
     }
 
     fn repost(&mut self, id: u16) {
-        self.rx
-            .publish(id, RX_BUFS + u64::from(id) * BUF, BUF as u32, true);
+        publish(
+            &mut self.rx,
+            id,
+            RX_BUFS + u64::from(id) * BUF,
+            BUF as u32,
+            true,
+        );
         poke::<u32>(self.base + 0x50, 0);
     }
 

@@ -14,6 +14,30 @@ fn pattern(len: usize, seed: usize) -> Vec<u8> {
     (0..len).map(|i| ((i * 7 + seed) % 251) as u8).collect()
 }
 
+/// Starts `vireo run` with the test guest and a vsock device at `sock`, passing `args` to the
+/// guest; returns it with its remaining output lines once the guest reports it is ready.
+fn start_guest(sock: &Path, args: &str) -> (std::process::Child, impl Iterator<Item = String>) {
+    let mut child = vireo()
+        .args(["run", "--kernel"])
+        .arg(guest("elf"))
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", sock.display()))
+        .args(["--cmdline", &format!("vireo.vsocktest {args}")])
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out)
+        .lines()
+        .map_while(Result::ok)
+        .map(|l| l.trim_end_matches('\r').to_owned());
+    for l in lines.by_ref() {
+        if l == "@vsock ready" {
+            break;
+        }
+    }
+    (child, lines)
+}
+
 /// The host's side of the test guest's vsock test: a listener for its connection to port
 /// 6000, then a `CONNECT 5000` carrying `n` bytes each way.
 fn exercise(mut child: std::process::Child, sock: &Path, n: usize) {
@@ -175,24 +199,7 @@ fn a_thousand_concurrent_connections() {
     }
     let dir = scratch("vsock-many");
     let sock = dir.join("v.sock");
-    let mut child = vireo()
-        .args(["run", "--kernel"])
-        .arg(guest("elf"))
-        .arg("--vsock")
-        .arg(format!("cid=3,uds={}", sock.display()))
-        .args([
-            "--cmdline",
-            &format!("vireo.vsocktest vireo.vsockecho={CONNS}"),
-        ])
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(out).lines().map_while(Result::ok);
-    for l in lines.by_ref() {
-        if l.trim_end_matches('\r') == "@vsock ready" {
-            break;
-        }
-    }
+    let (mut child, lines) = start_guest(&sock, &format!("vireo.vsockecho={CONNS}"));
     let mut conns: Vec<UnixStream> = (0..CONNS)
         .map(|_| {
             let mut s = UnixStream::connect(&sock).unwrap();
@@ -227,7 +234,7 @@ fn a_thousand_concurrent_connections() {
         let _ = s.read_to_end(&mut rest);
         assert!(rest.is_empty());
     }
-    let rest: Vec<String> = lines.map(|l| l.trim_end_matches('\r').to_owned()).collect();
+    let rest: Vec<String> = lines.collect();
     assert_eq!(wait_exit(&mut child).code(), Some(0));
     assert!(
         rest.iter()
@@ -244,21 +251,7 @@ fn a_vanishing_host_peer_resets_its_connection() {
     let dir = scratch("vsock-vanish");
     let sock = dir.join("v.sock");
     let _l6000 = UnixListener::bind(format!("{}_6000", sock.display())).unwrap();
-    let mut child = vireo()
-        .args(["run", "--kernel"])
-        .arg(guest("elf"))
-        .arg("--vsock")
-        .arg(format!("cid=3,uds={}", sock.display()))
-        .args(["--cmdline", "vireo.vsocktest vireo.vsockbytes=300000"])
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(out).lines().map_while(Result::ok);
-    for l in lines.by_ref() {
-        if l.trim_end_matches('\r') == "@vsock ready" {
-            break;
-        }
-    }
+    let (mut child, lines) = start_guest(&sock, "vireo.vsockbytes=300000");
     {
         let mut s = UnixStream::connect(&sock).unwrap();
         s.write_all(b"CONNECT 5000\n").unwrap();
@@ -267,7 +260,7 @@ fn a_vanishing_host_peer_resets_its_connection() {
         s.write_all(&pattern(300_000, 0)).unwrap();
         // Gone without reading a byte of what the guest now sends.
     }
-    let rest: Vec<String> = lines.map(|l| l.trim_end_matches('\r').to_owned()).collect();
+    let rest: Vec<String> = lines.collect();
     assert_eq!(wait_exit(&mut child).code(), Some(0));
     let sent = rest
         .iter()
@@ -364,21 +357,7 @@ fn host_connect(sock: &Path, port: u32) -> UnixStream {
 fn a_peer_that_never_reads_costs_bounded_memory() {
     let dir = scratch("vsock-slow");
     let sock = dir.join("v.sock");
-    let mut child = vireo()
-        .args(["run", "--kernel"])
-        .arg(guest("elf"))
-        .arg("--vsock")
-        .arg(format!("cid=3,uds={}", sock.display()))
-        .args(["--cmdline", "vireo.vsocktest vireo.vsockbench=104857600"])
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(out).lines().map_while(Result::ok);
-    for l in lines.by_ref() {
-        if l.trim_end_matches('\r') == "@vsock ready" {
-            break;
-        }
-    }
+    let (mut child, lines) = start_guest(&sock, "vireo.vsockbench=104857600");
     let before = rss_kib(child.id());
     let slow = host_connect(&sock, 5001);
     std::thread::sleep(Duration::from_secs(2));
@@ -398,7 +377,7 @@ fn a_peer_that_never_reads_costs_bounded_memory() {
     );
     // The slow peer goes away: its connection is reset and the guest stops sending.
     drop(slow);
-    let rest: Vec<String> = lines.map(|l| l.trim_end_matches('\r').to_owned()).collect();
+    let rest: Vec<String> = lines.collect();
     assert_eq!(wait_exit(&mut child).code(), Some(0));
     let sent = rest
         .iter()
