@@ -285,10 +285,14 @@ fn exchange(tag: &str, kind: &str, burst: u32, args: &str) -> Exchange {
     // The host learned the guest's address from its ARP request: forget it, so that the host
     // kernel has to ask and the guest has to answer.
     ns.sh("ip neigh del 10.0.0.2 dev tap0");
-    // The host's hello, then its burst, paced so that the host's own queues keep up.
+    // The host's hello, then its burst, paced so that the host's own queues keep up. The
+    // burst waits until the guest has the hello: frames the host kernel queues while it still
+    // resolves the guest's address can be overtaken by later ones when the queue is flushed,
+    // which would be the host's reordering, not vireo's.
     hello_rx
         .send_to(b"hello from the host", "10.0.0.2:5000")
         .unwrap();
+    vm.wait("@net udp-rx");
     for seq in 0..burst {
         let mut p = seq.to_be_bytes().to_vec();
         p.extend((4..64).map(|i| (seq as u8).wrapping_add(i as u8)));
