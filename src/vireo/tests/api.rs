@@ -815,12 +815,7 @@ fn an_exiting_vireo_leaves_a_newer_socket_alone() {
 #[test]
 fn connections_are_capped_and_slow_bodies_time_out() {
     let v = Vireo::start("api-cap");
-    // Let the server see the start-up probe's connection close before counting.
-    std::thread::sleep(Duration::from_millis(200));
-    let held: Vec<UnixStream> = (0..api::MAX_CONNECTIONS)
-        .map(|_| UnixStream::connect(&v.sock).unwrap())
-        .collect();
-    std::thread::sleep(Duration::from_millis(200));
+    let held = hold_slots(&v.sock, api::MAX_CONNECTIONS);
     let answers = raw(&v.sock, b"GET / HTTP/1.1\r\n\r\n", false);
     assert_eq!(answers.len(), 1, "{answers:?}");
     assert_eq!(answers[0].0, 503);
@@ -939,6 +934,33 @@ fn hangup_quit_and_usr1_end_vireo_cleanly() {
         // stop() also checks that the socket is gone.
         assert_eq!(v.stop(sig), Some(128 + sig));
     }
+}
+
+/// Opens `n` connections that each hold one of the server's connection slots: each gets an
+/// answer to a first request, so none of them was turned away. The start-up probe of
+/// `Vireo::start` may still hold a slot for a moment; then one of these is refused, and the
+/// whole set is tried again.
+fn hold_slots(sock: &Path, n: usize) -> Vec<UnixStream> {
+    for _ in 0..20 {
+        let held: Vec<UnixStream> = (0..n)
+            .map(|_| {
+                let mut s = UnixStream::connect(sock).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n");
+                s
+            })
+            .collect();
+        let all_served = held.iter().all(|mut s| {
+            let mut buf = [0u8; 512];
+            matches!(s.read(&mut buf), Ok(k) if k > 12 && buf.starts_with(b"HTTP/1.1 200"))
+        });
+        if all_served {
+            return held;
+        }
+        drop(held);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("could not hold {n} connection slots");
 }
 
 /// Status of `GET /` sent raw (a 503 before the request is read is a status like any other).
@@ -1342,11 +1364,10 @@ fn firecracker_route_table_covers_the_api_description() {
 #[test]
 fn clients_that_never_read_cannot_lock_the_api_out() {
     let v = Vireo::start("api-no-readers");
-    std::thread::sleep(Duration::from_millis(200));
     let request = b"GET /version HTTP/1.1\r\n\r\n".repeat(4096);
-    let stallers: Vec<UnixStream> = (0..api::MAX_CONNECTIONS)
-        .map(|_| {
-            let mut s = UnixStream::connect(&v.sock).unwrap();
+    let stallers: Vec<UnixStream> = hold_slots(&v.sock, api::MAX_CONNECTIONS)
+        .into_iter()
+        .map(|mut s| {
             s.set_nonblocking(true).unwrap();
             // Fill both directions: requests the server reads, answers nobody reads.
             for _ in 0..200 {
