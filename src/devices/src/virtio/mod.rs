@@ -7,6 +7,7 @@
 //! them) and interrupts leave as an eventfd (a KVM irqfd).
 
 pub mod block;
+pub mod buffers;
 #[doc(hidden)]
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;

@@ -2,11 +2,12 @@
 //! between the file and guest memory (no bounce buffer, no shared file offset), flush, and hole
 //! punching. The file may be a regular file or a block device.
 
+use crate::virtio::buffers::{host_iovecs, IoVec};
 use crate::virtio::GuestMemoryMmap;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestAddress;
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 /// Sector size of the virtio-blk protocol.
@@ -25,16 +26,10 @@ pub struct Disk {
 pub type Segment = (GuestAddress, u32);
 
 /// The host addresses of the guest buffers, split where guest memory regions end.
-fn iovecs(mem: &GuestMemoryMmap, segments: &[Segment]) -> std::io::Result<Vec<libc::iovec>> {
+fn iovecs(mem: &GuestMemoryMmap, segments: &[Segment]) -> std::io::Result<Vec<IoVec>> {
     let mut iov = Vec::with_capacity(segments.len());
     for &(addr, len) in segments {
-        for slice in mem.get_slices(addr, len as usize) {
-            let slice = slice.map_err(std::io::Error::other)?;
-            iov.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-        }
+        host_iovecs(mem, addr, len as usize, &mut iov).map_err(std::io::Error::other)?;
     }
     Ok(iov)
 }
@@ -42,7 +37,7 @@ fn iovecs(mem: &GuestMemoryMmap, segments: &[Segment]) -> std::io::Result<Vec<li
 /// Moves all of `iov` between the file at `offset` and memory, however many calls it takes.
 fn transfer(
     file: &File,
-    mut iov: &mut [libc::iovec],
+    mut iov: &mut [IoVec],
     mut offset: u64,
     write: bool,
 ) -> std::io::Result<()> {
@@ -53,9 +48,19 @@ fn transfer(
         // only reads from or writes to those ranges.
         let n = unsafe {
             if write {
-                libc::pwritev(file.as_raw_fd(), iov.as_ptr(), count, offset as libc::off_t)
+                libc::pwritev(
+                    file.as_raw_fd(),
+                    IoVec::as_iovec_ptr(iov),
+                    count,
+                    offset as libc::off_t,
+                )
             } else {
-                libc::preadv(file.as_raw_fd(), iov.as_ptr(), count, offset as libc::off_t)
+                libc::preadv(
+                    file.as_raw_fd(),
+                    IoVec::as_iovec_ptr(iov),
+                    count,
+                    offset as libc::off_t,
+                )
             }
         };
         if n < 0 {
@@ -71,13 +76,12 @@ fn transfer(
         offset += n as u64;
         let mut done = n as usize;
         while let Some(first) = iov.first_mut() {
-            if done < first.iov_len {
-                // SAFETY: advancing within the same buffer, by less than its length.
-                first.iov_base = unsafe { first.iov_base.cast::<u8>().add(done) }.cast();
-                first.iov_len -= done;
+            if done < first.len {
+                first.base += done;
+                first.len -= done;
                 break;
             }
-            done -= first.iov_len;
+            done -= first.len;
             iov = &mut iov[1..];
         }
     }

@@ -5,6 +5,7 @@
 //! the guest and is checked before anything touches the disk.
 
 use super::disk::{Disk, Segment, SECTOR_SIZE};
+use crate::virtio::buffers::read_at;
 use crate::virtio::GuestMemoryMmap;
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::DescriptorChain;
@@ -94,18 +95,8 @@ fn skip(segments: &[Segment], mut n: u32) -> Vec<Segment> {
 
 /// Copies `buf.len()` bytes out of the front of a segment list.
 fn gather(mem: &GuestMemoryMmap, segments: &[Segment], buf: &mut [u8]) -> bool {
-    let mut done = 0;
-    for &(addr, len) in segments {
-        if done == buf.len() {
-            break;
-        }
-        let n = (len as usize).min(buf.len() - done);
-        if mem.read_slice(&mut buf[done..done + n], addr).is_err() {
-            return false;
-        }
-        done += n;
-    }
-    done == buf.len()
+    let segments = segments.iter().map(|&(addr, len)| (addr, len as usize));
+    read_at(mem, segments, 0, buf)
 }
 
 fn total(segments: &[Segment]) -> u64 {

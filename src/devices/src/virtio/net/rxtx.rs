@@ -4,11 +4,11 @@
 use super::metrics::{add, NetMetrics};
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::{mmds, MAX_BUFFER, MAX_IOVECS, RX_BATCH, RX_QUEUE};
+use crate::virtio::buffers::{host_iovecs, read_at, write_at, IoVec, Segment};
 use crate::virtio::GuestMemoryMmap;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// How a receive attempt ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -28,7 +28,7 @@ pub enum Rx {
 /// A posted receive chain: head, device-writable buffers, their total size.
 struct RxChain {
     head: u16,
-    segments: Vec<(GuestAddress, usize)>,
+    segments: Vec<Segment>,
     /// Host buffers the segments map to (more than one where a segment spans regions).
     iovecs: Vec<IoVec>,
     capacity: usize,
@@ -58,57 +58,7 @@ pub struct NetIo {
     free_chains: Vec<RxChain>,
     chain_list: Vec<RxChain>,
     iov: Vec<IoVec>,
-    tx_segments: Vec<(GuestAddress, usize)>,
-}
-
-/// A host buffer as `readv`/`writev` take it: `struct iovec`'s layout, with the address kept
-/// as an integer so that buffers can be remembered across calls and threads.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct IoVec {
-    base: usize,
-    len: usize,
-}
-
-const _: () = assert!(
-    std::mem::size_of::<IoVec>() == std::mem::size_of::<libc::iovec>()
-        && std::mem::align_of::<IoVec>() == std::mem::align_of::<libc::iovec>()
-);
-
-/// Host addresses of `len` bytes of guest memory at `addr`, split where regions end.
-fn guest_iovecs(
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    len: usize,
-    out: &mut Vec<IoVec>,
-) -> Option<()> {
-    for slice in mem.get_slices(addr, len) {
-        let slice = slice.ok()?;
-        out.push(IoVec {
-            base: slice.ptr_guard_mut().as_ptr() as usize,
-            len: slice.len(),
-        });
-    }
-    Some(())
-}
-
-/// Writes `bytes` at byte `offset` of a chain's buffers (a header may span descriptors).
-fn write_at(
-    mem: &GuestMemoryMmap,
-    segments: &[(GuestAddress, usize)],
-    offset: usize,
-    bytes: &[u8],
-) {
-    for (i, b) in bytes.iter().enumerate() {
-        let mut target = offset + i;
-        for &(addr, len) in segments {
-            if target < len {
-                let _ = mem.write_obj(*b, GuestAddress(addr.0 + target as u64));
-                break;
-            }
-            target -= len;
-        }
-    }
+    tx_segments: Vec<Segment>,
 }
 
 impl NetIo {
@@ -151,28 +101,25 @@ impl NetIo {
     }
 
     /// Hands a transmitted chain to MMDS if it is for MMDS; returns whether it was.
-    fn divert_to_mmds(&mut self, segments: &[(GuestAddress, usize)], len: usize) -> bool {
+    fn divert_to_mmds(&mut self, segments: &[Segment], len: usize) -> bool {
         let Some(stack) = self.mmds.as_mut() else {
             return false;
         };
         let gather = |want: usize| {
-            let mut buf = Vec::with_capacity(want);
-            for &(addr, l) in segments {
-                let n = l.min(want - buf.len());
-                let start = buf.len();
-                buf.resize(start + n, 0);
-                let _ = self.mem.read_slice(&mut buf[start..], addr);
-                if buf.len() == want {
-                    break;
-                }
-            }
-            buf
+            let mut buf = vec![0u8; want];
+            // The segments hold `len` bytes: a read fails only on memory the chain was
+            // checked against, and then the frame is not for MMDS.
+            read_at(&self.mem, segments.iter().copied(), 0, &mut buf).then_some(buf)
         };
-        let head = gather(len.min(VNET_HDR_LEN + 42));
+        let Some(head) = gather(len.min(VNET_HDR_LEN + 42)) else {
+            return false;
+        };
         if head.len() <= VNET_HDR_LEN || !stack.is_for_mmds(&head[VNET_HDR_LEN..]) {
             return false;
         }
-        let frame = gather(len);
+        let Some(frame) = gather(len) else {
+            return false;
+        };
         stack.handle(&frame[VNET_HDR_LEN..]);
         add(&self.metrics.mmds_frames, 1);
         true
@@ -208,7 +155,7 @@ impl NetIo {
             for d in chain {
                 let len = d.len() as usize;
                 if !d.is_write_only()
-                    || guest_iovecs(&self.mem, d.addr(), len, &mut c.iovecs).is_none()
+                    || host_iovecs(&self.mem, d.addr(), len, &mut c.iovecs).is_err()
                 {
                     ok = false;
                     break;
@@ -286,7 +233,7 @@ impl NetIo {
         // Written in every header, with or without MRG_RXBUF (virtio 1.2, 5.1.6.4.2).
         write_at(
             &self.mem,
-            &chains[0].segments,
+            chains[0].segments.iter().copied(),
             10,
             &(used as u16).to_le_bytes(),
         );
@@ -321,18 +268,9 @@ impl NetIo {
             self.held = Some(frame);
             return Ok(Rx::NoBuffers);
         }
-        let mut pos = 0;
-        'copy: for c in &chains {
-            for &(addr, len) in &c.segments {
-                let n = len.min(frame.len() - pos);
-                if self.mem.write_slice(&frame[pos..pos + n], addr).is_err() {
-                    add(&self.metrics.rx_errors, 1);
-                }
-                pos += n;
-                if pos == frame.len() {
-                    break 'copy;
-                }
-            }
+        let segments = chains.iter().flat_map(|c| c.segments.iter().copied());
+        if !write_at(&self.mem, segments, 0, &frame) {
+            add(&self.metrics.rx_errors, 1);
         }
         self.complete(chains, frame.len())?;
         Ok(Rx::Delivered)
@@ -368,7 +306,7 @@ impl NetIo {
         let n = unsafe {
             libc::readv(
                 self.tap.as_raw_fd(),
-                iov.as_ptr().cast::<libc::iovec>(),
+                IoVec::as_iovec_ptr(&iov),
                 iov.len() as i32,
             )
         };
@@ -408,13 +346,9 @@ impl NetIo {
             return Ok(Rx::Dropped);
         }
         let mut frame = vec![0u8; n];
-        let mut pos = 0;
-        for c in &chains {
-            for &(addr, len) in &c.segments {
-                let _ = self.mem.read_slice(&mut frame[pos..pos + len], addr);
-                pos += len;
-            }
-        }
+        let segments = chains.iter().flat_map(|c| c.segments.iter().copied());
+        let _ = read_at(&self.mem, segments, 0, &mut frame[..capacity]);
+        let pos = capacity;
         frame[pos..].copy_from_slice(&self.spill[..n - pos]);
         self.unget(chains);
         self.held = Some(frame);
@@ -441,7 +375,7 @@ impl NetIo {
                     if d.is_write_only()
                         || len > MAX_BUFFER
                         || iov.len() >= MAX_IOVECS
-                        || guest_iovecs(&self.mem, d.addr(), d.len() as usize, &mut iov).is_none()
+                        || host_iovecs(&self.mem, d.addr(), d.len() as usize, &mut iov).is_err()
                     {
                         ok = false;
                         break;
@@ -477,7 +411,7 @@ impl NetIo {
                 let n = unsafe {
                     libc::writev(
                         self.tap.as_raw_fd(),
-                        iov.as_ptr().cast::<libc::iovec>(),
+                        IoVec::as_iovec_ptr(&iov),
                         iov.len() as i32,
                     )
                 };

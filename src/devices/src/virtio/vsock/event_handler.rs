@@ -2,6 +2,7 @@
 
 use super::muxer::{Key, Muxer, Watch};
 use super::packet::{Header, HDR_LEN};
+use crate::virtio::buffers::{host_iovecs, ranges, read_at, write_at, IoVec, Segment};
 use crate::virtio::worker::DeviceThread;
 use crate::virtio::{
     ActivateContext, ActivateError, GuestMemoryMmap, Interrupt, INTERRUPT_USED_RING,
@@ -10,7 +11,6 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,9 +24,6 @@ const CONN_BASE: u32 = 1 << 16;
 /// Largest payload taken in one packet either way.
 const MAX_PAYLOAD: usize = 64 * 1024;
 
-/// A chain's buffers: (address, length, device-writable).
-type Segments = Vec<(GuestAddress, usize, bool)>;
-
 pub(super) struct VsockThread {
     mem: GuestMemoryMmap,
     rx: Queue,
@@ -37,63 +34,6 @@ pub(super) struct VsockThread {
     muxer: Muxer,
     broken: bool,
     stop: bool,
-}
-
-/// Copies `len` bytes at byte `offset` of `segments` (of one kind) out of guest memory.
-fn read_from(
-    mem: &GuestMemoryMmap,
-    segments: &[(GuestAddress, usize)],
-    offset: usize,
-    len: usize,
-) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(len);
-    let mut skip = offset;
-    for &(addr, l) in segments {
-        if skip >= l {
-            skip -= l;
-            continue;
-        }
-        let n = (l - skip).min(len - out.len());
-        let start = out.len();
-        out.resize(start + n, 0);
-        mem.read_slice(&mut out[start..], GuestAddress(addr.0 + skip as u64))
-            .ok()?;
-        skip = 0;
-        if out.len() == len {
-            break;
-        }
-    }
-    (out.len() == len).then_some(out)
-}
-
-/// Writes `bytes` at byte `offset` of `segments`.
-fn write_to(
-    mem: &GuestMemoryMmap,
-    segments: &[(GuestAddress, usize)],
-    offset: usize,
-    bytes: &[u8],
-) -> bool {
-    let mut skip = offset;
-    let mut done = 0;
-    for &(addr, l) in segments {
-        if skip >= l {
-            skip -= l;
-            continue;
-        }
-        let n = (l - skip).min(bytes.len() - done);
-        if mem
-            .write_slice(&bytes[done..done + n], GuestAddress(addr.0 + skip as u64))
-            .is_err()
-        {
-            return false;
-        }
-        done += n;
-        skip = 0;
-        if done == bytes.len() {
-            break;
-        }
-    }
-    done == bytes.len()
 }
 
 impl VsockThread {
@@ -135,29 +75,30 @@ impl VsockThread {
             self.tx.disable_notification(&self.mem)?;
             while let Some(chain) = self.tx.iter(&self.mem)?.next() {
                 let head = chain.head_index();
-                let segs: Vec<(GuestAddress, usize)> = chain
+                let segs: Vec<Segment> = chain
                     .filter(|d| !d.is_write_only())
                     .map(|d| (d.addr(), d.len() as usize))
                     .collect();
                 let total: usize = segs.iter().map(|s| s.1).sum();
-                match read_from(&self.mem, &segs, 0, HDR_LEN) {
-                    Some(raw) => {
-                        let raw: [u8; HDR_LEN] = raw.try_into().unwrap_or([0; HDR_LEN]);
-                        let h = Header::parse(&raw);
-                        let len = h.len as usize;
-                        if len > MAX_PAYLOAD || HDR_LEN + len > total {
-                            utils::warn_limited!(
-                                "vsock_bad_len",
-                                "virtio-vsock: packet claims {len} bytes in a {total}-byte chain; dropped"
-                            );
-                            self.muxer.dropped();
-                        } else {
-                            let data =
-                                read_from(&self.mem, &segs, HDR_LEN, len).unwrap_or_default();
-                            self.muxer.from_guest(&h, &data);
+                let mut raw = [0u8; HDR_LEN];
+                if !read_at(&self.mem, segs.iter().copied(), 0, &mut raw) {
+                    self.muxer.dropped();
+                } else {
+                    let h = Header::parse(&raw);
+                    let len = h.len as usize;
+                    if len > MAX_PAYLOAD || HDR_LEN + len > total {
+                        utils::warn_limited!(
+                            "vsock_bad_len",
+                            "virtio-vsock: packet claims {len} bytes in a {total}-byte chain; dropped"
+                        );
+                        self.muxer.dropped();
+                    } else {
+                        let mut data = vec![0u8; len];
+                        if !read_at(&self.mem, segs.iter().copied(), HDR_LEN, &mut data) {
+                            data.clear();
                         }
+                        self.muxer.from_guest(&h, &data);
                     }
-                    None => self.muxer.dropped(),
                 }
                 self.tx.add_used(&self.mem, head, 0)?;
                 used = true;
@@ -169,15 +110,16 @@ impl VsockThread {
     }
 
     /// Takes the next receive chain's device-writable buffers, or `None` if none is posted.
-    fn pop_rx(&mut self) -> Result<Option<(u16, Segments)>, virtio_queue::Error> {
+    fn pop_rx(&mut self) -> Result<Option<(u16, Vec<Segment>)>, virtio_queue::Error> {
         let Some(chain) = self.rx.iter(&self.mem)?.next() else {
             return Ok(None);
         };
         let head = chain.head_index();
-        let segs = chain
-            .map(|d| (d.addr(), d.len() as usize, d.is_write_only()))
+        let writable = chain
+            .filter(|d| d.is_write_only())
+            .map(|d| (d.addr(), d.len() as usize))
             .collect();
-        Ok(Some((head, segs)))
+        Ok(Some((head, writable)))
     }
 
     /// Fills posted receive buffers: control packets first, then data from readable streams.
@@ -193,15 +135,13 @@ impl VsockThread {
             if control.is_none() && data.is_none() {
                 return Ok(used);
             }
-            let Some((head, segs)) = self.pop_rx()? else {
+            let Some((head, writable)) = self.pop_rx()? else {
                 if let Some(h) = control {
                     self.muxer.unpop_control(h);
                 }
                 self.rx.enable_notification(&self.mem)?;
                 return Ok(used);
             };
-            let writable: Vec<(GuestAddress, usize)> =
-                segs.iter().filter(|s| s.2).map(|s| (s.0, s.1)).collect();
             let room: usize = writable.iter().map(|s| s.1).sum();
             if room < HDR_LEN {
                 // Nothing a packet fits in: returned empty, counted.
@@ -214,7 +154,7 @@ impl VsockThread {
                 continue;
             }
             if let Some(h) = control {
-                let ok = write_to(&self.mem, &writable, 0, &h.bytes());
+                let ok = write_at(&self.mem, writable.iter().copied(), 0, &h.bytes());
                 self.rx
                     .add_used(&self.mem, head, if ok { HDR_LEN as u32 } else { 0 })?;
                 used = true;
@@ -225,7 +165,7 @@ impl VsockThread {
             let result = self.read_stream(key, &writable, max);
             match self.muxer.read_done(key, result) {
                 Some(h) => {
-                    let ok = write_to(&self.mem, &writable, 0, &h.bytes());
+                    let ok = write_at(&self.mem, writable.iter().copied(), 0, &h.bytes());
                     let len = if ok { HDR_LEN as u32 + h.len } else { 0 };
                     self.rx.add_used(&self.mem, head, len)?;
                     used = true;
@@ -237,35 +177,13 @@ impl VsockThread {
 
     /// Reads up to `max` bytes from a connection's stream straight into the guest's buffers,
     /// after the header's place.
-    fn read_stream(
-        &self,
-        key: Key,
-        writable: &[(GuestAddress, usize)],
-        max: usize,
-    ) -> std::io::Result<usize> {
+    fn read_stream(&self, key: Key, writable: &[Segment], max: usize) -> std::io::Result<usize> {
         let Some(stream) = self.muxer.stream(key) else {
             return Err(std::io::ErrorKind::NotConnected.into());
         };
-        let mut iov: Vec<libc::iovec> = Vec::new();
-        let (mut skip, mut want) = (HDR_LEN, max);
-        for &(addr, l) in writable {
-            if want == 0 {
-                break;
-            }
-            if skip >= l {
-                skip -= l;
-                continue;
-            }
-            let n = (l - skip).min(want);
-            for slice in self.mem.get_slices(GuestAddress(addr.0 + skip as u64), n) {
-                let slice = slice.map_err(std::io::Error::other)?;
-                iov.push(libc::iovec {
-                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                    iov_len: slice.len(),
-                });
-            }
-            want -= n;
-            skip = 0;
+        let mut iov: Vec<IoVec> = Vec::new();
+        for (addr, n) in ranges(writable.iter().copied(), HDR_LEN, max) {
+            host_iovecs(&self.mem, addr, n, &mut iov).map_err(std::io::Error::other)?;
         }
         if iov.is_empty() {
             return Err(std::io::ErrorKind::WouldBlock.into());
@@ -273,7 +191,13 @@ impl VsockThread {
         // SAFETY: the iovecs point into guest memory that `self.mem` keeps mapped for the call,
         // each within one region and within a device-writable descriptor; readv writes at most
         // their lengths.
-        let n = unsafe { libc::readv(stream.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        let n = unsafe {
+            libc::readv(
+                stream.as_raw_fd(),
+                IoVec::as_iovec_ptr(&iov),
+                iov.len() as i32,
+            )
+        };
         if n < 0 {
             Err(std::io::Error::last_os_error())
         } else {
