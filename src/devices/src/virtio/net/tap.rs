@@ -121,10 +121,15 @@ pub struct Tap {
     uso: bool,
 }
 
-fn ioctl_int(fd: RawFd, req: libc::Ioctl, value: libc::c_ulong) -> std::io::Result<()> {
-    // SAFETY: TUNSETOFFLOAD and TUNSETVNETHDRSZ take their argument by value (offload flags)
-    // or by pointer to an int the caller keeps alive; neither writes to memory we own.
-    let r = unsafe { libc::ioctl(fd, req, value) };
+fn tun_set_offload(tap: &File, flags: libc::c_uint) -> std::io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes the offload flags by value; it writes to no memory.
+    let r = unsafe {
+        libc::ioctl(
+            tap.as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            libc::c_ulong::from(flags),
+        )
+    };
     if r < 0 {
         Err(std::io::Error::last_os_error())
     } else {
@@ -180,22 +185,7 @@ impl Tap {
                 _ => io("TUNSETIFF")(err),
             });
         }
-        let hdr_len: libc::c_int = VNET_HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads the int behind the pointer, which outlives the call.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
-        if r < 0 {
-            return Err(io("TUNSETVNETHDRSZ")(std::io::Error::last_os_error()));
-        }
-        // Kernels from 6.2 take UDP segmentation offload (USO), which current Linux guests use
-        // instead of UFO; older ones refuse the flags.
-        let uso_flags = libc::TUN_F_CSUM | libc::TUN_F_USO4 | libc::TUN_F_USO6;
-        let uso = ioctl_int(file.as_raw_fd(), libc::TUNSETOFFLOAD, uso_flags.into()).is_ok();
-        ioctl_int(file.as_raw_fd(), libc::TUNSETOFFLOAD, 0).map_err(io("TUNSETOFFLOAD"))?;
-        Ok(Self {
-            file,
-            name: name.to_owned(),
-            uso,
-        })
+        Self::configure(file, name.to_owned())
     }
 
     /// Takes over a TAP a management tool opened and handed down as descriptor `fd`. It must
@@ -236,24 +226,33 @@ impl Tap {
         }
         // SAFETY: the caller handed this descriptor to vireo; from here on vireo owns it.
         let file = unsafe { File::from_raw_fd(fd) };
-        let hdr_len: libc::c_int = VNET_HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads the int behind the pointer, which outlives the call.
-        if unsafe { libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
-            return Err(TapError::Io {
-                name,
-                what: "TUNSETVNETHDRSZ",
-                err: std::io::Error::last_os_error(),
-            });
-        }
         // SAFETY: F_SETFL on the descriptor we now own; reads need not block the device thread.
         unsafe {
             let fl = libc::fcntl(fd, libc::F_GETFL);
             libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
             libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
         }
+        Self::configure(file, name)
+    }
+
+    /// Sets the virtio-net header size on an attached TAP and learns whether it takes USO;
+    /// leaves every offload off until the guest negotiates some.
+    fn configure(file: File, name: String) -> Result<Self, TapError> {
+        let io = |what: &'static str, err| TapError::Io {
+            name: name.clone(),
+            what,
+            err,
+        };
+        let hdr_len: libc::c_int = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads the int behind the pointer, which outlives the call.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+            return Err(io("TUNSETVNETHDRSZ", std::io::Error::last_os_error()));
+        }
+        // Kernels from 6.2 take UDP segmentation offload (USO), which current Linux guests use
+        // instead of UFO; older ones refuse the flags.
         let uso_flags = libc::TUN_F_CSUM | libc::TUN_F_USO4 | libc::TUN_F_USO6;
-        let uso = ioctl_int(fd, libc::TUNSETOFFLOAD, uso_flags.into()).is_ok();
-        let _ = ioctl_int(fd, libc::TUNSETOFFLOAD, 0);
+        let uso = tun_set_offload(&file, uso_flags).is_ok();
+        tun_set_offload(&file, 0).map_err(|e| io("TUNSETOFFLOAD", e))?;
         Ok(Self { file, name, uso })
     }
 
@@ -280,7 +279,7 @@ impl Tap {
     /// kernel then hands over large and partially checksummed frames instead of
     /// segmenting them first.
     pub fn set_offload(&self, flags: u32) -> std::io::Result<()> {
-        match ioctl_int(self.file.as_raw_fd(), libc::TUNSETOFFLOAD, flags.into()) {
+        match tun_set_offload(&self.file, flags) {
             // A socket standing in for a TAP in tests has no offloads to set.
             Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => Ok(()),
             r => r,
