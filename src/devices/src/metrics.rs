@@ -19,11 +19,9 @@ pub struct DeviceMetrics {
     pub flushes: AtomicU64,
 }
 
-impl DeviceMetrics {
-    /// Adds `n` to `counter`.
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
+/// Adds `n` to `counter`.
+pub fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
 }
 
 /// A device's counters as the metrics file shows them.

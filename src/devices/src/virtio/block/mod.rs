@@ -169,12 +169,12 @@ impl QueueHandler for Handler {
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
     ) -> u32 {
-        use crate::metrics::DeviceMetrics as M;
-        M::add(&self.metrics.requests, 1);
+        use crate::metrics::add;
+        add(&self.metrics.requests, 1);
         let request = match Request::parse(chain, mem) {
             Ok(r) => r,
             Err((e, status)) => {
-                M::add(&self.metrics.errors, 1);
+                add(&self.metrics.errors, 1);
                 utils::warn_limited!(
                     "virtio_blk_bad_request",
                     "virtio-blk: malformed request: {e:?}"
@@ -195,12 +195,12 @@ impl QueueHandler for Handler {
             &self.limits,
         );
         if status != VIRTIO_BLK_S_OK as u8 {
-            M::add(&self.metrics.errors, 1);
+            add(&self.metrics.errors, 1);
         } else {
             match request.kind() {
-                VIRTIO_BLK_T_IN => M::add(&self.metrics.read_bytes, u64::from(len - 1)),
-                VIRTIO_BLK_T_OUT => M::add(&self.metrics.write_bytes, request.data_len()),
-                VIRTIO_BLK_T_FLUSH => M::add(&self.metrics.flushes, 1),
+                VIRTIO_BLK_T_IN => add(&self.metrics.read_bytes, u64::from(len - 1)),
+                VIRTIO_BLK_T_OUT => add(&self.metrics.write_bytes, request.data_len()),
+                VIRTIO_BLK_T_FLUSH => add(&self.metrics.flushes, 1),
                 _ => {}
             }
         }

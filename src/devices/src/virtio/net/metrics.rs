@@ -44,7 +44,3 @@ impl Counters for NetMetrics {
         ]
     }
 }
-
-pub(super) fn add(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
-}

@@ -1,9 +1,10 @@
 //! The data path of an active device: frames between the TAP and the guest's queues, without a
 //! copy, and MMDS on interfaces that answer it.
 
-use super::metrics::{add, NetMetrics};
+use super::metrics::NetMetrics;
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::{mmds, MAX_BUFFER, MAX_IOVECS, RX_BATCH, RX_QUEUE};
+use crate::metrics::add;
 use crate::virtio::buffers::{host_iovecs, read_at, write_at, IoVec, Segment};
 use crate::virtio::GuestMemoryMmap;
 use std::os::fd::AsRawFd;

@@ -69,8 +69,8 @@ impl QueueHandler for Handler {
             }
             written += len;
         }
-        crate::metrics::DeviceMetrics::add(&self.metrics.requests, 1);
-        crate::metrics::DeviceMetrics::add(&self.metrics.read_bytes, u64::from(written));
+        crate::metrics::add(&self.metrics.requests, 1);
+        crate::metrics::add(&self.metrics.read_bytes, u64::from(written));
         written
     }
 }

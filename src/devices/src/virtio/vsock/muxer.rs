@@ -9,12 +9,12 @@
 
 use super::packet::{op, Header, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::VsockMetrics;
+use crate::metrics::add;
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Receive buffer vireo advertises for each connection (its credit to the guest).
@@ -107,10 +107,6 @@ pub struct Muxer {
     metrics: Arc<VsockMetrics>,
     /// Descriptors to start or stop watching, for the device thread.
     pub watch: Vec<Watch>,
-}
-
-fn add(c: &std::sync::atomic::AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
 }
 
 /// Connects to a Unix socket without ever blocking: a listener whose backlog is full counts as
