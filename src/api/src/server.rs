@@ -34,21 +34,12 @@ pub const DEFAULT_MAX_PAYLOAD: usize = 50 * 1024;
 
 /// Errors creating the API socket.
 #[derive(Debug, Error)]
-pub enum BindError {
-    /// Another process is serving on the path.
-    #[error("API socket {0} is in use by a running process")]
-    InUse(PathBuf),
-    /// The path exists and is not a socket.
-    #[error("API socket path {0} exists and is not a socket")]
-    NotASocket(PathBuf),
-    /// Creating or binding failed.
-    #[error("cannot create API socket {path}: {err}")]
-    Bind {
-        /// The path.
-        path: PathBuf,
-        /// Cause.
-        err: std::io::Error,
-    },
+#[error("API socket {}: {reason}", .path.display())]
+pub struct BindError {
+    /// The path.
+    pub path: PathBuf,
+    /// Why it could not be served.
+    pub reason: utils::unix_socket::BindError,
 }
 
 /// A request and where its answer goes.
@@ -375,20 +366,12 @@ impl ApiServer {
         notify: EventFd,
         options: ServerOptions,
     ) -> Result<Self, BindError> {
-        use utils::unix_socket::BindError as E;
-        let (listener, owned) = utils::unix_socket::bind(path).map_err(|e| match e {
-            E::InUse => BindError::InUse(path.to_owned()),
-            E::NotASocket => BindError::NotASocket(path.to_owned()),
-            E::Io(err) => BindError::Bind {
-                path: path.to_owned(),
-                err,
-            },
-        })?;
-        let server = Self { _path: owned };
-        let bind_err = |err| BindError::Bind {
+        let bind_err = |reason| BindError {
             path: path.to_owned(),
-            err,
+            reason,
         };
+        let (listener, owned) = utils::unix_socket::bind(path).map_err(bind_err)?;
+        let server = Self { _path: owned };
         let shared = Arc::new(Shared {
             to_vmm: std::sync::Mutex::new(to_vmm),
             notify,
@@ -417,7 +400,7 @@ impl ApiServer {
                     }
                 });
             })
-            .map_err(bind_err)?;
+            .map_err(|e| bind_err(utils::unix_socket::BindError::Io(e)))?;
         Ok(server)
     }
 }
