@@ -430,7 +430,10 @@ fn read_json_file<T: serde::de::DeserializeOwned>(
             utils::files::file_kind(&meta)
         ));
     }
-    let file = std::fs::File::open(path).map_err(|e| format!("{what} {name}: {e}"))?;
+    // Opened the way every input is (non-blocking, checked again once open), so that a path
+    // swapped for a FIFO after the check above cannot hang start-up.
+    let file = utils::files::open_input(path, utils::files::Kind::Regular, false)
+        .map_err(|e| format!("{what} {name}: {e}"))?;
     let mut bytes = Vec::new();
     file.take(CONFIG_FILE_MAX + 1)
         .read_to_end(&mut bytes)
