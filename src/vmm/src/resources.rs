@@ -476,9 +476,12 @@ impl VmResources {
         }
         no_rate_limiter(&what, &n.rx_rate_limiter)?;
         no_rate_limiter(&what, &n.tx_rate_limiter)?;
-        if let Some(mac) = &n.guest_mac {
-            crate::config::parse_mac(mac).map_err(|e| ResourceError(format!("{what}: {e}")))?;
-        }
+        let mac = match &n.guest_mac {
+            Some(m) => Some(
+                crate::config::parse_mac(m).map_err(|e| ResourceError(format!("{what}: {e}")))?,
+            ),
+            None => None,
+        };
         if let Some(mtu) = n.mtu {
             if !crate::config::MTU_RANGE.contains(&mtu) {
                 return err(format!("{what}: mtu {mtu} is outside 68 to 65535"));
@@ -494,14 +497,14 @@ impl VmResources {
                 n.host_dev_name, o.iface_id
             ));
         }
-        if let Some(mac) = &n.guest_mac {
+        if let (Some(mac), Some(text)) = (mac, &n.guest_mac) {
+            // Stored interfaces' MACs were checked when they were inserted.
             if let Some(o) = self.interfaces.iter().find(|o| {
                 o.iface_id != n.iface_id
-                    && o.guest_mac.as_deref().map(crate::config::parse_mac)
-                        == Some(crate::config::parse_mac(mac))
+                    && o.guest_mac.as_deref().map(crate::config::parse_mac) == Some(Ok(mac))
             }) {
                 return err(format!(
-                    "{what}: MAC address {mac} is already used by interface '{}'",
+                    "{what}: MAC address {text} is already used by interface '{}'",
                     o.iface_id
                 ));
             }
