@@ -112,13 +112,10 @@ impl Vireo {
     fn start(name: &str) -> Self {
         let dir = scratch(name);
         let sock = dir.join("api.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vireo"))
+        let mut child = vireo()
             .arg("--api-sock")
             .arg(&sock)
             .args(["--id", "test-vm"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let out = child.stdout.take().unwrap();
@@ -131,11 +128,7 @@ impl Vireo {
                 }
             }
         });
-        let end = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&sock).is_err() {
-            assert!(Instant::now() < end, "API socket never came up");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_socket(&sock);
         Vireo {
             child,
             sock,
@@ -1080,7 +1073,7 @@ fn firecracker_command_line_flags() {
     let sock = dir.join("firecracker.socket");
     let log = dir.join("fc.log");
     let metrics = dir.join("fc.metrics");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vireo"))
+    let mut child = vireo()
         .arg("--api-sock")
         .arg(&sock)
         .args([
@@ -1106,9 +1099,6 @@ fn firecracker_command_line_flags() {
             "--http-api-max-payload-size",
             "1000",
         ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let end = Instant::now() + Duration::from_secs(10);

@@ -55,12 +55,9 @@ fn start(
     });
     let path = dir.join(format!("{name}.json"));
     write_file(&path, cfg.to_string().as_bytes());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vireo"))
+    let mut child = vireo()
         .args(["--no-api", "--config-file"])
         .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let out = child.stdout.take().unwrap();
@@ -778,19 +775,8 @@ fn mmds_v2_through_the_api() {
     let cap = capture("tap0");
     let dir = scratch("mmds-v2");
     let sock = dir.join("api.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vireo"))
-        .arg("--api-sock")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < end, "API socket never came up");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut child = vireo().arg("--api-sock").arg(&sock).spawn().unwrap();
+    wait_for_socket(&sock);
     let req = |method: &str, path: &str, body: &str| -> u16 {
         let out = Command::new("curl")
             .args([

@@ -7,7 +7,6 @@ use common::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn pattern(len: usize, seed: usize) -> Vec<u8> {
@@ -127,12 +126,9 @@ fn through_the_config_file() {
     });
     let path = dir.join("vm.json");
     write_file(&path, cfg.to_string().as_bytes());
-    let child = Command::new(env!("CARGO_BIN_EXE_vireo"))
+    let child = vireo()
         .args(["--no-api", "--config-file"])
         .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     exercise(child, &sock, 50_000);
@@ -277,19 +273,8 @@ fn through_the_api() {
     let dir = scratch("vsock-api");
     let sock = dir.join("v.sock");
     let api = dir.join("api.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_vireo"))
-        .arg("--api-sock")
-        .arg(&api)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let end = std::time::Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(&api).is_err() {
-        assert!(std::time::Instant::now() < end, "API socket never came up");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let child = vireo().arg("--api-sock").arg(&api).spawn().unwrap();
+    wait_for_socket(&api);
     let req = |method: &str, path: &str, body: &str| -> (u16, String) {
         let mut s = UnixStream::connect(&api).unwrap();
         write!(

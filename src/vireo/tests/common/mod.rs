@@ -121,6 +121,15 @@ pub fn vireo() -> Command {
     c
 }
 
+/// Waits up to 10 s for a vireo's API socket at `path` to accept connections.
+pub fn wait_for_socket(path: &Path) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        assert!(Instant::now() < end, "API socket never came up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits for `child` with the test deadline, collecting its output.
 pub fn finish(mut child: Child) -> Run {
     let mut out = child.stdout.take().unwrap();
