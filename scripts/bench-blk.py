@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """virtio-blk benchmark: sequential read and write MiB/s with 1 MiB requests, 4 KiB random-read
-IOPS at queue depth 8, and CPU seconds per GiB moved, for vireo and QEMU's microvm machine
-(virtio-blk-device) driven by the same test guest (`vireo.blkbench`). QEMU runs with acpi=off so
-that it announces its virtio-mmio devices on the kernel command line, as vireo does.
+IOPS at queue depth 8, and CPU seconds per GiB moved, for vireo, QEMU's microvm machine
+(virtio-blk-device) and Firecracker ($FIRECRACKER, default ../shared/peers/firecracker; empty to
+leave it out), driven by the same test guest (`vireo.blkbench`). QEMU runs with acpi=off so that
+it announces its virtio-mmio devices on the kernel command line, as vireo and Firecracker do.
+Cloud Hypervisor is left out: its devices are virtio-pci only, and the test guest drives
+virtio-mmio.
 
 The guest never touches the data, so the figures are the VMM's data path: notification,
 request parsing, the host file I/O and the completion interrupt. The image is a 1 GiB sparse
@@ -13,13 +16,15 @@ CPU is the whole VMM process (all threads) from /proc/<pid>/task/*/schedstat.
 """
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
-from benchlib import process_cpu_ns
+from benchlib import peer, process_cpu_ns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = os.path.join(ROOT, "guest/target/x86_64-unknown-none/release")
@@ -27,8 +32,8 @@ VIREO = os.path.join(ROOT, "target/release/vireo")
 GIB = 1 << 30
 
 
-def commands(image):
-    return {
+def commands(image, tmp):
+    cmds = {
         "vireo": [VIREO, "run", "--kernel", os.path.join(IMAGES, "vireo-guest-elf"),
                   "--memory", "256", "--serial", "stdio", "--cmdline", "vireo.blkbench",
                   "--drive", f"path={image}"],
@@ -43,6 +48,19 @@ def commands(image):
                          "-device", "virtio-blk-device,drive=d0",
                          "-device", "isa-debug-exit,iobase=0x501,iosize=1"],
     }
+    fc = peer("FIRECRACKER", "firecracker")
+    if fc:
+        cfg = os.path.join(tmp, "fc.json")
+        with open(cfg, "w") as f:
+            # Firecracker has no debug-exit port: the guest ends with the i8042 reset.
+            json.dump({"boot-source": {"kernel_image_path": os.path.join(IMAGES, "vireo-guest-pvh"),
+                                       "boot_args": "vireo.blkbench vireo.end=reset"},
+                       "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+                       "drives": [{"drive_id": "d0", "path_on_host": image,
+                                   "is_root_device": False, "is_read_only": False}]}, f)
+        cmds["firecracker"] = [fc, "--no-api", "--config-file", cfg, "--level", "Error",
+                               "--log-path", os.path.join(tmp, "fc.log")]
+    return cmds
 
 
 def one_run(cmd):
@@ -96,8 +114,9 @@ def main():
     image = os.path.join(args.image_dir, f"vireo-bench-{os.getpid()}.img")
     with open(image, "wb") as f:
         f.truncate(GIB)
+    tmp = tempfile.TemporaryDirectory()
     try:
-        cmds = commands(image)
+        cmds = commands(image, tmp.name)
         results = {n: [] for n in cmds}
         for i in range(args.runs):
             # Alternate the order, and start each run from an empty sparse image so every VMM
@@ -109,6 +128,7 @@ def main():
                 results[n].append(one_run(cmd))
     finally:
         os.unlink(image)
+        tmp.cleanup()
     print(f"virtio-blk, 1 GiB image in {args.image_dir}; medians of {args.runs} runs\n")
     print("| VMM | seq read MiB/s | seq write MiB/s | 4K rand read IOPS (QD8) | CPU s/GiB read | CPU s/GiB write | CPU µs/IO rand |")
     print("|---|---:|---:|---:|---:|---:|---:|")
