@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """API benchmark: how soon after exec the API socket answers (wall ms and the process's CPU ms
-at that moment), and the latency of GET / and PUT /machine-config, for vireo and Firecracker
-($FIRECRACKER, default ../shared/peers/firecracker; empty to leave it out) in the same run,
-runs interleaved.
+at that moment), and the latency of GET / and PUT /machine-config, for vireo, Firecracker
+($FIRECRACKER, default ../shared/peers/firecracker) and Cloud Hypervisor ($CLOUD_HYPERVISOR,
+default ../shared/peers/cloud-hypervisor; an empty variable leaves a peer out) in the same run,
+runs interleaved. Cloud Hypervisor's API has no GET / or machine-config: its row times
+GET /api/v1/vmm.ping, the nearest request, and has no PUT figure.
 
     scripts/bench-api.py [--runs N] [--requests N]
 """
@@ -34,7 +36,7 @@ class UnixConnection(http.client.HTTPConnection):
         self.sock.connect(self.unix_path)
 
 
-def one(cmd_for, requests):
+def one(cmd_for, requests, get_path="/", put=True):
     with tempfile.TemporaryDirectory() as d:
         sock = os.path.join(d, "api.sock")
         t0 = time.perf_counter()
@@ -57,14 +59,14 @@ def one(cmd_for, requests):
         get = []
         for _ in range(requests):
             t = time.perf_counter()
-            c.request("GET", "/")
+            c.request("GET", get_path)
             r = c.getresponse()
             r.read()
             get.append((time.perf_counter() - t) * 1e6)
             if r.status != 200:
-                raise RuntimeError(f"GET / answered {r.status}")
+                raise RuntimeError(f"GET {get_path} answered {r.status}")
         lat = []
-        for i in range(requests):
+        for i in range(requests if put else 0):
             body = '{"vcpu_count": %d, "mem_size_mib": 128}' % (1 + i % 2)
             t = time.perf_counter()
             c.request("PUT", "/machine-config", body, {"Content-Type": "application/json"})
@@ -76,7 +78,8 @@ def one(cmd_for, requests):
         c.close()
         p.terminate()
         p.wait()
-        return ready_ms, ready_cpu, statistics.median(get), statistics.median(lat)
+        return (ready_ms, ready_cpu, statistics.median(get),
+                statistics.median(lat) if lat else float("nan"))
 
 
 def main():
@@ -89,17 +92,22 @@ def main():
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo"], cwd=ROOT, check=True)
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo",
                         "--target", "x86_64-unknown-linux-musl"], cwd=ROOT, check=False)
-    vmms = {"vireo": lambda s: [VIREO, "--api-sock", s]}
+    # name: (command for a socket path, GET path, whether PUT /machine-config exists)
+    vmms = {"vireo": (lambda s: [VIREO, "--api-sock", s], "/", True)}
     if os.path.exists(VIREO_MUSL):
         # Firecracker's release binary is static (musl): compare like with like too.
-        vmms["vireo musl"] = lambda s: [VIREO_MUSL, "--api-sock", s]
+        vmms["vireo musl"] = (lambda s: [VIREO_MUSL, "--api-sock", s], "/", True)
     fc = peer("FIRECRACKER", "firecracker")
     if fc:
-        vmms["firecracker"] = lambda s: [fc, "--api-sock", s, "--level", "Error"]
+        vmms["firecracker"] = (lambda s: [fc, "--api-sock", s, "--level", "Error"], "/", True)
+    ch = peer("CLOUD_HYPERVISOR", "cloud-hypervisor")
+    if ch:
+        vmms["cloud-hypervisor"] = (lambda s: [ch, "--api-socket", f"path={s}"],
+                                    "/api/v1/vmm.ping", False)
     results = {name: [] for name in vmms}
     for _ in range(args.runs):
-        for name, cmd in vmms.items():
-            results[name].append(one(cmd, args.requests))
+        for name, (cmd, get_path, put) in vmms.items():
+            results[name].append(one(cmd, args.requests, get_path, put))
     print(f"API socket ready after exec, GET / and PUT /machine-config latency; "
           f"medians of {args.runs} runs ({args.requests} requests each)\n")
     print("| VMM | socket ready (wall ms) | CPU ms until ready | GET / (µs) | PUT /machine-config (µs) |")
@@ -108,13 +116,16 @@ def main():
     for name, rs in results.items():
         med[name] = [statistics.median(r[i] for r in rs) for i in range(4)]
         m = med[name]
-        print(f"| {name} | {m[0]:.2f} | {m[1]:.2f} | {m[2]:.0f} | {m[3]:.0f} |")
-    if "firecracker" in med:
-        f = med["firecracker"]
+        put = f"{m[3]:.0f}" if m[3] == m[3] else "n/a"
+        print(f"| {name} | {m[0]:.2f} | {m[1]:.2f} | {m[2]:.0f} | {put} |")
+    for peer_name, label in (("firecracker", "Firecracker"), ("cloud-hypervisor", "Cloud Hypervisor")):
+        if peer_name not in med:
+            continue
+        f = med[peer_name]
         for mine in (n for n in med if n.startswith("vireo")):
-            print(f"\n{mine} / Firecracker: " + ", ".join(
-                f"{label} {a / b:.2f}x" for label, a, b in
-                zip(["ready", "CPU", "GET", "PUT"], med[mine], f)))
+            print(f"\n{mine} / {label}: " + ", ".join(
+                f"{what} {a / b:.2f}x" for what, a, b in
+                zip(["ready", "CPU", "GET", "PUT"], med[mine], f) if b == b))
     return 0
 
 
