@@ -34,6 +34,10 @@ pub(super) struct VsockThread {
     muxer: Muxer,
     broken: bool,
     stop: bool,
+    /// Per-packet working buffers, kept so that the packet paths do not allocate.
+    segs: Vec<Segment>,
+    data: Vec<u8>,
+    iov: Vec<IoVec>,
 }
 
 impl VsockThread {
@@ -56,6 +60,9 @@ impl VsockThread {
             muxer,
             broken: false,
             stop: false,
+            segs: Vec::new(),
+            data: Vec::new(),
+            iov: Vec::new(),
         })
     }
 
@@ -75,10 +82,13 @@ impl VsockThread {
             self.tx.disable_notification(&self.mem)?;
             while let Some(chain) = self.tx.iter(&self.mem)?.next() {
                 let head = chain.head_index();
-                let segs: Vec<Segment> = chain
-                    .filter(|d| !d.is_write_only())
-                    .map(|d| (d.addr(), d.len() as usize))
-                    .collect();
+                let mut segs = std::mem::take(&mut self.segs);
+                segs.clear();
+                segs.extend(
+                    chain
+                        .filter(|d| !d.is_write_only())
+                        .map(|d| (d.addr(), d.len() as usize)),
+                );
                 let total: usize = segs.iter().map(|s| s.1).sum();
                 let mut raw = [0u8; HDR_LEN];
                 if !read_at(&self.mem, segs.iter().copied(), 0, &mut raw) {
@@ -93,13 +103,16 @@ impl VsockThread {
                         );
                         self.muxer.dropped();
                     } else {
-                        let mut data = vec![0u8; len];
+                        let mut data = std::mem::take(&mut self.data);
+                        data.resize(len, 0);
                         if !read_at(&self.mem, segs.iter().copied(), HDR_LEN, &mut data) {
                             data.clear();
                         }
                         self.muxer.from_guest(&h, &data);
+                        self.data = data;
                     }
                 }
+                self.segs = segs;
                 self.tx.add_used(&self.mem, head, 0)?;
                 used = true;
             }
@@ -109,21 +122,39 @@ impl VsockThread {
         }
     }
 
-    /// Takes the next receive chain's device-writable buffers, or `None` if none is posted.
-    fn pop_rx(&mut self) -> Result<Option<(u16, Vec<Segment>)>, virtio_queue::Error> {
+    /// Takes the next receive chain: its head, with its device-writable buffers put in
+    /// `writable`; `None` if none is posted.
+    fn pop_rx(&mut self, writable: &mut Vec<Segment>) -> Result<Option<u16>, virtio_queue::Error> {
         let Some(chain) = self.rx.iter(&self.mem)?.next() else {
             return Ok(None);
         };
         let head = chain.head_index();
-        let writable = chain
-            .filter(|d| d.is_write_only())
-            .map(|d| (d.addr(), d.len() as usize))
-            .collect();
-        Ok(Some((head, writable)))
+        writable.clear();
+        writable.extend(
+            chain
+                .filter(|d| d.is_write_only())
+                .map(|d| (d.addr(), d.len() as usize)),
+        );
+        Ok(Some(head))
     }
 
     /// Fills posted receive buffers: control packets first, then data from readable streams.
     fn receive(&mut self) -> Result<bool, virtio_queue::Error> {
+        let (mut writable, mut iov) = (
+            std::mem::take(&mut self.segs),
+            std::mem::take(&mut self.iov),
+        );
+        let result = self.receive_with(&mut writable, &mut iov);
+        (self.segs, self.iov) = (writable, iov);
+        result
+    }
+
+    /// [`Self::receive`], with working buffers for a chain's segments and its host iovecs.
+    fn receive_with(
+        &mut self,
+        writable: &mut Vec<Segment>,
+        iov: &mut Vec<IoVec>,
+    ) -> Result<bool, virtio_queue::Error> {
         let mut used = false;
         loop {
             let control = self.muxer.pop_control();
@@ -135,7 +166,7 @@ impl VsockThread {
             if control.is_none() && data.is_none() {
                 return Ok(used);
             }
-            let Some((head, writable)) = self.pop_rx()? else {
+            let Some(head) = self.pop_rx(writable)? else {
                 if let Some(h) = control {
                     self.muxer.unpop_control(h);
                 }
@@ -162,7 +193,7 @@ impl VsockThread {
             }
             let Some((key, credit)) = data else { continue };
             let max = (room - HDR_LEN).min(credit as usize).min(MAX_PAYLOAD);
-            let result = self.read_stream(key, &writable, max);
+            let result = self.read_stream(key, writable, max, iov);
             match self.muxer.read_done(key, result) {
                 Some(h) => {
                     let ok = write_at(&self.mem, writable.iter().copied(), 0, &h.bytes());
@@ -177,13 +208,19 @@ impl VsockThread {
 
     /// Reads up to `max` bytes from a connection's stream straight into the guest's buffers,
     /// after the header's place.
-    fn read_stream(&self, key: Key, writable: &[Segment], max: usize) -> std::io::Result<usize> {
+    fn read_stream(
+        &self,
+        key: Key,
+        writable: &[Segment],
+        max: usize,
+        iov: &mut Vec<IoVec>,
+    ) -> std::io::Result<usize> {
         let Some(stream) = self.muxer.stream(key) else {
             return Err(std::io::ErrorKind::NotConnected.into());
         };
-        let mut iov: Vec<IoVec> = Vec::new();
+        iov.clear();
         for (addr, n) in ranges(writable.iter().copied(), HDR_LEN, max) {
-            host_iovecs(&self.mem, addr, n, &mut iov).map_err(std::io::Error::other)?;
+            host_iovecs(&self.mem, addr, n, iov).map_err(std::io::Error::other)?;
         }
         if iov.is_empty() {
             return Err(std::io::ErrorKind::WouldBlock.into());
@@ -194,7 +231,7 @@ impl VsockThread {
         let n = unsafe {
             libc::readv(
                 stream.as_raw_fd(),
-                IoVec::as_iovec_ptr(&iov),
+                IoVec::as_iovec_ptr(iov),
                 iov.len() as i32,
             )
         };
