@@ -60,6 +60,8 @@ pub struct Conn {
     readable: bool,
     /// The Unix peer closed its sending side: the guest was told.
     host_done: bool,
+    /// In the muxer's queue of connections with data for the guest.
+    queued: bool,
 }
 
 impl Conn {
@@ -75,7 +77,16 @@ impl Conn {
             rx_cnt: 0,
             readable: true,
             host_done: false,
+            queued: false,
         }
+    }
+
+    /// Whether the stream may have data for the guest and the guest has room for it.
+    fn can_send(&self) -> bool {
+        self.state == State::Established
+            && self.readable
+            && !self.host_done
+            && self.peer_credit() > 0
     }
 
     /// Bytes the guest can take now.
@@ -103,6 +114,9 @@ pub struct Muxer {
     by_fd: HashMap<RawFd, Key>,
     pending: HashMap<RawFd, (UnixStream, Vec<u8>)>,
     control: VecDeque<Header>,
+    /// Connections that may have data for the guest, served in turn: found without walking
+    /// every connection per packet, and one busy stream cannot starve the others.
+    to_guest: VecDeque<Key>,
     next_port: u32,
     metrics: Arc<VsockMetrics>,
     /// Descriptors to start or stop watching, for the device thread.
@@ -166,6 +180,7 @@ impl Muxer {
             by_fd: HashMap::new(),
             pending: HashMap::new(),
             control: VecDeque::new(),
+            to_guest: VecDeque::new(),
             next_port: FIRST_LOCAL_PORT,
             metrics,
             watch: Vec::new(),
@@ -224,6 +239,10 @@ impl Muxer {
 
     fn close(&mut self, key: Key) {
         if let Some(c) = self.conns.remove(&key) {
+            if c.queued {
+                // No stale turns: a guest opening and closing connections cannot grow the queue.
+                self.to_guest.retain(|k| *k != key);
+            }
             self.by_fd.remove(&c.stream.as_raw_fd());
             self.watch.push(Watch::Remove(c.stream));
             add(&self.metrics.conns_closed, 1);
@@ -252,14 +271,30 @@ impl Muxer {
     }
 
     /// A connection with data for the guest and credit to send it: its key and how much it
-    /// may send.
-    pub fn next_readable(&self) -> Option<(Key, u32)> {
-        self.conns
-            .iter()
-            .find(|(_, c)| {
-                c.state == State::Established && c.readable && !c.host_done && c.peer_credit() > 0
-            })
-            .map(|(k, c)| (*k, c.peer_credit()))
+    /// may send. It stays first in turn until [`Self::read_done`] reports its read.
+    pub fn next_readable(&mut self) -> Option<(Key, u32)> {
+        while let Some(&key) = self.to_guest.front() {
+            if let Some(c) = self.conns.get(&key) {
+                if c.can_send() {
+                    return Some((key, c.peer_credit()));
+                }
+            }
+            self.to_guest.pop_front();
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.queued = false;
+            }
+        }
+        None
+    }
+
+    /// Puts a connection in turn for the guest if it may have data and the guest has room.
+    fn wake(&mut self, key: Key) {
+        if let Some(c) = self.conns.get_mut(&key) {
+            if !c.queued && c.can_send() {
+                c.queued = true;
+                self.to_guest.push_back(key);
+            }
+        }
     }
 
     /// The Unix stream of a connection, to read guest-bound data from.
@@ -270,6 +305,19 @@ impl Muxer {
     /// Records what a read for the guest gave: `Some(n)` bytes sent as RW (the header for them
     /// is returned), `Some(0)` the Unix peer closed its side, `None` nothing to read now.
     pub fn read_done(&mut self, key: Key, result: std::io::Result<usize>) -> Option<Header> {
+        if self.to_guest.front() == Some(&key) {
+            self.to_guest.pop_front();
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.queued = false;
+            }
+        }
+        let header = self.read_result(key, result);
+        // Back in turn, behind the others, if there may be more.
+        self.wake(key);
+        header
+    }
+
+    fn read_result(&mut self, key: Key, result: std::io::Result<usize>) -> Option<Header> {
         match result {
             Ok(0) => {
                 if let Some(c) = self.conns.get_mut(&key) {
@@ -304,6 +352,12 @@ impl Muxer {
     /// Handles a packet from the guest; `data` is its payload (already bounded by the header's
     /// `len` and the chain).
     pub fn from_guest(&mut self, h: &Header, data: &[u8]) {
+        self.take_from_guest(h, data);
+        // Any packet may have opened the connection or given it credit.
+        self.wake((h.dst_port, h.src_port));
+    }
+
+    fn take_from_guest(&mut self, h: &Header, data: &[u8]) {
         if h.src_cid != self.guest_cid || h.dst_cid != HOST_CID {
             add(&self.metrics.dropped, 1);
             utils::warn_limited!(
@@ -469,6 +523,7 @@ impl Muxer {
             if let Some(c) = self.conns.get_mut(&key) {
                 c.readable = true;
             }
+            self.wake(key);
         }
         if writable {
             self.flush(key);
