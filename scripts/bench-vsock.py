@@ -70,6 +70,9 @@ def cpu(pid):
 
 
 def one_run(name, cmd, path, mib, conns):
+    # Firecracker leaves its socket behind and refuses to start on an existing path.
+    if os.path.exists(path):
+        os.unlink(path)
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, bufsize=0)
     buf = b""
@@ -155,7 +158,8 @@ def main():
     gib = (args.mib << 20) / (1 << 30)
     for name, runs in results.items():
         med = lambda k, i: statistics.median(r[k][i] for r in runs)  # noqa: E731
-        print(f"| {name} | {med('h2g', 0) / (1 << 20):.0f} | {med('g2h', 0) / (1 << 20):.0f} "
+        label = name if len(runs) == args.runs else f"{name} ({len(runs)} of {args.runs} runs)"
+        print(f"| {label} | {med('h2g', 0) / (1 << 20):.0f} | {med('g2h', 0) / (1 << 20):.0f} "
               f"| {med('h2g', 1) / gib:.2f} / {med('h2g', 2) / gib:.3f} "
               f"| {med('g2h', 1) / gib:.2f} / {med('g2h', 2) / gib:.3f} "
               f"| {med('setup', 0):.0f} | {med('setup', 1) * 1e6:.0f} / {med('setup', 2) * 1e6:.1f} |")
