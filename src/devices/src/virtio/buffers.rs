@@ -5,6 +5,9 @@
 use super::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
+/// Most buffers one vectored I/O call takes (Linux's UIO_MAXIOV).
+pub const UIO_MAXIOV: usize = 1024;
+
 /// One guest buffer of a descriptor chain: address and length.
 pub type Segment = (GuestAddress, usize);
 

@@ -2,7 +2,7 @@
 //! between the file and guest memory (no bounce buffer, no shared file offset), flush, and hole
 //! punching. The file may be a regular file or a block device.
 
-use crate::virtio::buffers::{host_iovecs, IoVec};
+use crate::virtio::buffers::{host_iovecs, IoVec, UIO_MAXIOV};
 use crate::virtio::GuestMemoryMmap;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -12,9 +12,6 @@ use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
-
-/// Most buffers one preadv/pwritev call takes (Linux's UIO_MAXIOV).
-const MAX_IOVECS: usize = 1024;
 
 /// A disk image file.
 pub struct Disk {
@@ -42,7 +39,7 @@ fn transfer(
     write: bool,
 ) -> std::io::Result<()> {
     while !iov.is_empty() {
-        let count = iov.len().min(MAX_IOVECS) as libc::c_int;
+        let count = iov.len().min(UIO_MAXIOV) as libc::c_int;
         // SAFETY: every iovec points into guest memory that `mem` (borrowed by the caller for
         // the whole call) keeps mapped, within one region, for exactly its length; the kernel
         // only reads from or writes to those ranges.

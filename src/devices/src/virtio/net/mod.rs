@@ -44,7 +44,7 @@ pub const MAX_BUFFER: usize = VNET_HDR_LEN + MAX_FRAME;
 /// Frames received per pass before the thread looks at its other events.
 const RX_BATCH: usize = 256;
 /// Most buffers gathered for one frame (Linux's UIO_MAXIOV less the spill buffer).
-const MAX_IOVECS: usize = 1023;
+const MAX_IOVECS: usize = crate::virtio::buffers::UIO_MAXIOV - 1;
 
 fn bit(b: u32) -> u64 {
     1 << b
