@@ -3,8 +3,8 @@
 use thiserror::Error;
 use vm_memory::GuestAddress;
 
-/// Guest memory as vireo maps it.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// Guest memory as vireo maps it (with the devices' dirty bitmap).
+pub type GuestMemoryMmap = devices::virtio::GuestMemoryMmap;
 
 /// Errors creating guest memory.
 #[derive(Debug, Error)]

@@ -34,16 +34,31 @@ impl IoVec {
     }
 }
 
+/// What the host will do with guest buffers it reaches through raw addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Only read them (data leaving the guest).
+    Read,
+    /// Write them (data entering the guest). They are marked dirty at once, since writes
+    /// through a raw address bypass vm-memory's dirty bitmap, which diff snapshots rely on.
+    Write,
+}
+
 /// Appends the host addresses of `len` bytes of guest memory at `addr` to `out`, split where
 /// memory regions end.
 pub fn host_iovecs(
     mem: &GuestMemoryMmap,
     addr: GuestAddress,
     len: usize,
+    access: Access,
     out: &mut Vec<IoVec>,
 ) -> Result<(), GuestMemoryError> {
+    use vm_memory::bitmap::Bitmap;
     for slice in mem.get_slices(addr, len) {
         let slice = slice?;
+        if access == Access::Write {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
         out.push(IoVec {
             base: slice.ptr_guard_mut().as_ptr() as usize,
             len: slice.len(),
@@ -138,8 +153,8 @@ mod tests {
     fn iovecs_split_where_regions_end() {
         let mem = mem();
         let mut iov = Vec::new();
-        host_iovecs(&mem, GuestAddress(0xff0), 0x20, &mut iov).unwrap();
+        host_iovecs(&mem, GuestAddress(0xff0), 0x20, Access::Read, &mut iov).unwrap();
         assert_eq!(iov.iter().map(|v| v.len).collect::<Vec<_>>(), [0x10, 0x10]);
-        assert!(host_iovecs(&mem, GuestAddress(0x1ff0), 0x20, &mut iov).is_err());
+        assert!(host_iovecs(&mem, GuestAddress(0x1ff0), 0x20, Access::Read, &mut iov).is_err());
     }
 }

@@ -23,8 +23,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Guest memory as devices see it.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// Guest memory as devices see it. Every write vireo makes through it is recorded in a dirty
+/// bitmap (one bit per page), which diff snapshots combine with KVM's dirty log of the guest's
+/// own writes.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
@@ -110,6 +112,17 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Takes back the status word and needs-reset condition of a snapshot, and raises the line
+    /// if anything is pending: an edge that was in flight when the snapshot was taken is not
+    /// in the interrupt controller's state, and a spurious one is harmless.
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+        if status != 0 {
+            let _ = self.evt.write(1);
+        }
+    }
+
     /// Clears `bits` (the driver's acknowledgement).
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
@@ -151,6 +164,18 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops serving (driver reset). The device is activated again after renegotiation.
     fn reset(&mut self);
+    /// The thread serving the device's queues while it is active, for pausing it.
+    fn worker(&self) -> Option<&worker::Worker>;
+    /// The device's own state for a snapshot (what its configuration does not already say).
+    fn save(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Checks and takes the state [`VirtioDevice::save`] returned, before the device is
+    /// activated again.
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let _ = state;
+        Ok(())
+    }
     /// Switches to a new backing file while the guest runs (block devices only).
     fn replace_backing(&mut self, path: &std::path::Path) -> Result<(), String> {
         Err(format!(
@@ -173,6 +198,9 @@ pub struct ActivateContext {
     pub interrupt: std::sync::Arc<Interrupt>,
     /// Features the driver accepted.
     pub acked_features: u64,
+    /// The device is being restored from a snapshot: its queues resume where they stood, and
+    /// host-side state that did not survive (vsock connections) is reported gone.
+    pub restored: bool,
 }
 
 /// Reads `data.len()` bytes of a little-endian config image at `offset`, zero-filling what

@@ -4,9 +4,11 @@
 
 use super::{ActivateContext, ActivateError, GuestMemoryMmap, Interrupt, INTERRUPT_USED_RING};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -22,17 +24,13 @@ pub trait QueueHandler: Send + 'static {
     ) -> u32;
 }
 
-const KILL_TOKEN: u32 = u32::MAX;
-
 struct Subscriber<H> {
     handler: H,
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
     broken: Vec<bool>,
     evts: Vec<EventFd>,
-    kill: EventFd,
     interrupt: Arc<Interrupt>,
-    stop: bool,
 }
 
 impl<H: QueueHandler> Subscriber<H> {
@@ -82,15 +80,10 @@ impl<H: QueueHandler> Subscriber<H> {
 
 impl<H: QueueHandler> MutEventSubscriber for Subscriber<H> {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        match events.data() {
-            KILL_TOKEN => self.stop = true,
-            i => {
-                let i = i as usize;
-                if let Some(evt) = self.evts.get(i) {
-                    let _ = evt.read();
-                    self.serve(i);
-                }
-            }
+        let i = events.data() as usize;
+        if let Some(evt) = self.evts.get(i) {
+            let _ = evt.read();
+            self.serve(i);
         }
     }
 
@@ -100,28 +93,95 @@ impl<H: QueueHandler> MutEventSubscriber for Subscriber<H> {
                 tracing::error!("virtio: cannot watch queue {i}: {e:?}");
             }
         }
-        if let Err(e) = ops.add(Events::with_data(&self.kill, KILL_TOKEN, EventSet::IN)) {
-            tracing::error!("virtio: cannot watch the stop event: {e:?}");
+    }
+}
+
+/// A device thread's event handling: an event-manager subscriber whose queue positions can be
+/// read while the thread is paused.
+pub trait DeviceThread: MutEventSubscriber + Send + 'static {
+    /// Where each queue stands. Chains taken from a ring but not yet used count as not taken, so
+    /// that a device restored from these positions takes them again.
+    fn queue_states(&self) -> Vec<QueueState>;
+}
+
+impl<H: QueueHandler> DeviceThread for Subscriber<H> {
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.queues.iter().map(Queue::state).collect()
+    }
+}
+
+enum Command {
+    Stop,
+    Pause,
+    Resume,
+}
+
+/// Wraps a device's subscriber with the worker's control channel: the thread stops, or parks
+/// between two events (so no request is half served) until it is resumed.
+struct Controlled<S> {
+    inner: S,
+    control: EventFd,
+    commands: Receiver<Command>,
+    replies: Sender<Vec<QueueState>>,
+    stop: bool,
+}
+
+impl<S: DeviceThread> Controlled<S> {
+    fn obey(&mut self) {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::Stop) | Err(TryRecvError::Disconnected) => {
+                    self.stop = true;
+                    return;
+                }
+                Ok(Command::Pause) => {
+                    let _ = self.replies.send(self.inner.queue_states());
+                    loop {
+                        match self.commands.recv() {
+                            Ok(Command::Resume) => break,
+                            Ok(Command::Pause) => {
+                                let _ = self.replies.send(self.inner.queue_states());
+                            }
+                            Ok(Command::Stop) | Err(_) => {
+                                self.stop = true;
+                                return;
+                            }
+                        }
+                    }
+                }
+                Ok(Command::Resume) => {}
+                Err(TryRecvError::Empty) => return,
+            }
         }
     }
 }
 
-/// A device thread's event handling: an event-manager subscriber that also says when the
-/// thread should end (after its kill eventfd fired).
-pub trait DeviceThread: MutEventSubscriber + Send + 'static {
-    /// True once the thread should return.
-    fn stopped(&self) -> bool;
-}
+impl<S: DeviceThread> MutEventSubscriber for Controlled<S> {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.control.as_raw_fd() {
+            let _ = self.control.read();
+            self.obey();
+        } else {
+            self.inner.process(events, ops);
+        }
+    }
 
-impl<H: QueueHandler> DeviceThread for Subscriber<H> {
-    fn stopped(&self) -> bool {
-        self.stop
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.control, EventSet::IN)) {
+            tracing::error!("virtio: cannot watch the device thread's control event: {e:?}");
+        }
+        self.inner.init(ops);
     }
 }
 
+/// How long [`Worker::pause`] waits for the thread to finish the event it is serving.
+const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A running device thread. Dropping it stops the thread.
 pub struct Worker {
-    kill: EventFd,
+    control: EventFd,
+    commands: Sender<Command>,
+    replies: Mutex<Receiver<Vec<QueueState>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -132,30 +192,32 @@ impl Worker {
         handler: H,
         ctx: ActivateContext,
     ) -> Result<Self, ActivateError> {
-        let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Thread)?;
         let subscriber = Subscriber {
             handler,
             mem: ctx.mem,
             broken: vec![false; ctx.queues.len()],
             queues: ctx.queues,
             evts: ctx.queue_evts,
-            kill: kill.try_clone().map_err(ActivateError::Thread)?,
             interrupt: ctx.interrupt,
-            stop: false,
         };
-        Self::run(name, kill, subscriber)
+        Self::run(name, subscriber)
     }
 
-    /// Runs `subscriber` on a thread named `name` until `kill` (whose clone the subscriber
-    /// watches) is signalled; for devices with more to watch than their queues.
-    pub fn run<S: DeviceThread>(
-        name: &str,
-        kill: EventFd,
-        subscriber: S,
-    ) -> Result<Self, ActivateError> {
-        let mut manager: EventManager<S> =
+    /// Runs `subscriber` on a thread named `name`; for devices with more to watch than their
+    /// queues.
+    pub fn run<S: DeviceThread>(name: &str, subscriber: S) -> Result<Self, ActivateError> {
+        let control = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Thread)?;
+        let (commands, commands_rx) = channel();
+        let (replies_tx, replies) = channel();
+        let mut manager: EventManager<Controlled<S>> =
             EventManager::new().map_err(|e| ActivateError::EventLoop(format!("{e:?}")))?;
-        let id = manager.add_subscriber(subscriber);
+        let id = manager.add_subscriber(Controlled {
+            inner: subscriber,
+            control: control.try_clone().map_err(ActivateError::Thread)?,
+            commands: commands_rx,
+            replies: replies_tx,
+            stop: false,
+        });
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .stack_size(256 << 10)
@@ -168,7 +230,7 @@ impl Worker {
                         return;
                     }
                     match manager.subscriber_mut(id) {
-                        Ok(s) if s.stopped() => return,
+                        Ok(s) if s.stop => return,
                         Ok(_) => {}
                         Err(_) => return,
                     }
@@ -176,15 +238,39 @@ impl Worker {
             })
             .map_err(ActivateError::Thread)?;
         Ok(Self {
-            kill,
+            control,
+            commands,
+            replies: Mutex::new(replies),
             thread: Some(thread),
         })
+    }
+
+    /// Parks the thread once it has finished the event it is serving, and returns where its
+    /// queues stand. Notifications that arrive meanwhile wait for [`Worker::resume`].
+    pub fn pause(&self) -> Result<Vec<QueueState>, String> {
+        let replies = crate::bus::lock(&self.replies);
+        // A reply left over from an earlier pause that timed out is stale.
+        while replies.try_recv().is_ok() {}
+        self.commands
+            .send(Command::Pause)
+            .map_err(|_| "the device thread has ended".to_string())?;
+        let _ = self.control.write(1);
+        replies
+            .recv_timeout(PAUSE_TIMEOUT)
+            .map_err(|_| format!("the device thread did not pause within {PAUSE_TIMEOUT:?}"))
+    }
+
+    /// Lets a paused thread run again.
+    pub fn resume(&self) {
+        let _ = self.commands.send(Command::Resume);
+        let _ = self.control.write(1);
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        let _ = self.kill.write(1);
+        let _ = self.commands.send(Command::Stop);
+        let _ = self.control.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

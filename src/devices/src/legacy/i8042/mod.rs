@@ -2,6 +2,8 @@
 //! atkbd drivers to find a keyboard, the reset line (command 0xfe, how Linux reboots with
 //! `reboot=k`), and injected key presses (Ctrl+Alt+Del from the API).
 
+pub mod persist;
+
 use crate::bus::BusDevice;
 use crate::EventFdTrigger;
 use std::collections::VecDeque;
@@ -29,7 +31,7 @@ const ACK: u8 = 0xfa;
 const BUFFER_LIMIT: usize = 32;
 
 /// What the next byte written to the data port means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Pending {
     None,
     WriteCtr,

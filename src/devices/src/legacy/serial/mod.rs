@@ -1,5 +1,7 @@
 //! 16550A-compatible UART (COM1 at 0x3f8, IRQ 4) on top of vm-superio's model.
 
+pub mod persist;
+
 use crate::bus::BusDevice;
 use crate::EventFdTrigger;
 use std::io::Write;

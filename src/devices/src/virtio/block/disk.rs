@@ -2,7 +2,7 @@
 //! between the file and guest memory (no bounce buffer, no shared file offset), flush, and hole
 //! punching. The file may be a regular file or a block device.
 
-use crate::virtio::buffers::{host_iovecs, IoVec, UIO_MAXIOV};
+use crate::virtio::buffers::{host_iovecs, Access, IoVec, UIO_MAXIOV};
 use crate::virtio::GuestMemoryMmap;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -23,10 +23,14 @@ pub struct Disk {
 pub type Segment = (GuestAddress, u32);
 
 /// The host addresses of the guest buffers, split where guest memory regions end.
-fn iovecs(mem: &GuestMemoryMmap, segments: &[Segment]) -> std::io::Result<Vec<IoVec>> {
+fn iovecs(
+    mem: &GuestMemoryMmap,
+    segments: &[Segment],
+    access: Access,
+) -> std::io::Result<Vec<IoVec>> {
     let mut iov = Vec::with_capacity(segments.len());
     for &(addr, len) in segments {
-        host_iovecs(mem, addr, len as usize, &mut iov).map_err(std::io::Error::other)?;
+        host_iovecs(mem, addr, len as usize, access, &mut iov).map_err(std::io::Error::other)?;
     }
     Ok(iov)
 }
@@ -108,7 +112,7 @@ impl Disk {
         offset: u64,
         segments: &[Segment],
     ) -> std::io::Result<()> {
-        let mut iov = iovecs(mem, segments)?;
+        let mut iov = iovecs(mem, segments, Access::Write)?;
         transfer(&self.file, &mut iov, offset, false)
     }
 
@@ -119,7 +123,7 @@ impl Disk {
         offset: u64,
         segments: &[Segment],
     ) -> std::io::Result<()> {
-        let mut iov = iovecs(mem, segments)?;
+        let mut iov = iovecs(mem, segments, Access::Read)?;
         transfer(&self.file, &mut iov, offset, true)
     }
 

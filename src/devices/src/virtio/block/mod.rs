@@ -2,6 +2,7 @@
 //! WRITE_ZEROES, read-only enforcement, seg_max/size_max, one request queue.
 
 pub mod disk;
+pub mod persist;
 pub mod request;
 #[cfg(test)]
 mod tests;
@@ -234,8 +235,22 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn worker(&self) -> Option<&Worker> {
+        self.worker.as_ref()
+    }
+
     fn reset(&mut self) {
         self.worker = None;
+    }
+
+    fn save(&self) -> serde_json::Value {
+        serde_json::to_value(self.state()).unwrap_or_default()
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let state: persist::BlockState = serde_json::from_value(state.clone())
+            .map_err(|e| format!("drive '{}': bad snapshot state: {e}", self.config.id))?;
+        self.check_state(&state)
     }
 
     fn replace_backing(&mut self, path: &std::path::Path) -> Result<(), String> {

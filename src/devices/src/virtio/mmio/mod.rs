@@ -4,6 +4,7 @@
 //! Every access from the guest is untrusted: wrong widths, undefined offsets, out-of-order
 //! status changes and bad queue setups are ignored or end in DEVICE_NEEDS_RESET, and logged.
 
+pub mod persist;
 #[cfg(test)]
 mod tests;
 
@@ -89,6 +90,8 @@ pub struct MmioTransport {
     shm_sel: u32,
     config_generation: u32,
     active: bool,
+    /// Set while the device is paused: where its queues stood when it stopped.
+    paused: Option<Vec<virtio_queue::QueueState>>,
 }
 
 impl MmioTransport {
@@ -124,6 +127,7 @@ impl MmioTransport {
             shm_sel: 0,
             config_generation: 0,
             active: false,
+            paused: None,
         }
     }
 
@@ -247,6 +251,7 @@ impl MmioTransport {
             queue_evts: evts,
             interrupt: self.interrupt.clone(),
             acked_features: self.driver_features,
+            restored: false,
         };
         match self.device.activate(ctx) {
             Ok(()) => self.active = true,

@@ -13,19 +13,16 @@ use vmm_sys_util::eventfd::EventFd;
 const RX_EVT: u32 = 0;
 const TX_EVT: u32 = 1;
 const TAP: u32 = 2;
-const KILL: u32 = 3;
 
 /// The device thread's state.
 pub(super) struct NetThread {
     io: NetIo,
     rx_evt: EventFd,
     tx_evt: EventFd,
-    kill: EventFd,
     interrupt: Arc<Interrupt>,
     /// What the thread waits for on the TAP now.
     watch: EventSet,
     broken: bool,
-    stop: bool,
 }
 
 impl NetThread {
@@ -34,18 +31,15 @@ impl NetThread {
         io: NetIo,
         rx_evt: EventFd,
         tx_evt: EventFd,
-        kill: EventFd,
         interrupt: Arc<Interrupt>,
     ) -> Self {
         Self {
             io,
             rx_evt,
             tx_evt,
-            kill,
             interrupt,
             watch: EventSet::IN,
             broken: false,
-            stop: false,
         }
     }
 
@@ -93,10 +87,6 @@ impl MutEventSubscriber for NetThread {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let mut watch = self.watch;
         match events.data() {
-            KILL => {
-                self.stop = true;
-                return;
-            }
             RX_EVT => {
                 let _ = self.rx_evt.read();
                 if !self.broken {
@@ -151,10 +141,6 @@ impl MutEventSubscriber for NetThread {
                 Events::with_data(&self.tx_evt, TX_EVT, EventSet::IN),
                 "transmit queue",
             ),
-            (
-                Events::with_data(&self.kill, KILL, EventSet::IN),
-                "stop event",
-            ),
             (Events::with_data(&*tap, TAP, self.watch), "TAP"),
         ] {
             if let Err(e) = ops.add(events) {
@@ -165,7 +151,7 @@ impl MutEventSubscriber for NetThread {
 }
 
 impl DeviceThread for NetThread {
-    fn stopped(&self) -> bool {
-        self.stop
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.io.queue_states()
     }
 }

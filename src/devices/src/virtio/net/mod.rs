@@ -15,6 +15,7 @@
 mod event_handler;
 mod metrics;
 pub mod mmds;
+pub mod persist;
 mod rxtx;
 pub mod tap;
 #[cfg(test)]
@@ -29,7 +30,6 @@ use std::sync::Arc;
 use tap::{Tap, VNET_HDR_LEN};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
-use vmm_sys_util::eventfd::EventFd;
 
 /// Receive queue index.
 pub const RX_QUEUE: usize = 0;
@@ -176,7 +176,6 @@ impl VirtioDevice for Net {
                 self.tap.name()
             );
         }
-        let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Thread)?;
         let mut queues = ctx.queues.into_iter();
         let mut evts = ctx.queue_evts.into_iter();
         let (Some(rx), Some(tx), Some(rx_evt), Some(tx_evt)) =
@@ -205,11 +204,24 @@ impl VirtioDevice for Net {
             io,
             rx_evt,
             tx_evt,
-            kill.try_clone().map_err(ActivateError::Thread)?,
             ctx.interrupt,
         );
-        self.worker = Some(Worker::run("virtio-net", kill, thread)?);
+        self.worker = Some(Worker::run("virtio-net", thread)?);
         Ok(())
+    }
+
+    fn save(&self) -> serde_json::Value {
+        serde_json::to_value(self.state()).unwrap_or_default()
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let state: persist::NetState = serde_json::from_value(state.clone())
+            .map_err(|e| format!("net: bad snapshot state: {e}"))?;
+        self.check_state(&state)
+    }
+
+    fn worker(&self) -> Option<&Worker> {
+        self.worker.as_ref()
     }
 
     fn reset(&mut self) {

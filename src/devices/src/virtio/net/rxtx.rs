@@ -5,7 +5,7 @@ use super::metrics::NetMetrics;
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::{mmds, MAX_BUFFER, MAX_IOVECS, RX_BATCH, RX_QUEUE};
 use crate::metrics::add;
-use crate::virtio::buffers::{host_iovecs, read_at, write_at, IoVec, Segment};
+use crate::virtio::buffers::{host_iovecs, Access, read_at, write_at, IoVec, Segment};
 use crate::virtio::GuestMemoryMmap;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -91,6 +91,13 @@ impl NetIo {
         }
     }
 
+    /// Where the receive and transmit queues stand; stashed receive chains count as not taken.
+    pub fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        let mut rx = self.rx.state();
+        rx.next_avail = rx.next_avail.wrapping_sub(self.stash.len() as u16);
+        vec![rx, self.tx.state()]
+    }
+
     /// Answers MMDS on this interface.
     pub fn set_mmds(&mut self, stack: mmds::MmdsStack) {
         self.mmds = Some(stack);
@@ -156,7 +163,7 @@ impl NetIo {
             for d in chain {
                 let len = d.len() as usize;
                 if !d.is_write_only()
-                    || host_iovecs(&self.mem, d.addr(), len, &mut c.iovecs).is_err()
+                    || host_iovecs(&self.mem, d.addr(), len, Access::Write, &mut c.iovecs).is_err()
                 {
                     ok = false;
                     break;
@@ -376,7 +383,7 @@ impl NetIo {
                     if d.is_write_only()
                         || len > MAX_BUFFER
                         || iov.len() >= MAX_IOVECS
-                        || host_iovecs(&self.mem, d.addr(), d.len() as usize, &mut iov).is_err()
+                        || host_iovecs(&self.mem, d.addr(), d.len() as usize, Access::Read, &mut iov).is_err()
                     {
                         ok = false;
                         break;

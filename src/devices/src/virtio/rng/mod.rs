@@ -101,6 +101,10 @@ impl VirtioDevice for Rng {
         Ok(())
     }
 
+    fn worker(&self) -> Option<&Worker> {
+        self.worker.as_ref()
+    }
+
     fn reset(&mut self) {
         self.worker = None;
     }

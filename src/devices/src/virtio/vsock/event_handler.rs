@@ -2,7 +2,7 @@
 
 use super::muxer::{Key, Muxer, Watch};
 use super::packet::{Header, HDR_LEN};
-use crate::virtio::buffers::{host_iovecs, ranges, read_at, write_at, IoVec, Segment};
+use crate::virtio::buffers::{host_iovecs, Access, ranges, read_at, write_at, IoVec, Segment};
 use crate::virtio::worker::DeviceThread;
 use crate::virtio::{
     ActivateContext, ActivateError, GuestMemoryMmap, Interrupt, INTERRUPT_USED_RING,
@@ -11,13 +11,13 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::Bytes;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 const RX_EVT: u32 = 0;
 const TX_EVT: u32 = 1;
 const EV_EVT: u32 = 2;
-const KILL: u32 = 3;
 const LISTENER: u32 = 4;
 /// Connection streams are watched with this plus their descriptor as data.
 const CONN_BASE: u32 = 1 << 16;
@@ -28,12 +28,11 @@ pub(super) struct VsockThread {
     mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
+    ev: Queue,
     evts: Vec<EventFd>,
-    kill: EventFd,
     interrupt: Arc<Interrupt>,
     muxer: Muxer,
     broken: bool,
-    stop: bool,
     /// Per-packet working buffers, kept so that the packet paths do not allocate.
     segs: Vec<Segment>,
     data: Vec<u8>,
@@ -44,26 +43,60 @@ impl VsockThread {
     pub(super) fn new(
         ctx: ActivateContext,
         muxer: Muxer,
-        kill: EventFd,
     ) -> Result<Self, ActivateError> {
         let mut queues = ctx.queues.into_iter();
-        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::InvalidQueue(1));
+        let (Some(rx), Some(tx), Some(ev)) = (queues.next(), queues.next(), queues.next()) else {
+            return Err(ActivateError::InvalidQueue(2));
         };
-        Ok(Self {
+        let mut thread = Self {
             mem: ctx.mem,
             rx,
             tx,
+            ev,
             evts: ctx.queue_evts,
-            kill,
             interrupt: ctx.interrupt,
             muxer,
             broken: false,
-            stop: false,
             segs: Vec::new(),
             data: Vec::new(),
             iov: Vec::new(),
-        })
+        };
+        if ctx.restored {
+            thread.transport_reset();
+        }
+        Ok(thread)
+    }
+
+    /// Tells the driver that every connection it had is gone (virtio 1.2, 5.10.6.6): sent after
+    /// a restore, since the host ends of the connections did not survive it.
+    fn transport_reset(&mut self) {
+        const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+        let sent = (|| -> Result<bool, virtio_queue::Error> {
+            let Some(chain) = self.ev.iter(&self.mem)?.next() else {
+                return Ok(false);
+            };
+            let head = chain.head_index();
+            let mut len = 0;
+            for d in chain {
+                if d.is_write_only() && d.len() >= 4 {
+                    let bytes = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+                    if self.mem.write_slice(&bytes, d.addr()).is_ok() {
+                        len = 4;
+                    }
+                    break;
+                }
+            }
+            self.ev.add_used(&self.mem, head, len)?;
+            Ok(len == 4)
+        })();
+        match sent {
+            Ok(true) => self.interrupt.trigger(INTERRUPT_USED_RING),
+            Ok(false) => utils::warn_limited!(
+                "virtio_vsock_no_event_buffer",
+                "virtio-vsock: the driver posted no event buffer; TRANSPORT_RESET not sent"
+            ),
+            Err(e) => self.broken(e),
+        }
     }
 
     fn broken(&mut self, e: virtio_queue::Error) {
@@ -220,7 +253,7 @@ impl VsockThread {
         };
         iov.clear();
         for (addr, n) in ranges(writable.iter().copied(), HDR_LEN, max) {
-            host_iovecs(&self.mem, addr, n, iov).map_err(std::io::Error::other)?;
+            host_iovecs(&self.mem, addr, n, Access::Write, iov).map_err(std::io::Error::other)?;
         }
         if iov.is_empty() {
             return Err(std::io::ErrorKind::WouldBlock.into());
@@ -297,10 +330,6 @@ impl VsockThread {
 impl MutEventSubscriber for VsockThread {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
-            KILL => {
-                self.stop = true;
-                return;
-            }
             RX_EVT | TX_EVT | EV_EVT => {
                 if let Some(e) = self.evts.get(events.data() as usize) {
                     let _ = e.read();
@@ -331,10 +360,6 @@ impl MutEventSubscriber for VsockThread {
         let listener = self.muxer.listener_fd();
         for (ev, what) in [
             (
-                Events::with_data(&self.kill, KILL, EventSet::IN),
-                "stop event",
-            ),
-            (
                 Events::with_data_raw(listener, LISTENER, EventSet::IN),
                 "listening socket",
             ),
@@ -347,7 +372,7 @@ impl MutEventSubscriber for VsockThread {
 }
 
 impl DeviceThread for VsockThread {
-    fn stopped(&self) -> bool {
-        self.stop
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        vec![self.rx.state(), self.tx.state(), self.ev.state()]
     }
 }

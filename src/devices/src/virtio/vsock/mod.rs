@@ -6,6 +6,7 @@
 
 mod event_handler;
 mod muxer;
+pub mod persist;
 pub mod packet;
 #[cfg(test)]
 mod tests;
@@ -19,7 +20,6 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use vmm_sys_util::eventfd::EventFd;
 
 const QUEUE_SIZE: u16 = 256;
 /// The device ID of virtio-vsock.
@@ -100,11 +100,23 @@ impl VirtioDevice for Vsock {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let listener = self.listener.try_clone().map_err(ActivateError::Thread)?;
         let muxer = Muxer::new(self.cid, self.path.clone(), listener, self.metrics.clone());
-        let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Thread)?;
-        let thread =
-            VsockThread::new(ctx, muxer, kill.try_clone().map_err(ActivateError::Thread)?)?;
-        self.worker = Some(Worker::run("virtio-vsock", kill, thread)?);
+        let thread = VsockThread::new(ctx, muxer)?;
+        self.worker = Some(Worker::run("virtio-vsock", thread)?);
         Ok(())
+    }
+
+    fn save(&self) -> serde_json::Value {
+        serde_json::to_value(self.state()).unwrap_or_default()
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let state: persist::VsockState = serde_json::from_value(state.clone())
+            .map_err(|e| format!("vsock: bad snapshot state: {e}"))?;
+        self.check_state(&state)
+    }
+
+    fn worker(&self) -> Option<&Worker> {
+        self.worker.as_ref()
     }
 
     fn reset(&mut self) {
