@@ -359,6 +359,7 @@ fn main() -> ExitCode {
                 serial: args.serial,
                 drives: args.drives,
                 rng: args.rng,
+                track_dirty_pages: false,
                 nets: args
                     .nets
                     .into_iter()

@@ -4,7 +4,7 @@
 use crate::boot::{self, BootInputs, BootSetup};
 use crate::config::VmConfig;
 use crate::device_manager::DeviceManager;
-use crate::memory::{self, GuestMemoryMmap};
+use crate::memory::Memory;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
 use crate::Error;
@@ -17,14 +17,17 @@ use vm_memory::{Bytes, GuestAddress};
 /// A VM with everything in place, its vCPUs not yet started.
 pub(crate) struct Machine {
     // Keeps the KVM VM (and with it every vCPU and irqfd) alive.
-    pub _vm: Vm,
+    pub vm: Vm,
     // Guest RAM must outlive the KVM memory slots that point into it.
-    pub _memory: GuestMemoryMmap,
+    pub memory: Memory,
     pub vcpus: Vec<Vcpu>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub devices: DeviceManager,
-    pub boot: BootSetup,
+    /// How the kernel was loaded (none for a restored VM).
+    pub boot: Option<BootSetup>,
+    /// What the VM was built from, kept for snapshots.
+    pub config: VmConfig,
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, Error> {
@@ -103,16 +106,16 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
         )));
     }
     let mem_size = config.mem_mib << 20;
-    let memory = memory::create(mem_size)?;
-    vm.register_memory(&memory)?;
+    let memory = Memory::anonymous(mem_size, config.track_dirty_pages)?;
+    vm.register_memory(&memory.guest, memory.track_dirty)?;
     vm.setup_irqchip()?;
     tracing::debug!("guest memory and interrupt controllers ready");
 
     // Devices before the kernel: they add to the kernel command line.
-    let mut devices = DeviceManager::create(config, &vm, &memory)?;
+    let mut devices = DeviceManager::create(config, &vm, &memory.guest)?;
     let cmdline = format!("{}{}", config.cmdline, devices.cmdline());
     let boot = boot::load(
-        &memory,
+        &memory.guest,
         BootInputs {
             kernel_path: &config.kernel,
             kernel: &mut kernel,
@@ -126,9 +129,11 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
     let mptable =
         arch::mptable::build(config.vcpus).map_err(|e| Error::InvalidConfig(e.to_string()))?;
     memory
+        .guest
         .write_slice(&mptable, GuestAddress(arch::mptable::MPTABLE_START))
         .map_err(|_| Error::Boot(boot::Error::GuestMemory("the MP table")))?;
     memory
+        .guest
         .write_slice(
             &crate::acpi::build(config.vcpus, devices.acpi_devices()),
             GuestAddress(arch::layout::ACPI_START),
@@ -146,12 +151,13 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
     tracing::debug!("vCPUs configured");
     let (pio, mmio) = devices.take_buses();
     Ok(Machine {
-        _vm: vm,
-        _memory: memory,
+        vm,
+        memory,
         vcpus,
         pio,
         mmio,
         devices,
-        boot,
+        boot: Some(boot),
+        config: config.clone(),
     })
 }

@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 
 /// Where the guest's COM1 output goes and its input comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum SerialConfig {
     /// vireo's own stdin/stdout; the terminal is put in raw mode while the guest runs.
+    #[default]
     Stdio,
     /// Output to a file (truncated first) or a named pipe (not waited on); no input.
     File(PathBuf),
@@ -13,8 +14,9 @@ pub enum SerialConfig {
     None,
 }
 
-/// Everything needed to build and boot one VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Everything needed to build and boot one VM. Snapshots keep it (without the serial port,
+/// file descriptors and MMDS data, which belong to the process that restores).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// Kernel image: ELF vmlinux (with or without a PVH note) or bzImage.
     pub kernel: PathBuf,
@@ -27,11 +29,15 @@ pub struct VmConfig {
     /// Guest memory in MiB.
     pub mem_mib: u64,
     /// Serial console wiring.
+    #[serde(skip)]
     pub serial: SerialConfig,
     /// virtio-blk drives, in the order the guest sees them (/dev/vda, /dev/vdb, ...).
     pub drives: Vec<DriveConfig>,
     /// Whether the guest gets a virtio-rng entropy device.
     pub rng: bool,
+    /// Whether KVM logs the pages the guest writes, so that diff snapshots can be taken.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
     /// virtio-net interfaces, in the order the guest sees them (eth0, eth1, ...).
     pub nets: Vec<NetConfig>,
     /// The metadata service, answered on the interfaces whose `mmds` is set.
@@ -41,7 +47,7 @@ pub struct VmConfig {
 }
 
 /// A virtio-vsock device and the Unix socket its host side listens on.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     /// The guest's CID (3 to 2^32 - 2).
     pub cid: u64,
@@ -61,11 +67,12 @@ pub fn check_cid(cid: u64) -> Result<(), String> {
 }
 
 /// The data store and address of MMDS.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MmdsSetup {
     /// The link-local address MMDS answers at.
     pub ip: [u8; 4],
     /// The store the API fills.
+    #[serde(skip)]
     pub store: MmdsHandle,
 }
 
@@ -106,7 +113,7 @@ impl std::fmt::Debug for MmdsHandle {
 pub const DEFAULT_MMDS_LIMIT: usize = 51_200;
 
 /// One virtio-net interface on a host TAP.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     /// Interface ID (`eth0` by default), how the API names it.
     pub id: String,
@@ -114,6 +121,7 @@ pub struct NetConfig {
     pub tap: String,
     /// Or an already-open TAP descriptor a management tool handed down (`tap` is then only
     /// a label).
+    #[serde(skip)]
     pub tap_fd: Option<i32>,
     /// MAC address offered to the guest; without one the guest picks a random one.
     pub mac: Option<[u8; 6]>,
@@ -161,7 +169,7 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=65535;
 
 /// One virtio-blk drive.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DriveConfig {
     /// Disk image on the host.
     pub path: PathBuf,

@@ -49,7 +49,8 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
-    fn name(self) -> &'static str {
+    /// The kind as a snapshot names it.
+    pub fn name(self) -> &'static str {
         match self {
             DeviceKind::Drive => "drive",
             DeviceKind::Entropy => "entropy device",
@@ -70,6 +71,28 @@ struct VirtioEntry {
     kind: DeviceKind,
     id: String,
     transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// One virtio device in a snapshot: which it is, and its transport's and its own state.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VirtioDeviceState {
+    /// [`DeviceKind::name`].
+    pub kind: String,
+    /// Its ID.
+    pub id: String,
+    /// Transport registers, queues and device state.
+    pub mmio: devices::virtio::mmio::persist::MmioState,
+}
+
+/// Every device of a VM in a snapshot.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DevicesState {
+    /// COM1.
+    pub serial: devices::legacy::serial::persist::SerialState,
+    /// The i8042 controller.
+    pub i8042: devices::legacy::i8042::persist::I8042State,
+    /// The virtio devices, in MMIO window order.
+    pub virtio: Vec<VirtioDeviceState>,
 }
 
 /// Events the legacy devices raise for the VMM's event loop.
@@ -338,6 +361,80 @@ impl DeviceManager {
             DeviceUpdate::Backing(path) => transport.replace_backing(&path),
         }
         .map_err(Error::InvalidConfig)
+    }
+
+    /// Parks every virtio device thread between requests (see [`MmioTransport::pause`]).
+    pub fn pause(&self) -> Result<(), Error> {
+        for e in &self.virtio {
+            devices::bus::lock(&e.transport)
+                .pause()
+                .map_err(|err| {
+                    Error::InvalidConfig(format!("cannot pause {} '{}': {err}", e.kind.name(), e.id))
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Lets paused device threads run again.
+    pub fn resume(&self) {
+        for e in &self.virtio {
+            devices::bus::lock(&e.transport).resume();
+        }
+    }
+
+    /// The state of every device; they must be paused.
+    pub fn save(&self) -> Result<DevicesState, Error> {
+        let mut virtio = Vec::with_capacity(self.virtio.len());
+        for e in &self.virtio {
+            let mmio = devices::bus::lock(&e.transport).save().map_err(|err| {
+                Error::InvalidConfig(format!("cannot save {} '{}': {err}", e.kind.name(), e.id))
+            })?;
+            virtio.push(VirtioDeviceState {
+                kind: e.kind.name().to_string(),
+                id: e.id.clone(),
+                mmio,
+            });
+        }
+        Ok(DevicesState {
+            serial: devices::bus::lock(&self.serial).save(),
+            i8042: devices::bus::lock(&self.i8042).save(),
+            virtio,
+        })
+    }
+
+    /// Gives devices built from a snapshot's configuration the state they had. They must sit
+    /// where they sat (same kinds, IDs and order, hence the same MMIO windows and interrupt
+    /// lines), since the guest's drivers know them by place.
+    pub fn restore(&self, state: &DevicesState) -> Result<(), Error> {
+        let bad = |m: String| Error::InvalidConfig(format!("snapshot devices: {m}"));
+        if state.virtio.len() != self.virtio.len() {
+            return Err(bad(format!(
+                "the snapshot has {} virtio devices, the VM built from its configuration {}",
+                state.virtio.len(),
+                self.virtio.len()
+            )));
+        }
+        devices::bus::lock(&self.serial)
+            .restore(&state.serial)
+            .map_err(bad)?;
+        devices::bus::lock(&self.i8042)
+            .restore(&state.i8042)
+            .map_err(bad)?;
+        for (n, (e, s)) in self.virtio.iter().zip(&state.virtio).enumerate() {
+            if s.kind != e.kind.name() || s.id != e.id {
+                return Err(bad(format!(
+                    "device {n} is {} '{}' in the snapshot but {} '{}' here",
+                    s.kind,
+                    s.id,
+                    e.kind.name(),
+                    e.id
+                )));
+            }
+            devices::bus::lock(&e.transport)
+                .restore(&s.mmio)
+                .map_err(|err| bad(format!("{} '{}': {err}", e.kind.name(), e.id)))?;
+        }
+        Ok(())
     }
 
     /// Presses Ctrl+Alt+Del on the guest's keyboard.

@@ -11,6 +11,7 @@ pub mod console;
 pub mod controller;
 pub mod device_manager;
 pub mod memory;
+pub mod persist;
 pub mod resources;
 pub mod vstate;
 
@@ -26,7 +27,7 @@ use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
-use vstate::vcpu::{VcpuControl, VcpuStop};
+use vstate::vcpu::{Vcpu, VcpuControl, VcpuStop};
 
 /// Errors building or running a VM.
 #[derive(Debug, Error)]
@@ -187,6 +188,8 @@ pub struct RunningVm {
     control: Arc<VcpuControl>,
     first_stop: Arc<Mutex<Option<VcpuStop>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Each vCPU, locked by its thread while it runs and free while it is parked.
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
     done_rx: std::sync::mpsc::Receiver<()>,
     paused: bool,
 }
@@ -194,14 +197,26 @@ pub struct RunningVm {
 impl RunningVm {
     /// Builds the VM described by `config` and starts its vCPUs.
     pub fn start(config: &VmConfig) -> Result<Self, Error> {
-        let mut machine = builder::build(config)?;
-        tracing::info!(
-            "booting {} kernel at {:#x} with {} vCPU(s), {} MiB",
-            machine.boot.format,
-            machine.boot.entry,
-            config.vcpus,
-            config.mem_mib
-        );
+        let machine = builder::build(config)?;
+        if let Some(boot) = &machine.boot {
+            tracing::info!(
+                "booting {} kernel at {:#x} with {} vCPU(s), {} MiB",
+                boot.format,
+                boot.entry,
+                config.vcpus,
+                config.mem_mib
+            );
+        }
+        Self::launch(machine, &config.serial, false)
+    }
+
+    /// Starts the vCPU threads of a built (or restored) machine and the event loop around
+    /// them; with `paused`, the vCPUs and devices wait for [`RunningVm::resume`].
+    fn launch(
+        mut machine: builder::Machine,
+        serial: &SerialConfig,
+        paused: bool,
+    ) -> Result<Self, Error> {
         let epoll = Epoll::new().map_err(Error::EventLoop)?;
         let add = |fd: i32, token: u64| {
             epoll
@@ -230,28 +245,42 @@ impl RunningVm {
         register_signal_handler(SIGRTMIN(), kick_handler)
             .map_err(|e| Error::EventLoop(std::io::Error::from_raw_os_error(e.errno())))?;
         let console = console::attach(
-            &config.serial,
+            serial,
             machine.devices.serial(),
             quit_evt.try_clone().map_err(Error::EventFd)?,
         )?;
 
         let control = Arc::new(VcpuControl::default());
+        if paused {
+            control.request_pause();
+        }
         let first_stop: Arc<Mutex<Option<VcpuStop>>> = Arc::new(Mutex::new(None));
         let mut threads = Vec::new();
+        let mut vcpus = Vec::new();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        for mut vcpu in machine.vcpus.drain(..) {
+        for vcpu in machine.vcpus.drain(..) {
+            let name = format!("vcpu{}", vcpu.index());
+            let vcpu = Arc::new(Mutex::new(vcpu));
+            vcpus.push(vcpu.clone());
             let done = done_tx.clone();
             let (pio, mmio, control) = (machine.pio.clone(), machine.mmio.clone(), control.clone());
             let first_stop = first_stop.clone();
             let evt = vcpu_evt.try_clone().map_err(Error::EventFd)?;
             let handle = std::thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.index()))
+                .name(name)
                 .stack_size(256 << 10)
                 .spawn(move || {
-                    let why = vcpu.run(&pio, &mmio, &control);
-                    if why != VcpuStop::Requested {
-                        devices::bus::lock(&first_stop).get_or_insert(why);
-                        let _ = evt.write(1);
+                    loop {
+                        let why = devices::bus::lock(&vcpu).run(&pio, &mmio, &control);
+                        match why {
+                            VcpuStop::Paused => control.park(),
+                            VcpuStop::Requested => break,
+                            why => {
+                                devices::bus::lock(&first_stop).get_or_insert(why);
+                                let _ = evt.write(1);
+                                break;
+                            }
+                        }
                     }
                     let _ = done.send(());
                 })
@@ -259,7 +288,7 @@ impl RunningVm {
             threads.push(handle);
         }
         tracing::debug!("vCPUs started");
-        Ok(Self {
+        let mut vm = Self {
             machine,
             epoll,
             _signal_pipes: signal_pipes,
@@ -269,9 +298,14 @@ impl RunningVm {
             control,
             first_stop,
             threads,
+            vcpus,
             done_rx,
             paused: false,
-        })
+        };
+        if paused {
+            vm.pause()?;
+        }
+        Ok(vm)
     }
 
     /// Whether the vCPUs are paused.
@@ -322,7 +356,7 @@ impl RunningVm {
                         Some(VcpuStop::SystemEvent { poweroff: true }) => ExitReason::PowerOff(0),
                         Some(VcpuStop::SystemEvent { poweroff: false }) => ExitReason::Reset,
                         Some(VcpuStop::Error(s)) => ExitReason::VcpuError(s),
-                        Some(VcpuStop::Requested) | None => continue,
+                        Some(VcpuStop::Requested) | Some(VcpuStop::Paused) | None => continue,
                     },
                     TOKEN_QUIT => ExitReason::ConsoleQuit,
                     token if token >= EXTERNAL_TOKEN_BASE => return VmEvent::External(token),
@@ -363,6 +397,12 @@ impl RunningVm {
                 "vCPUs did not pause in time",
             )));
         }
+        // Devices after vCPUs: no new requests arrive while the device threads finish theirs.
+        if let Err(e) = self.machine.devices.pause() {
+            self.machine.devices.resume();
+            self.control.resume();
+            return Err(e);
+        }
         self.paused = true;
         Ok(())
     }
@@ -372,8 +412,11 @@ impl RunningVm {
         &self.machine.devices
     }
 
-    /// Lets paused vCPUs run again.
+    /// Lets paused devices and vCPUs run again.
     pub fn resume(&mut self) {
+        if self.paused {
+            self.machine.devices.resume();
+        }
         self.control.resume();
         self.paused = false;
     }

@@ -43,7 +43,7 @@ pub struct MachineConfig {
     /// Simultaneous multithreading (not offered: must be false).
     #[serde(default)]
     pub smt: bool,
-    /// Dirty page tracking for snapshots (not offered: must be false).
+    /// Dirty page tracking, for diff snapshots.
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// CPU template (not offered).
@@ -370,9 +370,6 @@ impl VmResources {
         if m.smt {
             return err("smt: simultaneous multithreading is not supported by vireo");
         }
-        if m.track_dirty_pages {
-            return err("track_dirty_pages: dirty page tracking is not supported by vireo yet");
-        }
         if let Some(t) = m.cpu_template.as_deref().filter(|t| *t != "None") {
             return err(format!(
                 "cpu_template {t}: CPU templates are not supported by vireo"
@@ -641,6 +638,7 @@ impl VmResources {
             },
             drives,
             rng: self.entropy.is_some(),
+            track_dirty_pages: self.machine.track_dirty_pages,
             nets: self
                 .interfaces
                 .iter()

@@ -40,6 +40,9 @@ pub enum Error {
 pub enum VcpuStop {
     /// The VMM asked it to stop.
     Requested,
+    /// The VMM asked it to pause: it is at an instruction boundary, with no exit half served,
+    /// and its thread should park (releasing the vCPU) until resumed.
+    Paused,
     /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
     TripleFault(String),
     /// KVM could not handle something the guest did (usually an instruction its emulator does
@@ -61,6 +64,8 @@ pub enum VcpuStop {
 #[derive(Default)]
 pub struct VcpuControl {
     stop: AtomicBool,
+    /// Mirrors `paused` for the check on every exit, which must not take a lock.
+    pause: AtomicBool,
     paused: Mutex<bool>,
     cond: Condvar,
     parked: AtomicUsize,
@@ -82,11 +87,19 @@ impl VcpuControl {
     /// Asks every vCPU to park (the caller then kicks them and waits for [`Self::parked`]).
     pub fn request_pause(&self) {
         *devices::bus::lock(&self.paused) = true;
+        self.pause.store(true, Ordering::Release);
+    }
+
+    /// Whether a pause was requested.
+    pub fn pause_requested(&self) -> bool {
+        self.pause.load(Ordering::Acquire)
     }
 
     /// Lets parked vCPUs run again.
     pub fn resume(&self) {
-        *devices::bus::lock(&self.paused) = false;
+        let mut paused = devices::bus::lock(&self.paused);
+        *paused = false;
+        self.pause.store(false, Ordering::Release);
         self.cond.notify_all();
     }
 
@@ -96,7 +109,7 @@ impl VcpuControl {
     }
 
     /// Parks the calling vCPU thread while a pause is requested.
-    fn park_if_paused(&self) {
+    pub fn park(&self) {
         let mut paused = devices::bus::lock(&self.paused);
         if !*paused {
             return;
@@ -227,9 +240,15 @@ impl Vcpu {
     /// to `mmio`.
     pub fn run(&mut self, pio: &Bus, mmio: &Bus, control: &VcpuControl) -> VcpuStop {
         loop {
-            control.park_if_paused();
             if control.stop_requested() {
                 return VcpuStop::Requested;
+            }
+            if control.pause_requested() {
+                self.finish_pending_exit(pio, mmio);
+                // Tells a guest with kvmclock that it was stopped, so that it does not take
+                // the pause for a soft lockup; hosts and guests without kvmclock refuse it.
+                let _ = self.fd.kvmclock_ctrl();
+                return VcpuStop::Paused;
             }
             let exit = self.fd.run();
             let kind = match &exit {
@@ -310,6 +329,32 @@ impl Vcpu {
         }
     }
 
+    /// Completes the exit last handled, without running further guest instructions: KVM
+    /// finishes an I/O or MMIO instruction only on the next KVM_RUN, and its state before then
+    /// is not what a snapshot may hold (KVM API, "KVM_RUN" and "immediate_exit").
+    fn finish_pending_exit(&mut self, pio: &Bus, mmio: &Bus) {
+        self.fd.set_kvm_immediate_exit(1);
+        // A string instruction may exit again for its next element; each is served in turn.
+        for _ in 0..4096 {
+            match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    pio.read(u64::from(port), data);
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    pio.write(u64::from(port), data);
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    mmio.read(addr, data);
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    mmio.write(addr, data);
+                }
+                _ => break,
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
     /// The guest's registers, for error reports.
     pub fn describe(&self) -> String {
         let mut s = format!("vCPU {} registers:", self.index);
@@ -335,6 +380,11 @@ impl Vcpu {
             );
         }
         s
+    }
+
+    /// The KVM vCPU, for saving and restoring its state.
+    pub(super) fn fd(&self) -> &VcpuFd {
+        &self.fd
     }
 
     /// This vCPU's index (and APIC ID).

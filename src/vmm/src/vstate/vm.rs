@@ -73,6 +73,9 @@ pub enum Error {
         /// Cause.
         err: kvm_ioctls::Error,
     },
+    /// The host's XSAVE area does not fit KVM's 4 KiB structure.
+    #[error("this host's XSAVE area is {0} bytes; vireo supports hosts whose area fits 4096 bytes")]
+    XsaveTooLarge(i32),
     /// KVM_CREATE_VCPU failed.
     #[error("cannot create vCPU {index}: {err}")]
     CreateVcpu {
@@ -88,6 +91,7 @@ pub struct Vm {
     fd: VmFd,
     supported_cpuid: CpuId,
     max_vcpus: u32,
+    saveable_msrs: Vec<u32>,
 }
 
 impl Vm {
@@ -116,11 +120,32 @@ impl Vm {
             }
         }
         let max_vcpus = kvm.get_max_vcpus() as u32;
+        // Snapshots save the 4 KiB legacy XSAVE area; a host whose XSAVE state is larger
+        // (AMX) would lose the rest, so it is refused rather than half saved.
+        let xsave_size = kvm.check_extension_int(Cap::Xsave2);
+        if xsave_size > std::mem::size_of::<kvm_bindings::kvm_xsave>() as i32 {
+            return Err(Error::XsaveTooLarge(xsave_size));
+        }
+        let saveable_msrs = kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
         Ok(Self {
             fd,
             supported_cpuid,
             max_vcpus,
+            saveable_msrs,
         })
+    }
+
+    /// The KVM VM, for saving and restoring its state.
+    pub(super) fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// MSRs KVM can save and restore (KVM_GET_MSR_INDEX_LIST).
+    pub fn saveable_msrs(&self) -> &[u32] {
+        &self.saveable_msrs
     }
 
     /// The most vCPUs this host's KVM allows in one VM.
@@ -133,8 +158,9 @@ impl Vm {
         &self.supported_cpuid
     }
 
-    /// Hands every region of `mem` to KVM as a memory slot.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), Error> {
+    /// Hands every region of `mem` to KVM as a memory slot; with `log_dirty`, KVM records the
+    /// pages the guest writes (read with [`Vm::dirty_pages`]).
+    pub fn register_memory(&self, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), Error> {
         for (slot, region) in mem.iter().enumerate() {
             let slot = slot as u32;
             let addr = region.start_addr().0;
@@ -142,7 +168,11 @@ impl Vm {
             let host = region.as_ptr() as u64;
             let desc = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags: if log_dirty {
+                    kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: addr,
                 memory_size: size,
                 userspace_addr: host,
@@ -157,6 +187,12 @@ impl Vm {
             })?;
         }
         Ok(())
+    }
+
+    /// The pages of memory slot `slot` (`size` bytes) the guest wrote since the last call, one
+    /// bit per page; the slot must have been registered with dirty logging.
+    pub fn dirty_pages(&self, slot: u32, size: usize) -> Result<Vec<u64>, kvm_ioctls::Error> {
+        self.fd.get_dirty_log(slot, size)
     }
 
     /// Creates the in-kernel LAPICs, IOAPIC, 8259 PICs and PIT. Must precede vCPU creation so
