@@ -10,7 +10,8 @@
 //!   (default poweroff: the 0x501 port; acpi-off and acpi-reset use the FADT's registers);
 //! * `vireo.input` — wait (up to 10 s) for one line on the serial port and echo it back;
 //! * `vireo.kbd` — wait (up to 10 s) for eight keyboard bytes (IRQ 1) and report them;
-//! * `vireo.firstbyte` — write one byte and power off at once (the boot benchmark).
+//! * `vireo.firstbyte` — write one byte and power off at once (the boot benchmark);
+//! * `vireo.count=N` — count N timer ticks, printing each (the snapshot tests; see `ticker`).
 //!
 //! Runs entirely at CPL0, which on some hosts means in KVM's instruction emulator: keep the
 //! instruction count small and integer-only.
@@ -27,6 +28,7 @@ pub mod mp;
 mod net;
 mod ring;
 pub mod smp;
+mod ticker;
 pub mod virtio;
 mod vsock;
 
@@ -259,6 +261,7 @@ pub fn main(info: BootInfo) -> ! {
         }
     }
     devtest::run(&info, cmdline, bsp);
+    ticker::run(&info, cmdline, bsp);
     if info.has_option(b"vireo.kbd") {
         read_keys(bsp);
     }

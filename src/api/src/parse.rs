@@ -5,7 +5,8 @@ use vmm::controller::VmmAction;
 use vmm::resources::{
     BootSource, Drive, EntropyDevice, InstanceActionInfo, LoggerConfig, MachineConfig,
     MachineConfigUpdate, MetricsConfig, MmdsConfig, NetworkInterface, PartialDrive,
-    PartialNetworkInterface, SerialDevice, VmStateUpdate, VsockDevice,
+    PartialNetworkInterface, SerialDevice, SnapshotCreateParams, SnapshotLoadParams, VmStateUpdate,
+    VsockDevice,
 };
 
 /// Every (method, path) the server answers; `{..}` marks a path parameter. docs/api.yaml must
@@ -140,7 +141,13 @@ pub fn parse_request(method: &str, path: &str, raw: &[u8]) -> Result<VmmAction, 
         ("GET" | "PUT" | "PATCH", ["balloon"]) | ("GET" | "PATCH", ["balloon", "statistics"]) => {
             not_yet("the balloon device")
         }
-        ("PUT", ["snapshot", "create" | "load"]) => not_yet("snapshotting"),
+        ("PUT", ["snapshot", "create"]) => body::<SnapshotCreateParams>(&what, raw)?
+            .into_params()
+            .map(VmmAction::CreateSnapshot)
+            .map_err(|e| e.0),
+        ("PUT", ["snapshot", "load"]) => {
+            body::<SnapshotLoadParams>(&what, raw).map(VmmAction::LoadSnapshot)
+        }
         ("GET", ["balloon", "hinting", "status"])
         | ("PATCH", ["balloon", "hinting", "start" | "stop"]) => {
             not_yet("the balloon device (free page hinting)")

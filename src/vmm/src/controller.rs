@@ -5,7 +5,7 @@ use crate::device_manager::{DeviceKind, DeviceUpdate};
 use crate::resources::{
     ActionType, BootSource, Drive, EntropyDevice, LoggerConfig, MachineConfig, MachineConfigUpdate,
     MetricsConfig, MmdsConfig, NetworkInterface, PartialDrive, PartialNetworkInterface,
-    ResourceError, SerialDevice, VmResources, VmState, VsockDevice,
+    ResourceError, SerialDevice, SnapshotLoadParams, VmResources, VmState, VsockDevice,
 };
 use crate::{ExitReason, RunningVm, VmEvent};
 use serde_json::{json, Value};
@@ -57,6 +57,10 @@ pub enum VmmAction {
     Action(ActionType),
     /// `PATCH /vm`.
     SetVmState(VmState),
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(crate::persist::CreateParams),
+    /// `PUT /snapshot/load` (the serial port is filled in by the controller).
+    LoadSnapshot(SnapshotLoadParams),
 }
 
 /// A successful answer: nothing (204) or a JSON body (200).
@@ -250,7 +254,35 @@ impl Controller {
                     Ok(VmmData::Empty)
                 }
             },
+            CreateSnapshot(p) => match &mut self.vm {
+                None => fail("cannot create a snapshot: the microVM is not running"),
+                Some(vm) => vm
+                    .snapshot(&p)
+                    .map(|_| VmmData::Empty)
+                    .map_err(|e| ResourceError(format!("cannot create a snapshot: {e}"))),
+            },
+            LoadSnapshot(p) => self.load_snapshot(p),
         }
+    }
+
+    fn load_snapshot(&mut self, p: SnapshotLoadParams) -> VmmResult {
+        if self.vm.is_some() {
+            return fail("cannot load a snapshot: a microVM is already running in this process");
+        }
+        if !self.resources.only_process_settings() {
+            return fail(
+                "cannot load a snapshot after configuring boot-specific resources: only the logger, metrics and serial port may be set before a load",
+            );
+        }
+        let params = p.into_params(self.resources.serial_config())?;
+        let vm = RunningVm::restore(&params)
+            .map_err(|e| ResourceError(format!("cannot load the snapshot: {e}")))?;
+        let config = vm.config();
+        self.resources.machine.vcpu_count = config.vcpus;
+        self.resources.machine.mem_size_mib = config.mem_mib;
+        self.resources.machine.track_dirty_pages = config.track_dirty_pages;
+        self.vm = Some(vm);
+        Ok(VmmData::Empty)
     }
 
     fn start(&mut self) -> Result<(), ResourceError> {

@@ -407,6 +407,11 @@ impl RunningVm {
         Ok(())
     }
 
+    /// What the VM was built (or restored) from.
+    pub fn config(&self) -> &VmConfig {
+        &self.machine.config
+    }
+
     /// The VM's devices, for changes while the guest runs (by kind and ID).
     pub fn devices(&self) -> &device_manager::DeviceManager {
         &self.machine.devices

@@ -287,6 +287,165 @@ pub enum ActionType {
     SendCtrlAltDel,
 }
 
+/// `PUT /snapshot/create`, as Firecracker defines it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// The memory file to write.
+    pub mem_file_path: String,
+    /// The state file to write.
+    pub snapshot_path: String,
+    /// Full (the default) or Diff.
+    #[serde(default)]
+    pub snapshot_type: crate::persist::SnapshotType,
+}
+
+impl SnapshotCreateParams {
+    /// The snapshot to write.
+    pub fn into_params(self) -> Result<crate::persist::CreateParams, ResourceError> {
+        for (what, p) in [
+            ("mem_file_path", &self.mem_file_path),
+            ("snapshot_path", &self.snapshot_path),
+        ] {
+            if p.is_empty() {
+                return err(format!("snapshot create: {what} is empty"));
+            }
+        }
+        Ok(crate::persist::CreateParams {
+            kind: self.snapshot_type,
+            state_path: self.snapshot_path.into(),
+            mem_path: self.mem_file_path.into(),
+        })
+    }
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    /// File or Uffd.
+    pub backend_type: MemoryBackendType,
+    /// The memory file, or the page-fault handler's Unix socket.
+    pub backend_path: String,
+}
+
+/// How a restored VM's memory is provided.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum MemoryBackendType {
+    /// A memory file, mapped privately.
+    File,
+    /// A userfaultfd page-fault handler.
+    Uffd,
+}
+
+/// One of `network_overrides`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// Interface ID in the snapshot.
+    pub iface_id: String,
+    /// The TAP it uses now.
+    pub host_dev_name: String,
+}
+
+/// `vsock_override`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The Unix socket the device uses now.
+    pub uds_path: String,
+}
+
+/// `PUT /snapshot/load`, as Firecracker defines it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// The state file.
+    pub snapshot_path: String,
+    /// The memory (exclusive with `mem_file_path`).
+    #[serde(default)]
+    pub mem_backend: Option<MemoryBackend>,
+    /// The memory file (deprecated form of `mem_backend`).
+    #[serde(default)]
+    pub mem_file_path: Option<String>,
+    /// Deprecated name of `track_dirty_pages`.
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    /// Log written pages for diff snapshots.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// Resume at once.
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// New TAPs.
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// New vsock socket.
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+    /// Advance the guest clock by the time since the snapshot.
+    #[serde(default)]
+    pub clock_realtime: bool,
+    /// Huge page backing: only the snapshot's own ("Snapshot") or "None" is offered.
+    #[serde(default)]
+    pub huge_pages: Option<String>,
+}
+
+impl SnapshotLoadParams {
+    /// The restore to perform; the serial port is the restoring process's.
+    pub fn into_params(self, serial: SerialConfig) -> Result<crate::persist::LoadParams, ResourceError> {
+        use crate::persist::MemBackend;
+        if self.snapshot_path.is_empty() {
+            return err("snapshot load: snapshot_path is empty");
+        }
+        let mem = match (self.mem_backend, self.mem_file_path) {
+            (Some(_), Some(_)) => {
+                return err("snapshot load: give either mem_backend or mem_file_path, not both")
+            }
+            (None, None) => {
+                return err("snapshot load: mem_backend (or the older mem_file_path) is required")
+            }
+            (None, Some(p)) => MemBackend::File(p.into()),
+            (Some(b), None) => match b.backend_type {
+                MemoryBackendType::File => MemBackend::File(b.backend_path.into()),
+                MemoryBackendType::Uffd => MemBackend::Uffd(b.backend_path.into()),
+            },
+        };
+        match self.huge_pages.as_deref() {
+            None | Some("None") | Some("Snapshot") => {}
+            Some(h) => {
+                return err(format!(
+                    "snapshot load: huge_pages {h} is not supported by vireo yet (None or Snapshot)"
+                ))
+            }
+        }
+        let mut ids: Vec<&str> = Vec::new();
+        for o in &self.network_overrides {
+            if ids.contains(&o.iface_id.as_str()) {
+                return err(format!(
+                    "snapshot load: network_overrides names interface '{}' twice",
+                    o.iface_id
+                ));
+            }
+            ids.push(&o.iface_id);
+        }
+        Ok(crate::persist::LoadParams {
+            state_path: self.snapshot_path.into(),
+            mem,
+            track_dirty_pages: self.track_dirty_pages || self.enable_diff_snapshots,
+            resume: self.resume_vm,
+            network_overrides: self
+                .network_overrides
+                .into_iter()
+                .map(|o| (o.iface_id, o.host_dev_name))
+                .collect(),
+            vsock_override: self.vsock_override.map(|v| v.uds_path.into()),
+            clock_realtime: self.clock_realtime,
+            serial,
+        })
+    }
+}
+
 /// `PATCH /vm`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -329,6 +488,32 @@ pub struct VmResources {
     pub logger: Option<LoggerConfig>,
     /// Metrics.
     pub metrics: Option<MetricsConfig>,
+}
+
+impl VmResources {
+    /// Whether nothing but the logger, metrics and serial port was configured: a snapshot
+    /// brings the rest, so only such a process may load one (as in Firecracker).
+    pub fn only_process_settings(&self) -> bool {
+        self.boot_source.is_none()
+            && self.machine == MachineConfig::default()
+            && self.drives.is_empty()
+            && self.interfaces.is_empty()
+            && self.mmds_config.is_none()
+            && self.vsock.is_none()
+            && self.entropy.is_none()
+    }
+
+    /// Where a restored guest's serial port goes: `PUT /serial`'s file, else stdout.
+    pub fn serial_config(&self) -> SerialConfig {
+        match self
+            .serial
+            .as_ref()
+            .and_then(|s| s.serial_out_path.as_ref())
+        {
+            Some(p) => SerialConfig::File(PathBuf::from(p)),
+            None => SerialConfig::Stdio,
+        }
+    }
 }
 
 fn no_rate_limiter(what: &str, rl: &Option<Value>) -> Result<(), ResourceError> {

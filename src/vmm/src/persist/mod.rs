@@ -559,7 +559,7 @@ fn build(
             )));
         }
         let vcpu = Vcpu::new(&vm, index as u32).map_err(crate::Error::from)?;
-        vcpu.restore_state(&vm, s)?;
+        vcpu.restore_state(&vm, s, vcpu_states.len() as u32)?;
         vcpus.push(vcpu);
     }
     // Devices last: they raise interrupts that were pending, into restored controllers.

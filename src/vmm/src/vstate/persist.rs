@@ -157,10 +157,19 @@ impl Vcpu {
 
     /// Gives the vCPU the state `s` (in the order KVM needs: CPUID first, MSRs after the LAPIC
     /// so the TSC deadline holds, events last).
-    pub fn restore_state(&self, vm: &Vm, s: &VcpuState) -> Result<(), Error> {
+    pub fn restore_state(&self, vm: &Vm, s: &VcpuState, cpu_count: u32) -> Result<(), Error> {
         let i = self.index();
         let fd = self.fd();
-        check_cpuid(vm.supported_cpuid(), &s.cpuid, i)?;
+        // What this host gives a vCPU is what KVM makes of vireo's CPUID once set, which on
+        // some hosts (nested, PVM) differs from KVM_GET_SUPPORTED_CPUID: ask the vCPU itself.
+        let mut fresh = vm.supported_cpuid().clone();
+        arch::cpuid::normalize(&mut fresh, i, cpu_count);
+        fd.set_cpuid2(&fresh)
+            .map_err(kvm(format!("vCPU {i}: KVM_SET_CPUID2")))?;
+        let host = fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm(format!("vCPU {i}: KVM_GET_CPUID2")))?;
+        check_cpuid(&host, &s.cpuid, i)?;
         if let (Some(want), Ok(have)) = (s.tsc_khz, fd.get_tsc_khz()) {
             // A guest calibrated its clocks against the TSC; a different rate would skew them.
             if want.abs_diff(have) > have / 4000 && fd.set_tsc_khz(want).is_err() {
