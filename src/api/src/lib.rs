@@ -2,6 +2,7 @@
 //! `{"fault_message": ...}` errors. This crate is only the HTTP surface: each request becomes a
 //! [`vmm::controller::VmmAction`] sent to the VMM thread, whose answer becomes the response.
 
+pub mod client;
 pub mod parse;
 mod server;
 

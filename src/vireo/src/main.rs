@@ -156,9 +156,74 @@ fn parse_id(s: &str) -> Result<String, String> {
 enum Command {
     /// Boot a kernel and run it until the guest powers off or resets.
     Run(RunArgs),
+    /// Snapshot the VM of a running vireo (through its API socket) into a directory.
+    Snapshot(SnapshotArgs),
+    /// Start a VM from a snapshot directory and run it until it ends.
+    Restore(RestoreArgs),
+    /// Merge a diff snapshot's memory file into the full memory file it was taken after, as
+    /// Firecracker's rebase-snap does; the state file of the diff then loads with it.
+    RebaseSnap(RebaseArgs),
+}
+
+/// File names inside a snapshot directory.
+const SNAPSHOT_STATE: &str = "state";
+const SNAPSHOT_MEMORY: &str = "memory";
+
+#[derive(Args, Debug)]
+struct SnapshotArgs {
+    /// The API socket of the vireo (or Firecracker) running the VM.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// Directory to write `state` and `memory` into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Write only the memory written since the previous snapshot (needs track_dirty_pages).
+    #[arg(long)]
+    diff: bool,
+    /// Leave the VM paused afterwards (by default it runs on).
+    #[arg(long)]
+    leave_paused: bool,
 }
 
 #[derive(Args, Debug)]
+struct RestoreArgs {
+    /// Snapshot directory (with `state` and `memory`), as `vireo snapshot` writes it.
+    #[arg(long, value_name = "DIR")]
+    snapshot: PathBuf,
+    /// Keep the VM paused until resumed through the API (needs --api-sock).
+    #[arg(long)]
+    paused: bool,
+    /// Serve the API on this Unix socket (to pause, snapshot again or stop the VM).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Where the serial console goes: stdio or file:PATH.
+    #[arg(long, value_name = "WHERE", default_value = "stdio", value_parser = parse_serial)]
+    serial: SerialConfig,
+    /// Use another TAP for a network interface: ID=TAP. Repeat for more.
+    #[arg(long = "net-override", value_name = "ID=TAP", value_parser = parse_override)]
+    net_overrides: Vec<(String, String)>,
+    /// Use another Unix socket path for the vsock device.
+    #[arg(long, value_name = "PATH")]
+    vsock_override: Option<PathBuf>,
+    /// Log written pages so that diff snapshots can follow.
+    #[arg(long)]
+    track_dirty_pages: bool,
+    /// Move the guest's clock on by the real time since the snapshot.
+    #[arg(long)]
+    clock_realtime: bool,
+}
+
+#[derive(Args, Debug)]
+struct RebaseArgs {
+    /// The full memory file, updated in place. No VM may be running from it.
+    #[arg(long, value_name = "PATH")]
+    base_file: PathBuf,
+    /// The diff snapshot's memory file.
+    #[arg(long, value_name = "PATH")]
+    diff_file: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
 struct RunArgs {
     /// Kernel image: ELF vmlinux (PVH note or 64-bit entry) or bzImage.
     #[arg(long, value_name = "PATH")]
@@ -344,12 +409,36 @@ fn main() -> ExitCode {
         default_hook(info);
     }));
 
-    match cli.command {
+    match &cli.command {
         None => ExitCode::from(control_plane(
             &cli,
             ProcessTelemetry::new(cli.id.clone(), sink, level, cli.log_level),
+            None,
         ) as u8),
+        Some(Command::Restore(args)) => ExitCode::from(control_plane(
+            &cli,
+            ProcessTelemetry::new(cli.id.clone(), sink, level, cli.log_level),
+            Some(args),
+        ) as u8),
+        Some(Command::Snapshot(args)) => ExitCode::from(snapshot(args) as u8),
+        Some(Command::RebaseSnap(args)) => {
+            match vmm::persist::rebase(&args.base_file, &args.diff_file) {
+                Ok(pages) => {
+                    println!(
+                        "merged {pages} pages of {} into {}",
+                        args.diff_file.display(),
+                        args.base_file.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vireo: error: {e}");
+                    ExitCode::from(vmm::EXIT_CODE_ERROR as u8)
+                }
+            }
+        }
         Some(Command::Run(args)) => {
+            let args = args.clone();
             let config = VmConfig {
                 kernel: args.kernel,
                 initrd: args.initrd,
@@ -458,7 +547,54 @@ fn read_config_file(
 }
 
 /// The Firecracker-style routes: API socket and/or config file, one shared controller.
-fn control_plane(cli: &Cli, mut telemetry: ProcessTelemetry) -> i32 {
+/// `ID=TAP` of `--net-override`.
+fn parse_override(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((id, tap)) if !id.is_empty() && !tap.is_empty() => Ok((id.into(), tap.into())),
+        _ => Err(format!("'{s}' is not ID=TAP")),
+    }
+}
+
+/// `vireo snapshot`: pause, create, resume, through the API of a running VMM.
+fn snapshot(args: &SnapshotArgs) -> i32 {
+    if let Err(e) = std::fs::create_dir_all(&args.out) {
+        eprintln!("vireo: error: cannot create {}: {e}", args.out.display());
+        return vmm::EXIT_CODE_ERROR;
+    }
+    let body = serde_json::json!({
+        "snapshot_type": if args.diff { "Diff" } else { "Full" },
+        "snapshot_path": args.out.join(SNAPSHOT_STATE),
+        "mem_file_path": args.out.join(SNAPSHOT_MEMORY),
+    })
+    .to_string();
+    let mut steps = vec![
+        ("PATCH", "/vm", r#"{"state":"Paused"}"#.to_string()),
+        ("PUT", "/snapshot/create", body),
+    ];
+    if !args.leave_paused {
+        steps.push(("PATCH", "/vm", r#"{"state":"Resumed"}"#.to_string()));
+    }
+    for (method, path, body) in steps {
+        match api::client::request(&args.api_sock, method, path, &body) {
+            Ok((status, _)) if status < 300 => {}
+            Ok((status, answer)) => {
+                let msg = serde_json::from_str::<serde_json::Value>(&answer)
+                    .ok()
+                    .and_then(|v| v["fault_message"].as_str().map(str::to_owned))
+                    .unwrap_or(answer);
+                eprintln!("vireo: error: {method} {path}: {status}: {msg}");
+                return vmm::EXIT_CODE_ERROR;
+            }
+            Err(e) => {
+                eprintln!("vireo: error: {e}");
+                return vmm::EXIT_CODE_ERROR;
+            }
+        }
+    }
+    0
+}
+
+fn control_plane(cli: &Cli, mut telemetry: ProcessTelemetry, restore: Option<&RestoreArgs>) -> i32 {
     use vmm::controller::{serve, Controller, RequestQueue, Telemetry, VmmAction};
     use vmm::resources::{ActionType, MetricsConfig, VmResources};
     let fc = &cli.firecracker;
@@ -466,7 +602,20 @@ fn control_plane(cli: &Cli, mut telemetry: ProcessTelemetry) -> i32 {
         eprintln!("vireo: error: {msg}");
         return vmm::EXIT_CODE_ERROR;
     }
-    if cli.api_sock.is_none() && !(cli.config_file.is_some() && cli.no_api) {
+    let api_sock = match restore {
+        Some(r) => r.api_sock.as_ref(),
+        None => cli.api_sock.as_ref(),
+    };
+    if let Some(r) = restore {
+        if r.paused && r.api_sock.is_none() {
+            eprintln!("vireo: error: --paused needs --api-sock, or nothing could resume the VM");
+            return 2;
+        }
+        if cli.config_file.is_some() {
+            eprintln!("vireo: error: a restored VM takes its configuration from the snapshot, not --config-file");
+            return 2;
+        }
+    } else if cli.api_sock.is_none() && !(cli.config_file.is_some() && cli.no_api) {
         eprintln!(
             "vireo: error: give --api-sock PATH, --config-file FILE [--no-api], or the run subcommand (see --help)"
         );
@@ -531,6 +680,14 @@ fn control_plane(cli: &Cli, mut telemetry: ProcessTelemetry) -> i32 {
             return vmm::EXIT_CODE_ERROR;
         }
     }
+    if let Some(r) = restore {
+        if let SerialConfig::File(p) = &r.serial {
+            resources.serial = Some(vmm::resources::SerialDevice {
+                serial_out_path: Some(p.display().to_string()),
+                rate_limiter: None,
+            });
+        }
+    }
     let on_reject = telemetry.reject_hook();
     let mut controller = Controller::new(cli.id.clone(), resources, Box::new(telemetry));
     let (tx, rx) = std::sync::mpsc::channel();
@@ -549,7 +706,7 @@ fn control_plane(cli: &Cli, mut telemetry: ProcessTelemetry) -> i32 {
             return vmm::EXIT_CODE_ERROR;
         }
     }
-    let _server = match &cli.api_sock {
+    let _server = match api_sock {
         Some(path) => {
             let notify_api = match notify.try_clone() {
                 Ok(n) => n,
@@ -572,6 +729,39 @@ fn control_plane(cli: &Cli, mut telemetry: ProcessTelemetry) -> i32 {
         }
         None => None,
     };
+    if let Some(r) = restore {
+        let load = vmm::resources::SnapshotLoadParams {
+            snapshot_path: r.snapshot.join(SNAPSHOT_STATE).display().to_string(),
+            mem_backend: Some(vmm::resources::MemoryBackend {
+                backend_type: vmm::resources::MemoryBackendType::File,
+                backend_path: r.snapshot.join(SNAPSHOT_MEMORY).display().to_string(),
+            }),
+            mem_file_path: None,
+            enable_diff_snapshots: false,
+            track_dirty_pages: r.track_dirty_pages,
+            resume_vm: !r.paused,
+            network_overrides: r
+                .net_overrides
+                .iter()
+                .map(|(id, tap)| vmm::resources::NetworkOverride {
+                    iface_id: id.clone(),
+                    host_dev_name: tap.clone(),
+                })
+                .collect(),
+            vsock_override: r
+                .vsock_override
+                .as_ref()
+                .map(|p| vmm::resources::VsockOverride {
+                    uds_path: p.display().to_string(),
+                }),
+            clock_realtime: r.clock_realtime,
+            huge_pages: None,
+        };
+        if let Err(e) = controller.handle(VmmAction::LoadSnapshot(load)) {
+            eprintln!("vireo: error: {e}");
+            return vmm::EXIT_CODE_ERROR;
+        }
+    }
     if cli.config_file.is_some() {
         if let Err(e) = controller.handle(VmmAction::Action(ActionType::InstanceStart)) {
             eprintln!("vireo: error: {e}");

@@ -2,43 +2,12 @@
 //! and the config-file route.
 
 mod common;
-use bytes::Bytes;
 use common::*;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// One HTTP request on a fresh connection; returns (status, body).
-fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(sock)
-            .await
-            .expect("connect");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
-        tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("Host", "localhost")
-            .header("Content-Type", "application/json")
-            .body(Full::new(Bytes::from(body.to_owned())))
-            .unwrap();
-        let resp = sender.send_request(req).await.expect("response");
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&body).into_owned())
-    })
-}
 
 /// Sends raw bytes on a fresh connection (then shuts down the sending side if `half_close`),
 /// reads until the server closes or goes quiet, and splits what came back into responses.
@@ -99,62 +68,6 @@ fn fault(resp: &(u16, String)) -> String {
         .as_str()
         .expect("fault_message")
         .to_owned()
-}
-
-struct Vireo {
-    child: Child,
-    sock: PathBuf,
-    lines: std::sync::mpsc::Receiver<String>,
-    dir: PathBuf,
-}
-
-impl Vireo {
-    fn start(name: &str) -> Self {
-        let dir = scratch(name);
-        let sock = dir.join("api.sock");
-        let mut child = vireo()
-            .arg("--api-sock")
-            .arg(&sock)
-            .args(["--id", "test-vm"])
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l.trim_end_matches('\r').to_owned()).is_err() {
-                    break;
-                }
-            }
-        });
-        wait_for_socket(&sock);
-        Vireo {
-            child,
-            sock,
-            lines,
-            dir,
-        }
-    }
-
-    fn req(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        http(&self.sock, method, path, body)
-    }
-
-    fn wait_line(&self, want: &str) -> Vec<String> {
-        let mut seen = Vec::new();
-        wait_line(&self.lines, want, &mut seen);
-        seen
-    }
-
-    fn stop(mut self, sig: i32) -> Option<i32> {
-        // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-        let code = wait_exit(&mut self.child).code();
-        assert!(!self.sock.exists(), "vireo removes its socket on exit");
-        let _ = std::fs::remove_dir_all(&self.dir);
-        code
-    }
 }
 
 fn configure(v: &Vireo, boot_args: &str, drive: &Path) {
@@ -1270,8 +1183,9 @@ fn firecracker_route_table(dir: &Path) -> Vec<RouteCase> {
         // As Firecracker, the TAP is opened when the interface is configured.
         ("PUT", "/network-interfaces/{iface_id}", "/network-interfaces/eth0", r#"{"iface_id":"eth0","host_dev_name":"vireo-none0"}"#.into(), 400, "TAP device vireo-none0 does not exist"),
         ("PATCH", "/network-interfaces/{iface_id}", "/network-interfaces/eth0", r#"{"iface_id":"eth0"}"#.into(), 400, "network interface 'eth0' does not exist"),
-        ("PUT", "/snapshot/create", "/snapshot/create", r#"{"snapshot_path":"a","mem_file_path":"b"}"#.into(), 400, MISSING),
-        ("PUT", "/snapshot/load", "/snapshot/load", r#"{"snapshot_path":"a"}"#.into(), 400, MISSING),
+        ("PUT", "/snapshot/create", "/snapshot/create", r#"{"snapshot_path":"a","mem_file_path":"b"}"#.into(), 400, "the microVM is not running"),
+        // After boot-specific resources were configured, as in Firecracker.
+        ("PUT", "/snapshot/load", "/snapshot/load", r#"{"snapshot_path":"a","mem_file_path":"b"}"#.into(), 400, "after configuring boot-specific resources"),
         ("GET", "/version", "/version", String::new(), 200, "firecracker_version"),
         // Before InstanceStart Firecracker refuses this too.
         ("PATCH", "/vm", "/vm", r#"{"state":"Paused"}"#.into(), 400, "not running"),

@@ -366,11 +366,9 @@ impl DeviceManager {
     /// Parks every virtio device thread between requests (see [`MmioTransport::pause`]).
     pub fn pause(&self) -> Result<(), Error> {
         for e in &self.virtio {
-            devices::bus::lock(&e.transport)
-                .pause()
-                .map_err(|err| {
-                    Error::InvalidConfig(format!("cannot pause {} '{}': {err}", e.kind.name(), e.id))
-                })?;
+            devices::bus::lock(&e.transport).pause().map_err(|err| {
+                Error::InvalidConfig(format!("cannot pause {} '{}': {err}", e.kind.name(), e.id))
+            })?;
         }
         Ok(())
     }

@@ -393,7 +393,10 @@ pub struct SnapshotLoadParams {
 
 impl SnapshotLoadParams {
     /// The restore to perform; the serial port is the restoring process's.
-    pub fn into_params(self, serial: SerialConfig) -> Result<crate::persist::LoadParams, ResourceError> {
+    pub fn into_params(
+        self,
+        serial: SerialConfig,
+    ) -> Result<crate::persist::LoadParams, ResourceError> {
         use crate::persist::MemBackend;
         if self.snapshot_path.is_empty() {
             return err("snapshot load: snapshot_path is empty");

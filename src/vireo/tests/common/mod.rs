@@ -2,6 +2,9 @@
 //! binary with a deadline, and reading the guest's `@` report lines.
 #![allow(dead_code)]
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -339,5 +342,94 @@ impl Drop for NetNs {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+    }
+}
+
+/// One HTTP request on a fresh connection; returns (status, body).
+pub fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let stream = tokio::net::UnixStream::connect(sock)
+            .await
+            .expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("Host", "localhost")
+            .header("Content-Type", "application/json")
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        let resp = sender.send_request(req).await.expect("response");
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    })
+}
+
+/// A vireo serving its API on a socket in a scratch directory, its stdout read line by line.
+pub struct Vireo {
+    pub child: Child,
+    pub sock: PathBuf,
+    pub lines: std::sync::mpsc::Receiver<String>,
+    pub dir: PathBuf,
+}
+
+impl Vireo {
+    /// Starts vireo with an API socket in a new scratch directory `name`.
+    pub fn start(name: &str) -> Self {
+        let dir = scratch(name);
+        let sock = dir.join("api.sock");
+        let mut child = vireo()
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(["--id", "test-vm"])
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l.trim_end_matches('\r').to_owned()).is_err() {
+                    break;
+                }
+            }
+        });
+        wait_for_socket(&sock);
+        Vireo {
+            child,
+            sock,
+            lines,
+            dir,
+        }
+    }
+
+    /// One request.
+    pub fn req(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        http(&self.sock, method, path, body)
+    }
+
+    /// Waits for a stdout line containing `want`; returns the lines seen.
+    pub fn wait_line(&self, want: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        wait_line(&self.lines, want, &mut seen);
+        seen
+    }
+
+    /// Sends `sig` and waits for the exit code.
+    pub fn stop(mut self, sig: i32) -> Option<i32> {
+        // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+        let code = wait_exit(&mut self.child).code();
+        assert!(!self.sock.exists(), "vireo removes its socket on exit");
+        let _ = std::fs::remove_dir_all(&self.dir);
+        code
     }
 }

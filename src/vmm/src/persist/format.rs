@@ -118,7 +118,9 @@ impl<'a> Reader<'a> {
     }
 
     fn u32(&mut self, what: &str) -> Result<u32, FormatError> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().unwrap_or_default()))
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().unwrap_or_default(),
+        ))
     }
 }
 
@@ -256,7 +258,10 @@ mod tests {
             assert!(decode(&bad).is_err(), "bit {i} flipped was accepted");
         }
         for len in 0..file.len() {
-            assert!(decode(&file[..len]).is_err(), "truncated to {len} was accepted");
+            assert!(
+                decode(&file[..len]).is_err(),
+                "truncated to {len} was accepted"
+            );
         }
         let mut longer = file.clone();
         longer.push(0);

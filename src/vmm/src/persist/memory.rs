@@ -95,7 +95,11 @@ fn file_data(file: &File, base: u64, len: u64, want: &mut [bool]) -> std::io::Re
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
         for p in ((data - base) / PAGE as u64)..(hole - base).div_ceil(PAGE as u64) {
             if let Some(w) = want.get_mut(p as usize) {
                 *w = true;

@@ -34,7 +34,9 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum Error {
     /// The VM must be paused first.
-    #[error("the microVM must be paused before a snapshot is created (PATCH /vm with state Paused)")]
+    #[error(
+        "the microVM must be paused before a snapshot is created (PATCH /vm with state Paused)"
+    )]
     NotPaused,
     /// Diff snapshots need dirty page tracking.
     #[error("a Diff snapshot needs dirty page tracking: set track_dirty_pages in machine-config before starting, or enable_diff_snapshots / track_dirty_pages when loading")]
@@ -240,8 +242,13 @@ impl Staged {
 
     fn commit(mut self) -> Result<(), Error> {
         self.file.take();
-        std::fs::rename(&self.tmp, &self.dest)
-            .map_err(|e| path_err(self.what, &self.dest, format!("cannot rename into place: {e}")))?;
+        std::fs::rename(&self.tmp, &self.dest).map_err(|e| {
+            path_err(
+                self.what,
+                &self.dest,
+                format!("cannot rename into place: {e}"),
+            )
+        })?;
         if let Some(dir) = self.dest.parent().filter(|p| !p.as_os_str().is_empty()) {
             if let Ok(d) = File::open(dir) {
                 let _ = d.sync_all();
@@ -606,10 +613,18 @@ pub fn rebase(base: &Path, diff: &Path) -> Result<u64, Error> {
     let bt = read_trailer("base file", base, &b)?;
     let dt = read_trailer("diff file", diff, &d)?;
     if bt.kind != MemKind::Full {
-        return Err(path_err("base file", base, "it is a diff; the base must be a full memory file"));
+        return Err(path_err(
+            "base file",
+            base,
+            "it is a diff; the base must be a full memory file",
+        ));
     }
     if dt.kind != MemKind::Diff {
-        return Err(path_err("diff file", diff, "it is a full memory file, not a diff"));
+        return Err(path_err(
+            "diff file",
+            diff,
+            "it is a full memory file, not a diff",
+        ));
     }
     if bt.mem_size != dt.mem_size {
         return Err(Error::Mismatch(format!(

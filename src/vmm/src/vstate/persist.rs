@@ -109,14 +109,24 @@ impl Vcpu {
             index: i,
             cpuid,
             msrs: self.read_msrs(vm)?,
-            regs: fd.get_regs().map_err(kvm(format!("vCPU {i}: KVM_GET_REGS")))?,
-            sregs: fd.get_sregs().map_err(kvm(format!("vCPU {i}: KVM_GET_SREGS")))?,
-            xsave: fd.get_xsave().map_err(kvm(format!("vCPU {i}: KVM_GET_XSAVE")))?,
-            xcrs: fd.get_xcrs().map_err(kvm(format!("vCPU {i}: KVM_GET_XCRS")))?,
+            regs: fd
+                .get_regs()
+                .map_err(kvm(format!("vCPU {i}: KVM_GET_REGS")))?,
+            sregs: fd
+                .get_sregs()
+                .map_err(kvm(format!("vCPU {i}: KVM_GET_SREGS")))?,
+            xsave: fd
+                .get_xsave()
+                .map_err(kvm(format!("vCPU {i}: KVM_GET_XSAVE")))?,
+            xcrs: fd
+                .get_xcrs()
+                .map_err(kvm(format!("vCPU {i}: KVM_GET_XCRS")))?,
             debug_regs: fd
                 .get_debug_regs()
                 .map_err(kvm(format!("vCPU {i}: KVM_GET_DEBUGREGS")))?,
-            lapic: fd.get_lapic().map_err(kvm(format!("vCPU {i}: KVM_GET_LAPIC")))?,
+            lapic: fd
+                .get_lapic()
+                .map_err(kvm(format!("vCPU {i}: KVM_GET_LAPIC")))?,
             mp_state: fd
                 .get_mp_state()
                 .map_err(kvm(format!("vCPU {i}: KVM_GET_MP_STATE")))?,
@@ -236,7 +246,10 @@ fn check_cpuid(host: &CpuId, guest: &[kvm_cpuid_entry2], index: u32) -> Result<(
         let gv = [g.eax, g.ebx, g.ecx, g.edx];
         // Leaf 1 EAX/EBX and leaf 0xd.1 EBX are not feature masks.
         for r in 0..4 {
-            if matches!((leaf, r), (1, 0) | (1, 1) | (7, 0) | (0xd, 1) | (0xd, 2) | (0xd, 3)) {
+            if matches!(
+                (leaf, r),
+                (1, 0) | (1, 1) | (7, 0) | (0xd, 1) | (0xd, 2) | (0xd, 3)
+            ) {
                 continue;
             }
             let missing = gv[r] & !hv[r] & !dynamic_bits(leaf, r);

@@ -74,7 +74,9 @@ pub enum Error {
         err: kvm_ioctls::Error,
     },
     /// The host's XSAVE area does not fit KVM's 4 KiB structure.
-    #[error("this host's XSAVE area is {0} bytes; vireo supports hosts whose area fits 4096 bytes")]
+    #[error(
+        "this host's XSAVE area is {0} bytes; vireo supports hosts whose area fits 4096 bytes"
+    )]
     XsaveTooLarge(i32),
     /// KVM_CREATE_VCPU failed.
     #[error("cannot create vCPU {index}: {err}")]

@@ -61,7 +61,10 @@ impl Serial {
             in_buffer: state.in_buffer.clone(),
         };
         let placeholder = Uart::new(
-            self.uart.interrupt_evt().try_clone().map_err(|e| e.to_string())?,
+            self.uart
+                .interrupt_evt()
+                .try_clone()
+                .map_err(|e| e.to_string())?,
             Box::new(std::io::sink()),
         );
         let old = std::mem::replace(&mut self.uart, placeholder);

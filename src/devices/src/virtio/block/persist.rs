@@ -42,8 +42,16 @@ impl Block {
             return Err(format!(
                 "drive '{}': the snapshot's drive was {}, this one is {}",
                 self.config.id,
-                if state.read_only { "read-only" } else { "writable" },
-                if now.read_only { "read-only" } else { "writable" }
+                if state.read_only {
+                    "read-only"
+                } else {
+                    "writable"
+                },
+                if now.read_only {
+                    "read-only"
+                } else {
+                    "writable"
+                }
             ));
         }
         Ok(())

@@ -200,12 +200,7 @@ impl VirtioDevice for Net {
         if let Some((store, ip)) = &self.mmds {
             io.set_mmds(mmds::MmdsStack::new(*ip, store.clone()));
         }
-        let thread = NetThread::new(
-            io,
-            rx_evt,
-            tx_evt,
-            ctx.interrupt,
-        );
+        let thread = NetThread::new(io, rx_evt, tx_evt, ctx.interrupt);
         self.worker = Some(Worker::run("virtio-net", thread)?);
         Ok(())
     }

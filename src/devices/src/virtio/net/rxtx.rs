@@ -5,7 +5,7 @@ use super::metrics::NetMetrics;
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::{mmds, MAX_BUFFER, MAX_IOVECS, RX_BATCH, RX_QUEUE};
 use crate::metrics::add;
-use crate::virtio::buffers::{host_iovecs, Access, read_at, write_at, IoVec, Segment};
+use crate::virtio::buffers::{host_iovecs, read_at, write_at, Access, IoVec, Segment};
 use crate::virtio::GuestMemoryMmap;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -383,7 +383,14 @@ impl NetIo {
                     if d.is_write_only()
                         || len > MAX_BUFFER
                         || iov.len() >= MAX_IOVECS
-                        || host_iovecs(&self.mem, d.addr(), d.len() as usize, Access::Read, &mut iov).is_err()
+                        || host_iovecs(
+                            &self.mem,
+                            d.addr(),
+                            d.len() as usize,
+                            Access::Read,
+                            &mut iov,
+                        )
+                        .is_err()
                     {
                         ok = false;
                         break;

@@ -2,7 +2,7 @@
 
 use super::muxer::{Key, Muxer, Watch};
 use super::packet::{Header, HDR_LEN};
-use crate::virtio::buffers::{host_iovecs, Access, ranges, read_at, write_at, IoVec, Segment};
+use crate::virtio::buffers::{host_iovecs, ranges, read_at, write_at, Access, IoVec, Segment};
 use crate::virtio::worker::DeviceThread;
 use crate::virtio::{
     ActivateContext, ActivateError, GuestMemoryMmap, Interrupt, INTERRUPT_USED_RING,
@@ -40,10 +40,7 @@ pub(super) struct VsockThread {
 }
 
 impl VsockThread {
-    pub(super) fn new(
-        ctx: ActivateContext,
-        muxer: Muxer,
-    ) -> Result<Self, ActivateError> {
+    pub(super) fn new(ctx: ActivateContext, muxer: Muxer) -> Result<Self, ActivateError> {
         let mut queues = ctx.queues.into_iter();
         let (Some(rx), Some(tx), Some(ev)) = (queues.next(), queues.next(), queues.next()) else {
             return Err(ActivateError::InvalidQueue(2));
@@ -358,12 +355,10 @@ impl MutEventSubscriber for VsockThread {
             }
         }
         let listener = self.muxer.listener_fd();
-        for (ev, what) in [
-            (
-                Events::with_data_raw(listener, LISTENER, EventSet::IN),
-                "listening socket",
-            ),
-        ] {
+        for (ev, what) in [(
+            Events::with_data_raw(listener, LISTENER, EventSet::IN),
+            "listening socket",
+        )] {
             if let Err(err) = ops.add(ev) {
                 tracing::error!("virtio-vsock: cannot watch the {what}: {err:?}");
             }

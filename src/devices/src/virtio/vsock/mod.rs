@@ -6,8 +6,8 @@
 
 mod event_handler;
 mod muxer;
-pub mod persist;
 pub mod packet;
+pub mod persist;
 #[cfg(test)]
 mod tests;
 
