@@ -11,6 +11,7 @@
 //! * `vireo.input` — wait (up to 10 s) for one line on the serial port and echo it back;
 //! * `vireo.kbd` — wait (up to 10 s) for eight keyboard bytes (IRQ 1) and report them;
 //! * `vireo.firstbyte` — write one byte and power off at once (the boot benchmark);
+//! * `vireo.nohash` — do not hash the initrd (large ones take long at CPL0);
 //! * `vireo.count=N` — count N timer ticks, printing each (the snapshot tests; see `ticker`).
 //!
 //! Runs entirely at CPL0, which on some hosts means in KVM's instruction emulator: keep the
@@ -209,7 +210,9 @@ pub fn main(info: BootInfo) -> ! {
             puts(b"@initrd");
             field(b"addr", addr, true);
             field(b"size", size, false);
-            field(b"fnv1a", u64::from(fnv1a(addr, size)), true);
+            if !info.has_option(b"vireo.nohash") {
+                field(b"fnv1a", u64::from(fnv1a(addr, size)), true);
+            }
             puts(b"\n");
         }
         None => puts(b"@initrd none\n"),

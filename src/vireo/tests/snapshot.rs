@@ -1,0 +1,775 @@
+//! Snapshots through Firecracker's API and vireo's command line: the test guest counts timer
+//! ticks (and with a drive, writes and reads it every tick), is snapshotted mid-count and
+//! restored, and must go on from where it stood. Damaged and mismatched snapshot files must
+//! be refused with a message that names what is wrong.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Boots the counting guest through the API: `extra` is added to its command line.
+fn boot_counter(
+    name: &str,
+    extra: &str,
+    mem_mib: u64,
+    track_dirty: bool,
+    drive: Option<&Path>,
+) -> Vireo {
+    let v = Vireo::start(name);
+    let elf = guest("elf");
+    let (code, body) = v.req(
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 vireo.count=0 vireo.tickms=10 {extra}"}}"#,
+            elf.display()
+        ),
+    );
+    assert_eq!(code, 204, "{body}");
+    let (code, body) = v.req(
+        "PUT",
+        "/machine-config",
+        &format!(
+            r#"{{"vcpu_count":1,"mem_size_mib":{mem_mib},"track_dirty_pages":{track_dirty}}}"#
+        ),
+    );
+    assert_eq!(code, 204, "{body}");
+    if let Some(d) = drive {
+        let (code, body) = v.req(
+            "PUT",
+            "/drives/d0",
+            &format!(
+                r#"{{"drive_id":"d0","path_on_host":"{}","is_root_device":false,"is_read_only":false}}"#,
+                d.display()
+            ),
+        );
+        assert_eq!(code, 204, "{body}");
+    }
+    let (code, body) = v.req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    assert_eq!(code, 204, "{body}");
+    v
+}
+
+/// The tick number of a complete `@tick n=K ...` line.
+fn tick(line: &str) -> Option<u64> {
+    line.strip_prefix("@tick ")
+        .and_then(|l| field(l, "n"))
+        .and_then(|n| n.parse().ok())
+}
+
+/// Lines that arrive within `quiet` of each other, until none does.
+fn drain(v: &Vireo, quiet: Duration) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Ok(l) = v.lines.recv_timeout(quiet) {
+        out.push(l);
+    }
+    out
+}
+
+/// Waits for tick `n` (or a later one); returns the lines seen.
+fn wait_tick(v: &Vireo, n: u64) -> Vec<String> {
+    let end = Instant::now() + DEADLINE;
+    let mut seen = Vec::new();
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let l = v
+            .lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no tick {n} in time; saw {seen:?}"));
+        let done = tick(&l).is_some_and(|k| k >= n);
+        seen.push(l);
+        if done {
+            return seen;
+        }
+    }
+}
+
+fn ok(v: &Vireo, method: &str, path: &str, body: &str) {
+    let (code, answer) = v.req(method, path, body);
+    assert_eq!(code, 204, "{method} {path} {body}: {answer}");
+}
+
+fn create(v: &Vireo, kind: &str, state: &Path, mem: &Path) {
+    ok(
+        v,
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_type":"{kind}","snapshot_path":"{}","mem_file_path":"{}"}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+}
+
+fn load_body(state: &Path, mem: &Path, resume: bool) -> String {
+    format!(
+        r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"File","backend_path":"{}"}},"resume_vm":{resume}}}"#,
+        state.display(),
+        mem.display()
+    )
+}
+
+/// Pauses and returns the last complete tick the guest printed, given the lines read so far.
+fn pause(v: &Vireo, before: &[String]) -> u64 {
+    ok(v, "PATCH", "/vm", r#"{"state":"Paused"}"#);
+    let tail = drain(v, Duration::from_millis(300));
+    assert!(
+        drain(v, Duration::from_millis(300)).is_empty(),
+        "output stops while paused"
+    );
+    before
+        .iter()
+        .chain(&tail)
+        .filter_map(|l| tick(l))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits for a line starting with `prefix`; returns it.
+fn wait_prefix(v: &Vireo, prefix: &str) -> String {
+    let end = Instant::now() + DEADLINE;
+    let mut seen = Vec::new();
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let l = v
+            .lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no line {prefix:?}; saw {seen:?}"));
+        if l.starts_with(prefix) {
+            return l;
+        }
+        seen.push(l);
+    }
+}
+
+/// Ends a vireo with SIGKILL, as a crash would.
+fn kill9(mut v: Vireo) {
+    // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+    unsafe { libc::kill(v.child.id() as i32, libc::SIGKILL) };
+    wait_exit(&mut v.child);
+    let _ = std::fs::remove_dir_all(&v.dir);
+}
+
+#[test]
+fn two_clones_continue_the_count_with_the_timer_ticking() {
+    let v = boot_counter("snap-clones", "", 128, false, None);
+    let seen = wait_tick(&v, 5);
+    let last = pause(&v, &seen);
+    assert!(last >= 5);
+    let dir = scratch("snap-clones-files");
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    create(&v, "Full", &state, &mem);
+    // The paused original still runs on when resumed.
+    ok(&v, "PATCH", "/vm", r#"{"state":"Resumed"}"#);
+    wait_tick(&v, last + 3);
+    assert_eq!(v.stop(libc::SIGTERM), Some(143));
+
+    // Two restores from the same files at once.
+    let clones: Vec<Vireo> = (0..2)
+        .map(|i| Vireo::start(&format!("snap-clone{i}")))
+        .collect();
+    let threads: Vec<_> = clones
+        .iter()
+        .map(|c| {
+            let (sock, body) = (c.sock.clone(), load_body(&state, &mem, true));
+            std::thread::spawn(move || http(&sock, "PUT", "/snapshot/load", &body))
+        })
+        .collect();
+    for t in threads {
+        let (code, body) = t.join().unwrap();
+        assert_eq!(code, 204, "{body}");
+    }
+    for c in clones {
+        let seen = wait_tick(&c, last + 10);
+        let ticks: Vec<u64> = seen.iter().filter_map(|l| tick(l)).collect();
+        // The guest was paused after tick `last` (or in the middle of printing the next).
+        assert!(
+            ticks[0] == last + 1 || ticks[0] == last + 2,
+            "restored count starts at {} after {last}: {seen:?}",
+            ticks[0]
+        );
+        assert!(
+            ticks.windows(2).all(|w| w[1] == w[0] + 1),
+            "count goes on by one: {ticks:?}"
+        );
+        let (code, info) = c.req("GET", "/", "");
+        assert_eq!(code, 200);
+        assert!(info.contains("\"Running\""), "{info}");
+        assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn sector(image: &Path, n: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 512];
+    std::fs::File::open(image)
+        .unwrap()
+        .read_exact_at(&mut buf, n * 512)
+        .unwrap();
+    buf
+}
+
+#[test]
+fn block_requests_complete_exactly_once_across_snapshots_and_data_survives() {
+    let dir = scratch("snap-blk-img");
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let v = boot_counter("snap-blk", "vireo.blktick", 64, false, Some(&img));
+    let wrote = wait_prefix(&v, "@ticker wrote");
+    assert!(wrote.contains("ok=1"), "{wrote}");
+    // Snapshots while requests flow: each pause lands wherever the guest is.
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    let mut all = Vec::new();
+    for round in 0..5 {
+        all.extend(wait_tick(&v, 3 + round * 4));
+        let last = pause(&v, &all);
+        create(&v, "Full", &state, &mem);
+        ok(&v, "PATCH", "/vm", r#"{"state":"Resumed"}"#);
+        all.extend(wait_tick(&v, last + 1));
+    }
+    let last = pause(&v, &all);
+    create(&v, "Full", &state, &mem);
+    kill9(v);
+    let bad: Vec<&String> = all.iter().filter(|l| l.contains("blk=bad")).collect();
+    assert!(bad.is_empty(), "requests failed around pauses: {bad:?}");
+    assert!(all.iter().filter(|l| l.contains("blk=ok")).count() >= 15);
+
+    // The restored guest reads back what it wrote before the snapshot and keeps writing.
+    let c = Vireo::start("snap-blk-restored");
+    let (code, body) = c.req("PUT", "/snapshot/load", &load_body(&state, &mem, true));
+    assert_eq!(code, 204, "{body}");
+    let seen = wait_tick(&c, last + 12);
+    let ticks: Vec<&String> = seen.iter().filter(|l| tick(l).is_some()).collect();
+    assert!(ticks.len() >= 10, "{seen:?}");
+    assert!(
+        ticks.iter().all(|l| l.contains("blk=ok")),
+        "block I/O after restore: {ticks:?}"
+    );
+    assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    let n = last + 12;
+    let on_disk = u64::from_le_bytes(sector(&img, 64 + n % 8)[..8].try_into().unwrap());
+    assert!(
+        on_disk >= n && on_disk < n + 8,
+        "sector {} holds {on_disk}",
+        64 + n % 8
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn file_bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+#[test]
+fn a_snapshot_of_a_restored_vm_is_whole_after_the_parent_memory_is_gone() {
+    let v = boot_counter("snap-chain", "", 64, false, None);
+    let seen = wait_tick(&v, 5);
+    pause(&v, &seen);
+    let dir = scratch("snap-chain-files");
+    let (s1, m1) = (dir.join("s1"), dir.join("m1"));
+    create(&v, "Full", &s1, &m1);
+    kill9(v);
+    let guest_mem = |m: &Path| {
+        let b = file_bytes(m);
+        fnv1a(&b[..b.len() - 4096])
+    };
+    let parent_hash = guest_mem(&m1);
+
+    // Restored and left paused, the clone's memory is the parent's, read from its file.
+    let c = Vireo::start("snap-chain-c1");
+    let (code, body) = c.req("PUT", "/snapshot/load", &load_body(&s1, &m1, false));
+    assert_eq!(code, 204, "{body}");
+    let (code, info) = c.req("GET", "/", "");
+    assert_eq!(code, 200);
+    assert!(info.contains("\"Paused\""), "{info}");
+    let (s2, m2) = (dir.join("s2"), dir.join("m2"));
+    create(&c, "Full", &s2, &m2);
+    kill9(c);
+    std::fs::remove_file(&m1).unwrap();
+    assert_eq!(
+        guest_mem(&m2),
+        parent_hash,
+        "the clone's snapshot holds all memory"
+    );
+
+    let c = Vireo::start("snap-chain-c2");
+    let (code, body) = c.req("PUT", "/snapshot/load", &load_body(&s2, &m2, true));
+    assert_eq!(code, 204, "{body}");
+    wait_tick(&c, 10);
+    assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_diff_merged_over_its_full_snapshot_restores_the_later_state() {
+    let dir = scratch("snap-diff-img");
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let v = boot_counter("snap-diff", "vireo.blktick", 64, true, Some(&img));
+    let seen = wait_tick(&v, 3);
+    pause(&v, &seen);
+    let (full_s, full_m) = (dir.join("full.state"), dir.join("full.mem"));
+    create(&v, "Full", &full_s, &full_m);
+    ok(&v, "PATCH", "/vm", r#"{"state":"Resumed"}"#);
+    let seen = wait_tick(&v, 20);
+    let later = pause(&v, &seen);
+    let (diff_s, diff_m) = (dir.join("diff.state"), dir.join("diff.mem"));
+    create(&v, "Diff", &diff_s, &diff_m);
+    kill9(v);
+    let full_blocks = std::fs::metadata(&full_m).unwrap();
+    let diff_blocks = std::fs::metadata(&diff_m).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        diff_blocks.blocks() < 64 * 1024 * 2,
+        "the diff holds only written pages ({} blocks; full {})",
+        diff_blocks.blocks(),
+        full_blocks.blocks()
+    );
+
+    // Unmerged, the diff's memory is refused; the full file does not belong to the diff state.
+    let c = Vireo::start("snap-diff-refused");
+    let (code, body) = c.req("PUT", "/snapshot/load", &load_body(&diff_s, &diff_m, true));
+    assert_eq!(code, 400);
+    assert!(body.contains("merge it into its base"), "{body}");
+    let (code, body) = c.req("PUT", "/snapshot/load", &load_body(&diff_s, &full_m, true));
+    assert_eq!(code, 400);
+    assert!(body.contains("belongs to another snapshot"), "{body}");
+    drop(c);
+
+    let merged = run_raw(&[
+        "rebase-snap",
+        "--base-file",
+        full_m.to_str().unwrap(),
+        "--diff-file",
+        diff_m.to_str().unwrap(),
+    ]);
+    assert_eq!(merged.code(), 0, "{}", merged.stderr);
+    let c = Vireo::start("snap-diff-merged");
+    let (code, body) = c.req("PUT", "/snapshot/load", &load_body(&diff_s, &full_m, true));
+    assert_eq!(code, 204, "{body}");
+    let seen = wait_tick(&c, later + 5);
+    let ticks: Vec<u64> = seen.iter().filter_map(|l| tick(l)).collect();
+    assert!(
+        ticks[0] == later + 1 || ticks[0] == later + 2,
+        "the merged snapshot resumes at the diff's count {later}, not the full one's: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .filter(|l| tick(l).is_some())
+            .all(|l| l.contains("blk=ok")),
+        "the rings vireo wrote are in the diff: {seen:?}"
+    );
+    assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_idle_1gib_guest_snapshots_to_what_it_touched() {
+    let v = boot_counter("snap-1g", "", 1024, false, None);
+    let seen = wait_tick(&v, 3);
+    pause(&v, &seen);
+    let (state, mem) = (v.dir.join("state"), v.dir.join("mem"));
+    create(&v, "Full", &state, &mem);
+    let meta = std::fs::metadata(&mem).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(meta.len(), (1024 << 20) + 4096, "memory plus the trailer");
+    assert!(
+        meta.blocks() * 512 < 8 << 20,
+        "sparse: {} bytes allocated for an idle guest",
+        meta.blocks() * 512
+    );
+    assert_eq!(v.stop(libc::SIGTERM), Some(143));
+}
+
+/// A state file's sections, as the format lays them out (a second reading of the format,
+/// so that tampering recomputes checksums the way a careful attacker would).
+fn sections(data: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let count = u32::from_le_bytes(data[12..16].try_into().unwrap());
+    let mut pos = 20;
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let n = data[pos] as usize;
+        let name = String::from_utf8(data[pos + 1..pos + 1 + n].to_vec()).unwrap();
+        pos += 1 + n;
+        let len = u64::from_le_bytes(data[pos..pos + 8].try_into().unwrap()) as usize;
+        pos += 8;
+        out.push((name, data[pos..pos + len].to_vec()));
+        pos += len + 4;
+    }
+    out
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+fn assemble(version: u32, sections: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = b"VIREOSNP".to_vec();
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&(sections.len() as u32).to_le_bytes());
+    let crc = crc32(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    for (name, payload) in sections {
+        let start = out.len();
+        out.push(name.len() as u8);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(payload);
+        let crc = crc32(&out[start..]);
+        out.extend_from_slice(&crc.to_le_bytes());
+    }
+    out
+}
+
+/// Rewrites the vcpus section of `data` with `f` and recomputes its checksum.
+fn with_vcpus(data: &[u8], f: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+    let mut secs = sections(data);
+    for (name, payload) in secs.iter_mut() {
+        if name == "vcpus" {
+            let mut v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+            f(&mut v);
+            *payload = serde_json::to_vec(&v).unwrap();
+        }
+    }
+    assemble(1, &secs)
+}
+
+#[test]
+fn damaged_mismatched_and_misplaced_snapshots_are_refused_by_name() {
+    let v = boot_counter("snap-bad", "", 64, false, None);
+    wait_tick(&v, 2);
+    let files = scratch("snap-bad-files");
+    let (state, mem) = (files.join("state"), files.join("mem"));
+    // Not paused.
+    let (code, body) = v.req(
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_path":"{}","mem_file_path":"{}"}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    assert_eq!(code, 400);
+    assert!(body.contains("must be paused"), "{body}");
+    pause(&v, &[]);
+    // Diff without dirty tracking; directories and missing directories as paths.
+    for (body, needle) in [
+        (
+            format!(
+                r#"{{"snapshot_type":"Diff","snapshot_path":"{}","mem_file_path":"{}"}}"#,
+                state.display(),
+                mem.display()
+            ),
+            "needs dirty page tracking",
+        ),
+        (
+            format!(
+                r#"{{"snapshot_path":"{}","mem_file_path":"{}"}}"#,
+                files.display(),
+                mem.display()
+            ),
+            "is a directory",
+        ),
+        (
+            format!(
+                r#"{{"snapshot_path":"/nonexistent/dir/s","mem_file_path":"{}"}}"#,
+                mem.display()
+            ),
+            "does not exist",
+        ),
+        (
+            format!(
+                r#"{{"snapshot_path":"{}","mem_file_path":"{}"}}"#,
+                state.display(),
+                state.display()
+            ),
+            "need a file each",
+        ),
+        (
+            r#"{"snapshot_path":"a","mem_file_path":"b","bogus":1}"#.into(),
+            "unknown field",
+        ),
+    ] {
+        let (code, answer) = v.req("PUT", "/snapshot/create", &body);
+        assert_eq!(code, 400, "{body}: {answer}");
+        assert!(answer.contains(needle), "{body}: {answer}");
+    }
+    assert!(
+        !mem.exists() && !state.exists(),
+        "failed creates leave nothing behind"
+    );
+    create(&v, "Full", &state, &mem);
+    let (s2, m2) = (files.join("state2"), files.join("mem2"));
+    create(&v, "Full", &s2, &m2);
+    let leftovers: Vec<_> = std::fs::read_dir(&files)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("vireo-tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // A running VMM refuses to load.
+    let (code, body) = v.req("PUT", "/snapshot/load", &load_body(&state, &mem, true));
+    assert_eq!(code, 400);
+    assert!(body.contains("already running"), "{body}");
+    kill9(v);
+
+    let good = file_bytes(&state);
+    let bad = |name: &str, data: &[u8]| -> PathBuf {
+        let p = files.join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    };
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x10;
+    let mut wrong_version = good.clone();
+    wrong_version[8..12].copy_from_slice(&9u32.to_le_bytes());
+    let crc = crc32(&wrong_version[..16]);
+    wrong_version[16..20].copy_from_slice(&crc.to_le_bytes());
+    let alien_cpuid = with_vcpus(&good, |v| {
+        for e in v[0]["cpuid"].as_array_mut().unwrap() {
+            let b = e.as_array_mut().unwrap();
+            if b[0] == 7 && b[4] == 0 {
+                for byte in &mut b[16..20] {
+                    *byte = 255.into();
+                }
+            }
+        }
+    });
+    let short_mem = files.join("short.mem");
+    std::fs::write(&short_mem, &file_bytes(&mem)[..4096 * 16]).unwrap();
+    let cases: Vec<(PathBuf, PathBuf, &str)> = vec![
+        (
+            bad("truncated", &good[..good.len() - 100]),
+            mem.clone(),
+            "truncated",
+        ),
+        (bad("flipped", &flipped), mem.clone(), "checksum"),
+        (
+            bad("version", &wrong_version),
+            mem.clone(),
+            "format version 9; this vireo reads version 1",
+        ),
+        (
+            bad("garbage", b"hello"),
+            mem.clone(),
+            "not a vireo snapshot",
+        ),
+        (
+            bad("cpuid", &alien_cpuid),
+            mem.clone(),
+            "CPUID leaf 0x7.0 ebx has features",
+        ),
+        (state.clone(), m2.clone(), "belongs to another snapshot"),
+        (state.clone(), short_mem.clone(), "its memory file is"),
+        (state.clone(), files.clone(), "mem_backend"),
+        (files.clone(), mem.clone(), "snapshot_path"),
+        (files.join("absent"), mem.clone(), "No such file"),
+    ];
+    for (s, m, needle) in cases {
+        let c = Vireo::start("snap-bad-load");
+        let (code, body) = c.req("PUT", "/snapshot/load", &load_body(&s, &m, true));
+        assert_eq!(code, 400, "{} + {}: {body}", s.display(), m.display());
+        assert!(
+            body.contains(needle),
+            "{} + {}: {body}",
+            s.display(),
+            m.display()
+        );
+        // Nothing half started: the process still takes a good snapshot.
+        let (code, info) = c.req("GET", "/", "");
+        assert_eq!(code, 200);
+        assert!(info.contains("Not started"), "{info}");
+        let (code, body) = c.req("PUT", "/snapshot/load", &load_body(&state, &mem, true));
+        assert_eq!(code, 204, "{body}");
+        assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    }
+    // Only a fresh process loads.
+    let c = Vireo::start("snap-bad-configured");
+    ok(
+        &c,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count":1,"mem_size_mib":64}"#,
+    );
+    let (code, body) = c.req("PUT", "/snapshot/load", &load_body(&state, &mem, true));
+    assert_eq!(code, 400);
+    assert!(body.contains("boot-specific resources"), "{body}");
+    assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    let c = Vireo::start("snap-bad-bodies");
+    for (body, needle) in [
+        (r#"{"snapshot_path":"a"}"#.to_string(), "mem_backend"),
+        (r#"{"snapshot_path":"a","mem_file_path":"b","mem_backend":{"backend_type":"File","backend_path":"b"}}"#.into(), "not both"),
+        (r#"{"snapshot_path":"a","mem_backend":{"backend_type":"Floppy","backend_path":"b"}}"#.into(), "unknown variant"),
+        (r#"{"snapshot_path":"a","mem_file_path":"b","huge_pages":"2M"}"#.into(), "huge_pages 2M"),
+    ] {
+        let (code, answer) = c.req("PUT", "/snapshot/load", &body);
+        assert_eq!(code, 400, "{body}: {answer}");
+        assert!(answer.contains(needle), "{body}: {answer}");
+    }
+    assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    let _ = std::fs::remove_dir_all(&files);
+}
+
+#[test]
+fn kill_during_create_keeps_the_previous_snapshot_loadable() {
+    // A large initrd fills guest memory with data, so that a full snapshot takes long
+    // enough to be killed in the middle.
+    let files = scratch("snap-kill-files");
+    let initrd = files.join("initrd");
+    write_file(&initrd, &pattern(96 << 20, 7));
+    let v = Vireo::start("snap-kill");
+    ok(
+        &v,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path":"{}","initrd_path":"{}","boot_args":"console=ttyS0 vireo.nohash vireo.count=0 vireo.tickms=10"}}"#,
+            guest("elf").display(),
+            initrd.display()
+        ),
+    );
+    ok(
+        &v,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count":1,"mem_size_mib":256}"#,
+    );
+    ok(&v, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    let seen = wait_tick(&v, 2);
+    pause(&v, &seen);
+    let (state, mem) = (files.join("state"), files.join("mem"));
+    create(&v, "Full", &state, &mem);
+    let before = (file_bytes(&state), fnv1a(&file_bytes(&mem)));
+    // The second create is killed part way.
+    let sock = v.sock.clone();
+    let body = format!(
+        r#"{{"snapshot_path":"{}","mem_file_path":"{}"}}"#,
+        state.display(),
+        mem.display()
+    );
+    let t = std::thread::spawn(move || {
+        let _ = std::panic::catch_unwind(|| http(&sock, "PUT", "/snapshot/create", &body));
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    kill9(v);
+    let _ = t.join();
+    let partial: Vec<_> = std::fs::read_dir(&files)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("vireo-tmp"))
+        .collect();
+    assert!(
+        !partial.is_empty(),
+        "the kill landed in the middle of the create"
+    );
+    assert_eq!(
+        (file_bytes(&state), fnv1a(&file_bytes(&mem))),
+        before,
+        "the previous snapshot is untouched"
+    );
+    let c = Vireo::start("snap-kill-restore");
+    let (code, body) = c.req("PUT", "/snapshot/load", &load_body(&state, &mem, true));
+    assert_eq!(code, 204, "{body}");
+    wait_tick(&c, 5);
+    assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    let _ = std::fs::remove_dir_all(&files);
+}
+
+#[test]
+fn the_command_line_snapshots_and_restores() {
+    let v = boot_counter("snap-cli", "", 64, false, None);
+    wait_tick(&v, 3);
+    let files = scratch("snap-cli-files");
+    let out = files.join("snapdir");
+    let r = run_raw(&[
+        "snapshot",
+        "--api-sock",
+        v.sock.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert!(out.join("state").is_file() && out.join("memory").is_file());
+    // It resumed the VM.
+    let (code, info) = v.req("GET", "/", "");
+    assert_eq!(code, 200);
+    assert!(info.contains("\"Running\""), "{info}");
+    let n = wait_tick(&v, 0)
+        .iter()
+        .filter_map(|l| tick(l))
+        .max()
+        .unwrap();
+    wait_tick(&v, n + 2);
+    // A diff without dirty tracking is refused with the API's reason.
+    let r = run_raw(&[
+        "snapshot",
+        "--api-sock",
+        v.sock.to_str().unwrap(),
+        "--out",
+        v.dir.join("d2").to_str().unwrap(),
+        "--diff",
+    ]);
+    assert_eq!(r.code(), 1);
+    assert!(
+        r.stderr.contains("needs dirty page tracking"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(v.stop(libc::SIGTERM), Some(143));
+
+    let mut child = vireo()
+        .args(["restore", "--snapshot", out.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let end = Instant::now() + DEADLINE;
+    while !seen
+        .iter()
+        .any(|l: &String| tick(l).is_some_and(|k| k >= 10))
+    {
+        let left = end.saturating_duration_since(Instant::now());
+        seen.push(rx.recv_timeout(left).expect("restored guest counts"));
+    }
+    // SAFETY: kill(2) on a child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(wait_exit(&mut child).code(), Some(143));
+    let r = run_raw(&["restore", "--snapshot", "/nonexistent"]);
+    assert_eq!(r.code(), 1);
+    assert!(r.stderr.contains("/nonexistent/state"), "{}", r.stderr);
+    let _ = std::fs::remove_dir_all(&files);
+}
