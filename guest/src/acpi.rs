@@ -22,6 +22,8 @@ pub struct Acpi {
     pub reset_value: u8,
     /// SLP_TYPa from the DSDT's `\_S5_` package.
     pub s5: Option<u8>,
+    /// Address of the VM generation ID (the `ADDR` package of the DSDT), 0 if none.
+    pub vmgenid: u64,
 }
 
 fn checksum_ok(addr: u64, len: u64) -> bool {
@@ -64,6 +66,41 @@ fn s5_type(dsdt: u64, len: u64) -> Option<u8> {
     None
 }
 
+/// An AML integer at `at` (ZeroOp, OneOp or a Byte/Word/DWord/QWord constant) and the bytes
+/// it takes.
+fn aml_int(at: u64) -> Option<(u64, u64)> {
+    match peek::<u8>(at) {
+        0x00 => Some((0, 1)),
+        0x01 => Some((1, 1)),
+        0x0a => Some((u64::from(peek::<u8>(at + 1)), 2)),
+        0x0b => Some((u64::from(peek::<u16>(at + 1)), 3)),
+        0x0c => Some((u64::from(peek::<u32>(at + 1)), 5)),
+        0x0e => Some((peek::<u64>(at + 1), 9)),
+        _ => None,
+    }
+}
+
+/// The VM generation ID's address: `Name (ADDR, Package { low, high })` in the DSDT.
+fn vmgenid_addr(dsdt: u64, len: u64) -> u64 {
+    let name = u32::from_le_bytes(*b"ADDR");
+    let mut i = 36;
+    while i + 8 < len {
+        if peek::<u32>(dsdt + i) == name && peek::<u8>(dsdt + i + 4) == 0x12 {
+            let pkg = dsdt + i + 5;
+            let extra = u64::from(peek::<u8>(pkg) >> 6);
+            let first = pkg + 1 + extra + 1;
+            if let Some((low, n)) = aml_int(first) {
+                if let Some((high, _)) = aml_int(first + n) {
+                    return (high << 32) | (low & 0xffff_ffff);
+                }
+            }
+            return 0;
+        }
+        i += 1;
+    }
+    0
+}
+
 /// Finds and checks the tables. `hint` is the RSDP address from the boot protocol, or 0 to
 /// scan the BIOS area for it.
 pub fn read(hint: u64) -> Result<Acpi, &'static [u8]> {
@@ -100,6 +137,7 @@ pub fn read(hint: u64) -> Result<Acpi, &'static [u8]> {
         reset_port: 0,
         reset_value: 0,
         s5: None,
+        vmgenid: 0,
     };
     let mut e = xsdt + 36;
     while e < xsdt + xlen {
@@ -125,6 +163,7 @@ pub fn read(hint: u64) -> Result<Acpi, &'static [u8]> {
             }
             acpi.tables += 1;
             acpi.s5 = s5_type(dsdt, dlen);
+            acpi.vmgenid = vmgenid_addr(dsdt, dlen);
         } else if tsig == u32::from_le_bytes(*b"APIC") {
             let mut s = t + 44;
             while s < t + tlen {

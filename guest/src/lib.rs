@@ -230,6 +230,7 @@ pub fn main(info: BootInfo) -> ! {
             field(b"s5", a.s5.map_or(0xff, u64::from), false);
             field(b"sleep_port", u64::from(a.sleep_port), true);
             field(b"reset_port", u64::from(a.reset_port), true);
+            field(b"vmgenid", a.vmgenid, true);
             puts(b"\n");
             Some(a)
         }
@@ -264,7 +265,7 @@ pub fn main(info: BootInfo) -> ! {
         }
     }
     devtest::run(&info, cmdline, bsp);
-    ticker::run(&info, cmdline, bsp);
+    ticker::run(&info, cmdline, bsp, acpi.as_ref().map_or(0, |a| a.vmgenid));
     if info.has_option(b"vireo.kbd") {
         read_keys(bsp);
     }

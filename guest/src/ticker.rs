@@ -1,7 +1,8 @@
 //! `vireo.count=N`: the snapshot tests' workload. Counts expiries of the local APIC timer
 //! (one-shot, re-armed every `vireo.tickms` milliseconds, 20 by default) and prints
 //! `@tick n=K` for each, N ticks in all (0: forever). The count lives in guest memory, so a
-//! restored guest goes on from the snapshot's value.
+//! restored guest goes on from the snapshot's value. When the DSDT has a VM generation ID,
+//! each tick line also shows its first 8 bytes (`genid=`), which change on every restore.
 //!
 //! With `vireo.blktick` and a virtio-blk device, it first writes a 512-byte pattern at sector
 //! 8 (`@ticker wrote status=..`), and at every tick writes the tick number at sector
@@ -70,7 +71,7 @@ fn parse(v: &[u8]) -> u64 {
 }
 
 /// Runs the counter the command line asks for.
-pub fn run(info: &crate::boot::BootInfo, cmdline: &[u8], bsp: u8) {
+pub fn run(info: &crate::boot::BootInfo, cmdline: &[u8], bsp: u8, vmgenid: u64) {
     let Some(limit) = info.option_value(b"vireo.count") else {
         return;
     };
@@ -125,6 +126,9 @@ pub fn run(info: &crate::boot::BootInfo, cmdline: &[u8], bsp: u8) {
         };
         puts(b"@tick");
         field(b"n", n, false);
+        if vmgenid != 0 {
+            field(b"genid", peek::<u64>(vmgenid), true);
+        }
         if let Some(d) = blk.as_mut() {
             let (_, _, data, back) = addrs();
             poke(data, n);

@@ -233,7 +233,14 @@ mod tests {
         let e = parse_request("PUT", "/balloon", b"{}").unwrap_err();
         assert!(e.contains("not supported by vireo yet"), "{e}");
         let e = parse_request("PUT", "/snapshot/create", b"{}").unwrap_err();
-        assert!(e.contains("snapshotting"), "{e}");
+        assert!(e.contains("missing field `mem_file_path`"), "{e}");
+        let e = parse_request(
+            "PUT",
+            "/snapshot/create",
+            br#"{"mem_file_path":"","snapshot_path":"s"}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("mem_file_path is empty"), "{e}");
         let e = parse_request("GET", "/version", b"{}").unwrap_err();
         assert!(e.contains("takes no body"), "{e}");
     }

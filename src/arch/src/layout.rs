@@ -50,6 +50,9 @@ pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables (RSDP first, where an ACPI-aware guest scans for it: the BIOS area
 /// 0xe0000-0xfffff, reserved in the memory map).
 pub const ACPI_START: u64 = 0xe0000;
+/// The VM generation ID's 16 bytes: the last page of the reserved BIOS area, above the ACPI
+/// tables.
+pub const VMGENID_START: u64 = 0xf_f000;
 /// First byte above the legacy BIOS/VGA area; kernels load here or above.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole.

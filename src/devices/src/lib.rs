@@ -4,6 +4,7 @@
 //! raises interrupts or asks for VM exits through event file descriptors, which the VMM wires
 //! to KVM (irqfd) or to its own event loop.
 
+pub mod acpi;
 pub mod bus;
 pub mod legacy;
 pub mod metrics;

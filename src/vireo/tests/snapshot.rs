@@ -156,6 +156,18 @@ fn kill9(mut v: Vireo) {
 fn two_clones_continue_the_count_with_the_timer_ticking() {
     let v = boot_counter("snap-clones", "", 128, false, None);
     let seen = wait_tick(&v, 5);
+    let genid = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| tick(l).is_some())
+            .filter_map(|l| field(l, "genid").map(str::to_owned))
+            .collect()
+    };
+    let original = genid(&seen);
+    assert!(
+        !original.is_empty(),
+        "the guest finds the VM generation ID: {seen:?}"
+    );
     let last = pause(&v, &seen);
     assert!(last >= 5);
     let dir = scratch("snap-clones-files");
@@ -181,8 +193,18 @@ fn two_clones_continue_the_count_with_the_timer_ticking() {
         let (code, body) = t.join().unwrap();
         assert_eq!(code, 204, "{body}");
     }
+    let mut ids = vec![original[0].clone()];
     for c in clones {
         let seen = wait_tick(&c, last + 10);
+        // Each restore gives the VM a new generation ID, so clones reseed their RNGs.
+        let after: Vec<String> = genid(&seen);
+        let id = after.last().unwrap().clone();
+        assert!(after[1..].iter().all(|g| *g == id), "{after:?}");
+        assert!(
+            !ids.contains(&id),
+            "generation ID {id} seen before: {ids:?}"
+        );
+        ids.push(id);
         let ticks: Vec<u64> = seen.iter().filter_map(|l| tick(l)).collect();
         // The guest was paused after tick `last` (or in the middle of printing the next).
         assert!(

@@ -4,11 +4,12 @@
 //!
 //! ```text
 //! RSDP (ACPI_START) → XSDT → FADT → DSDT (\_SB.COM1, \_SB.PS2K, \_SB.VRnn per virtio device,
-//!                                          \_S5_)
+//!                                          \_SB.VGEN and \_SB.GED_ (VM generation ID), \_S5_)
 //!                          → MADT (one local APIC per vCPU, the IOAPIC)
 //! ```
 //! The MP table stays as well, for guests booted with `acpi=off` or without ACPI support.
 
+use crate::device_manager::GED_IRQ;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -18,7 +19,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
-use arch::layout::{ACPI_START, APIC_START, HIMEM_START, IOAPIC_START};
+use arch::layout::{ACPI_START, APIC_START, IOAPIC_START, VMGENID_START};
 use devices::legacy::power::acpi as pm;
 use devices::legacy::{i8042, serial};
 
@@ -91,7 +92,8 @@ fn dsdt(virtio: &[VirtioMmioDevice]) -> Vec<u8> {
         .flat_map(|(i, d)| virtio_device(i, d))
         .collect();
     let virtio_raw = RawAml(virtio_aml);
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &kbd, &virtio_raw]);
+    let vmgenid = RawAml(vmgenid_devices());
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &kbd, &virtio_raw, &vmgenid]);
     // \_S5_: the SLP_TYP values (a, b) for soft-off, as the sleep control register expects.
     let s5_type = pm::S5_SLEEP_TYPE;
     let s5_package = aml::Package::new(vec![&s5_type, &s5_type, &0u8, &0u8]);
@@ -107,6 +109,34 @@ fn dsdt(virtio: &[VirtioMmioDevice]) -> Vec<u8> {
     table.append_slice(&aml_bytes(&sb));
     table.append_slice(&aml_bytes(&s5));
     table.as_slice().to_vec()
+}
+
+/// `\_SB.VGEN`, the VM generation ID (Linux's vmgenid driver matches `VMGENCTR` and reads
+/// the ID's address from `ADDR`), and `\_SB.GED_`, the Generic Event Device whose interrupt
+/// notifies VGEN that the ID changed.
+fn vmgenid_devices() -> Vec<u8> {
+    let addr = VMGENID_START;
+    let (low, high) = (addr as u32, (addr >> 32) as u32);
+    let hid = aml::Name::new("_HID".into(), &"VMGENCTR");
+    let cid = aml::Name::new("_CID".into(), &"VM_GEN_COUNTER");
+    let ddn = aml::Name::new("_DDN".into(), &"VM_Gen_Counter");
+    let package = aml::Package::new(vec![&low, &high]);
+    let addr_name = aml::Name::new("ADDR".into(), &package);
+    let vgen = aml::Device::new("VGEN".into(), vec![&hid, &cid, &ddn, &addr_name]);
+    let ged_hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let ged_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let irq = aml::Interrupt::new(true, true, false, false, GED_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let ged_crs = aml::Name::new("_CRS".into(), &crs);
+    let vgen_path = aml::Path::new("\\_SB_.VGEN");
+    let notify = aml::Notify::new(&vgen_path, &0x80u8);
+    let is_ours = aml::Equal::new(&aml::Arg(0), &GED_IRQ);
+    let when = aml::If::new(&is_ours, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&when]);
+    let ged = aml::Device::new("GED_".into(), vec![&ged_hid, &ged_uid, &ged_crs, &evt]);
+    let mut v = aml_bytes(&vgen);
+    v.extend(aml_bytes(&ged));
+    v
 }
 
 /// Already-encoded AML placed inside a scope.
@@ -183,7 +213,7 @@ pub fn build(cpus: u32, virtio: &[VirtioMmioDevice]) -> Vec<u8> {
     let xsdt_addr = place(&mut image, &aml_bytes(&xsdt));
     let rsdp = aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
     image[..rsdp.len()].copy_from_slice(&rsdp);
-    debug_assert!(ACPI_START + image.len() as u64 <= HIMEM_START);
+    debug_assert!(ACPI_START + image.len() as u64 <= VMGENID_START);
     image
 }
 
@@ -221,7 +251,7 @@ mod tests {
         ];
         for cpus in [1u32, 2, 254] {
             let image = build(cpus, &virtio);
-            assert!(ACPI_START + image.len() as u64 <= HIMEM_START);
+            assert!(ACPI_START + image.len() as u64 <= VMGENID_START);
             assert_eq!(&image[..8], b"RSD PTR ");
             assert_eq!(sum(&image[..20]), 0);
             assert_eq!(sum(&image[..36]), 0);
@@ -257,6 +287,12 @@ mod tests {
                 dsdt.windows(4).any(|w| w == b"PS2K"),
                 "keyboard controller declared"
             );
+            for id in [&b"VMGENCTR"[..], b"ACPI0013", b"_EVT"] {
+                assert!(
+                    dsdt.windows(id.len()).any(|w| w == id),
+                    "{id:?} in the DSDT"
+                );
+            }
             let lnro = dsdt.windows(8).filter(|w| w == b"LNRO0005").count();
             assert_eq!(lnro, 2, "one LNRO0005 device per virtio window");
             let madt = table_at(&image, entries[1]);

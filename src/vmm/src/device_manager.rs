@@ -14,6 +14,7 @@ use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
 use crate::vstate::vm::Vm;
 use crate::Error;
+use devices::acpi::vmgenid::VmGenId;
 use devices::bus::Bus;
 use devices::legacy::{i8042, power, serial, AcpiPmDevice, PowerDevice, Serial, I8042};
 use devices::virtio::block::{Block, BlockConfig};
@@ -32,8 +33,10 @@ use vmm_sys_util::eventfd::EventFd;
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// First interrupt line for virtio devices (0-4 are the PIT, keyboard, cascade and COMs).
 pub const VIRTIO_IRQ_BASE: u32 = 5;
-/// Last usable IOAPIC pin.
-pub const VIRTIO_IRQ_MAX: u32 = arch::layout::IOAPIC_PINS as u32 - 1;
+/// Interrupt line of the ACPI Generic Event Device (VM generation ID changes): the last pin.
+pub const GED_IRQ: u32 = arch::layout::IOAPIC_PINS as u32 - 1;
+/// Last IOAPIC pin for virtio devices.
+pub const VIRTIO_IRQ_MAX: u32 = GED_IRQ - 1;
 
 /// The kinds of device the API can address by ID.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +117,7 @@ pub struct DeviceManager {
     virtio: Vec<VirtioEntry>,
     serial: Arc<Mutex<Serial>>,
     i8042: Arc<Mutex<I8042>>,
+    vmgenid: VmGenId,
     events: PlatformEvents,
     /// Unix sockets devices listen on, removed when the VM goes.
     sockets: Vec<utils::unix_socket::OwnedPath>,
@@ -123,7 +127,7 @@ impl DeviceManager {
     /// Creates every device `config` asks for, plus the legacy platform every guest gets.
     /// This is the one place each kind of device is registered.
     pub fn create(config: &VmConfig, vm: &Vm, mem: &GuestMemoryMmap) -> Result<Self, Error> {
-        let mut dm = Self::legacy(config, vm)?;
+        let mut dm = Self::legacy(config, vm, mem)?;
         let mut ids: Vec<String> = Vec::new();
         for (n, drive) in config.drives.iter().enumerate() {
             let id = drive.id.clone().unwrap_or_else(|| format!("drive{n}"));
@@ -217,7 +221,7 @@ impl DeviceManager {
 
     /// COM1, the i8042, the power port and the ACPI sleep/reset registers (their DSDT entries
     /// are fixed: see `acpi`).
-    fn legacy(config: &VmConfig, vm: &Vm) -> Result<Self, Error> {
+    fn legacy(config: &VmConfig, vm: &Vm, mem: &GuestMemoryMmap) -> Result<Self, Error> {
         let serial_irq = EventFdTrigger::new().map_err(Error::EventFd)?;
         vm.register_irqfd(&serial_irq.0, serial::COM1_IRQ)?;
         let serial = Arc::new(Mutex::new(Serial::new(
@@ -252,6 +256,10 @@ impl DeviceManager {
             power::acpi::ACPI_PM_BASE,
             power::acpi::PORT_SIZE,
         )?;
+        let ged_irq = EventFdTrigger::new().map_err(Error::EventFd)?;
+        vm.register_irqfd(&ged_irq.0, GED_IRQ)?;
+        let vmgenid = VmGenId::new(mem, arch::layout::VMGENID_START, ged_irq)
+            .map_err(|e| Error::InvalidConfig(e.to_string()))?;
         Ok(Self {
             pio,
             mmio: Bus::new(),
@@ -260,6 +268,7 @@ impl DeviceManager {
             virtio: Vec::new(),
             serial,
             i8042,
+            vmgenid,
             events,
             sockets: Vec::new(),
         })
@@ -402,8 +411,8 @@ impl DeviceManager {
 
     /// Gives devices built from a snapshot's configuration the state they had. They must sit
     /// where they sat (same kinds, IDs and order, hence the same MMIO windows and interrupt
-    /// lines), since the guest's drivers know them by place.
-    pub fn restore(&self, state: &DevicesState) -> Result<(), Error> {
+    /// lines), since the guest's drivers know them by place. The VM generation ID changes.
+    pub fn restore(&mut self, state: &DevicesState, mem: &GuestMemoryMmap) -> Result<(), Error> {
         let bad = |m: String| Error::InvalidConfig(format!("snapshot devices: {m}"));
         if state.virtio.len() != self.virtio.len() {
             return Err(bad(format!(
@@ -432,7 +441,15 @@ impl DeviceManager {
                 .restore(&s.mmio)
                 .map_err(|err| bad(format!("{} '{}': {err}", e.kind.name(), e.id)))?;
         }
+        self.vmgenid
+            .regenerate(mem)
+            .map_err(|e| bad(format!("VM generation ID: {e}")))?;
         Ok(())
+    }
+
+    /// The VM generation ID the guest sees now.
+    pub fn generation_id(&self) -> [u8; devices::acpi::vmgenid::ID_BYTES] {
+        self.vmgenid.id()
     }
 
     /// Presses Ctrl+Alt+Del on the guest's keyboard.

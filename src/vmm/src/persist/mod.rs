@@ -359,6 +359,10 @@ impl RunningVm {
     pub fn restore(p: &LoadParams) -> Result<RunningVm, Error> {
         let started = Instant::now();
         let snap = Snapshot::read(&p.state_path)?;
+        tracing::debug!(
+            "restore: state read at {} µs",
+            started.elapsed().as_micros()
+        );
         let mut config = snap.config;
         for (iface, tap) in &p.network_overrides {
             let net = config
@@ -394,7 +398,15 @@ impl RunningVm {
                 ))
             }
         };
+        tracing::debug!(
+            "restore: memory mapped at {} µs",
+            started.elapsed().as_micros()
+        );
         let machine = build(config, memory, &snap.vm, &snap.vcpus, &snap.devices, p)?;
+        tracing::debug!(
+            "restore: machine built at {} µs",
+            started.elapsed().as_micros()
+        );
         let vm = RunningVm::launch(machine, &p.serial, !p.resume)?;
         tracing::info!(
             "restored from {} in {} µs",
@@ -542,7 +554,9 @@ fn build(
     p: &LoadParams,
 ) -> Result<Machine, Error> {
     crate::builder::validate_machine(config.vcpus, config.mem_mib)?;
+    let t = Instant::now();
     let vm = Vm::new().map_err(crate::Error::from)?;
+    tracing::debug!("restore: KVM VM created in {} µs", t.elapsed().as_micros());
     if config.vcpus > vm.max_vcpus() {
         return Err(Error::Mismatch(format!(
             "the snapshot has {} vCPUs; this host's KVM allows {}",
@@ -556,6 +570,7 @@ fn build(
     let mut config = config;
     config.serial = p.serial.clone();
     let mut devices = DeviceManager::create(&config, &vm, &memory.guest)?;
+    tracing::debug!("restore: devices created at {} µs", t.elapsed().as_micros());
     vm.restore_state(vm_state, p.clock_realtime)?;
     let mut vcpus = Vec::with_capacity(vcpu_states.len());
     for (index, s) in vcpu_states.iter().enumerate() {
@@ -569,8 +584,9 @@ fn build(
         vcpu.restore_state(&vm, s, vcpu_states.len() as u32)?;
         vcpus.push(vcpu);
     }
+    tracing::debug!("restore: vCPUs restored at {} µs", t.elapsed().as_micros());
     // Devices last: they raise interrupts that were pending, into restored controllers.
-    devices.restore(devices_state)?;
+    devices.restore(devices_state, &memory.guest)?;
     let (pio, mmio) = devices.take_buses();
     Ok(Machine {
         vm,
