@@ -11,8 +11,9 @@ image, command line, vCPU count and memory size in both VMMs.
 Create latency is the PUT /snapshot/create round trip on a paused VM; load+resume is the
 PUT /snapshot/load (resume_vm) round trip in a fresh process whose API socket is up. A clone is
 a new process restored from the snapshot until the guest's first serial byte after the
-restore; clones per second is N clones started at once divided by the time until the last of
-them printed.
+restore (an idle guest: vireo's wakes it at once with the VM generation ID's interrupt;
+Firecracker's next timer tick, at most a second later, prints); clones per second is N clones
+started at once divided by the time until the last of them printed.
 """
 
 import argparse
@@ -33,6 +34,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIREO = os.path.join(ROOT, "target/release/vireo")
 GUEST = os.path.join(ROOT, "guest/target/x86_64-unknown-none/release/vireo-guest-pvh")
 ARGS = "console=ttyS0 vireo.count=0 vireo.tickms=5"
+# Clones: an idle guest (one tick a second) that a restore wakes at once through the VM
+# generation ID's interrupt, printing its new ID.
+CLONE_ARGS = "console=ttyS0 vireo.count=0 vireo.tickms=1000"
 
 
 class UnixConnection(http.client.HTTPConnection):
@@ -92,6 +96,17 @@ def wait_output(path, size, timeout=20):
         time.sleep(0.0005)
 
 
+def wait_text(path, text, timeout=20):
+    t0 = time.perf_counter()
+    while True:
+        with open(path, "rb") as f:
+            if text in f.read():
+                return
+        if time.perf_counter() - t0 > timeout:
+            raise RuntimeError(f"no {text!r} in {path}")
+        time.sleep(0.001)
+
+
 def one(kind, binary, mib, d):
     """Boot, snapshot (Full, then Diff after a few ticks), restore once; return figures."""
     sock = os.path.join(d, "a.sock")
@@ -103,7 +118,7 @@ def one(kind, binary, mib, d):
         req(sock, "PUT", "/machine-config",
             {"vcpu_count": 1, "mem_size_mib": mib, "track_dirty_pages": True})
         req(sock, "PUT", "/actions", {"action_type": "InstanceStart"})
-        wait_output(out_path, 2000)
+        wait_text(out_path, b"@tick n=2")
         req(sock, "PATCH", "/vm", {"state": "Paused"})
         # Other runs' dirty pages must not be flushed on this create's account (vireo syncs
         # its files; ext4 then waits for everything the journal holds).
@@ -144,10 +159,13 @@ def one(kind, binary, mib, d):
 def clones(kind, binary, d, n):
     """N restores from one snapshot started at once: clones per second until the last printed."""
     procs = []
+    # Fresh socket and output paths each time: a killed Firecracker leaves its socket behind,
+    # and refuses to start on an existing one.
+    run = tempfile.mkdtemp(dir=d)
     t0 = time.perf_counter()
     outs = []
     for i in range(n):
-        out = os.path.join(d, f"c{i}.out")
+        out = os.path.join(run, f"c{i}.out")
         outs.append(out)
         with open(out, "wb") as f:
             if kind == "vireo":
@@ -155,14 +173,14 @@ def clones(kind, binary, d, n):
                     [binary, "restore", "--snapshot", os.path.join(d, "snapdir")],
                     stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.DEVNULL))
             else:
-                sock = os.path.join(d, f"c{i}.sock")
+                sock = os.path.join(run, f"c{i}.sock")
                 procs.append(subprocess.Popen(
                     [binary, "--api-sock", sock, "--level", "Error"],
                     stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.DEVNULL))
     try:
         if kind != "vireo":
             for i, p in enumerate(procs):
-                sock = os.path.join(d, f"c{i}.sock")
+                sock = os.path.join(run, f"c{i}.sock")
                 wait_socket(sock, p)
                 req(sock, "PUT", "/snapshot/load",
                     {"snapshot_path": os.path.join(d, "snapdir", "state"),
@@ -177,6 +195,7 @@ def clones(kind, binary, d, n):
             p.kill()
         for p in procs:
             p.wait()
+        shutil.rmtree(run, ignore_errors=True)
     return n / wall
 
 
@@ -233,10 +252,12 @@ def main():
                 p = spawn(kind, binary, sock, out)
             os.makedirs(os.path.join(d, "snapdir"))
             try:
-                req(sock, "PUT", "/boot-source", {"kernel_image_path": GUEST, "boot_args": ARGS})
+                req(sock, "PUT", "/boot-source",
+                    {"kernel_image_path": GUEST, "boot_args": CLONE_ARGS})
                 req(sock, "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128})
                 req(sock, "PUT", "/actions", {"action_type": "InstanceStart"})
-                wait_output(out_path, 2000)
+                wait_text(out_path, b"@ticker start")
+                time.sleep(0.2)
                 req(sock, "PATCH", "/vm", {"state": "Paused"})
                 req(sock, "PUT", "/snapshot/create",
                     {"snapshot_path": os.path.join(d, "snapdir", "state"),

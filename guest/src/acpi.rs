@@ -24,6 +24,8 @@ pub struct Acpi {
     pub s5: Option<u8>,
     /// Address of the VM generation ID (the `ADDR` package of the DSDT), 0 if none.
     pub vmgenid: u64,
+    /// Interrupt line of the Generic Event Device (`ACPI0013`), if there is one.
+    pub ged_irq: Option<u32>,
 }
 
 fn checksum_ok(addr: u64, len: u64) -> bool {
@@ -101,6 +103,28 @@ fn vmgenid_addr(dsdt: u64, len: u64) -> u64 {
     0
 }
 
+/// The interrupt of the `ACPI0013` device: the first Extended Interrupt descriptor (0x89)
+/// after its _HID.
+fn ged_irq(dsdt: u64, len: u64) -> Option<u32> {
+    let hid = *b"ACPI0013";
+    let mut i = 36;
+    while i + 8 < len {
+        if (0..8).all(|k| peek::<u8>(dsdt + i + k) == hid[k as usize]) {
+            let mut j = i + 8;
+            while j + 9 < len && j < i + 64 {
+                // Descriptor length 6 (flags, one interrupt), one interrupt in the table.
+                if peek::<u8>(dsdt + j) == 0x89 && peek::<u16>(dsdt + j + 1) == 6 {
+                    return Some(peek::<u32>(dsdt + j + 5));
+                }
+                j += 1;
+            }
+            return None;
+        }
+        i += 1;
+    }
+    None
+}
+
 /// Finds and checks the tables. `hint` is the RSDP address from the boot protocol, or 0 to
 /// scan the BIOS area for it.
 pub fn read(hint: u64) -> Result<Acpi, &'static [u8]> {
@@ -138,6 +162,7 @@ pub fn read(hint: u64) -> Result<Acpi, &'static [u8]> {
         reset_value: 0,
         s5: None,
         vmgenid: 0,
+        ged_irq: None,
     };
     let mut e = xsdt + 36;
     while e < xsdt + xlen {
@@ -164,6 +189,7 @@ pub fn read(hint: u64) -> Result<Acpi, &'static [u8]> {
             acpi.tables += 1;
             acpi.s5 = s5_type(dsdt, dlen);
             acpi.vmgenid = vmgenid_addr(dsdt, dlen);
+            acpi.ged_irq = ged_irq(dsdt, dlen);
         } else if tsig == u32::from_le_bytes(*b"APIC") {
             let mut s = t + 44;
             while s < t + tlen {

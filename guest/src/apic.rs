@@ -23,6 +23,8 @@ pub const KBD_VECTOR: u8 = 0x27;
 pub const VIRTIO_VECTOR: u8 = 0x26;
 /// Vector of the watchdog timer.
 pub const TIMER_VECTOR: u8 = 0x30;
+/// Vector the ACPI Generic Event Device (VM generation ID changes) is routed to.
+pub const GED_VECTOR: u8 = 0x28;
 const SPURIOUS_VECTOR: u8 = 0xff;
 
 /// Serial interrupts seen.
@@ -37,6 +39,9 @@ pub static VIRTIO_IRQS: AtomicU32 = AtomicU32::new(0);
 /// Watchdog expiries seen.
 #[no_mangle]
 pub static TIMER_IRQS: AtomicU32 = AtomicU32::new(0);
+/// Generic Event Device interrupts seen.
+#[no_mangle]
+pub static GED_IRQS: AtomicU32 = AtomicU32::new(0);
 
 global_asm!(
     r#"
@@ -50,6 +55,9 @@ virtio_isr:
     jmp eoi_and_return
 kbd_isr:
     lock incl KBD_IRQS
+    jmp eoi_and_return
+ged_isr:
+    lock incl GED_IRQS
     jmp eoi_and_return
 timer_isr:
     lock incl TIMER_IRQS
@@ -67,8 +75,9 @@ spurious_isr:
     .globl isr_serial, isr_timer, isr_spurious, isr_virtio
 isr_serial:   .quad serial_isr
 isr_virtio:   .quad virtio_isr
-    .globl isr_kbd
+    .globl isr_kbd, isr_ged
 isr_kbd:      .quad kbd_isr
+isr_ged:      .quad ged_isr
 isr_timer:    .quad timer_isr
 isr_spurious: .quad spurious_isr
     "#,
@@ -81,6 +90,7 @@ extern "C" {
     static isr_spurious: u64;
     static isr_virtio: u64;
     static isr_kbd: u64;
+    static isr_ged: u64;
 }
 
 #[repr(C, align(16))]
@@ -134,8 +144,17 @@ fn set_gate(vector: u8, handler: u64) {
 /// Installs the IDT with the serial, timer and spurious handlers.
 pub fn load_idt() {
     // SAFETY: the extern statics are addresses defined in the assembly above.
-    let (serial, timer, spurious, virtio, kbd) =
-        unsafe { (isr_serial, isr_timer, isr_spurious, isr_virtio, isr_kbd) };
+    let (serial, timer, spurious, virtio, kbd, ged) = unsafe {
+        (
+            isr_serial,
+            isr_timer,
+            isr_spurious,
+            isr_virtio,
+            isr_kbd,
+            isr_ged,
+        )
+    };
+    set_gate(GED_VECTOR, ged);
     set_gate(KBD_VECTOR, kbd);
     set_gate(SERIAL_VECTOR, serial);
     set_gate(VIRTIO_VECTOR, virtio);
@@ -198,6 +217,11 @@ pub fn kbd_irqs() -> u32 {
 /// virtio interrupts taken so far.
 pub fn virtio_irqs() -> u32 {
     VIRTIO_IRQS.load(Ordering::SeqCst)
+}
+
+/// Generic Event Device interrupts so far.
+pub fn ged_irqs() -> u32 {
+    GED_IRQS.load(Ordering::SeqCst)
 }
 
 /// Watchdog expiries so far.

@@ -231,6 +231,7 @@ pub fn main(info: BootInfo) -> ! {
             field(b"sleep_port", u64::from(a.sleep_port), true);
             field(b"reset_port", u64::from(a.reset_port), true);
             field(b"vmgenid", a.vmgenid, true);
+            field(b"ged_irq", a.ged_irq.map_or(0xff, u64::from), false);
             puts(b"\n");
             Some(a)
         }
@@ -265,7 +266,13 @@ pub fn main(info: BootInfo) -> ! {
         }
     }
     devtest::run(&info, cmdline, bsp);
-    ticker::run(&info, cmdline, bsp, acpi.as_ref().map_or(0, |a| a.vmgenid));
+    ticker::run(
+        &info,
+        cmdline,
+        bsp,
+        acpi.as_ref().map_or(0, |a| a.vmgenid),
+        acpi.as_ref().and_then(|a| a.ged_irq),
+    );
     if info.has_option(b"vireo.kbd") {
         read_keys(bsp);
     }

@@ -2,7 +2,9 @@
 //! (one-shot, re-armed every `vireo.tickms` milliseconds, 20 by default) and prints
 //! `@tick n=K` for each, N ticks in all (0: forever). The count lives in guest memory, so a
 //! restored guest goes on from the snapshot's value. When the DSDT has a VM generation ID,
-//! each tick line also shows its first 8 bytes (`genid=`), which change on every restore.
+//! each tick line also shows its first 8 bytes (`genid=`), which change on every restore, and
+//! the Generic Event Device's interrupt (which announces a new ID) wakes the guest at once to
+//! print `@genid irqs=N genid=..` before the next tick.
 //!
 //! With `vireo.blktick` and a virtio-blk device, it first writes a 512-byte pattern at sector
 //! 8 (`@ticker wrote status=..`), and at every tick writes the tick number at sector
@@ -71,7 +73,13 @@ fn parse(v: &[u8]) -> u64 {
 }
 
 /// Runs the counter the command line asks for.
-pub fn run(info: &crate::boot::BootInfo, cmdline: &[u8], bsp: u8, vmgenid: u64) {
+pub fn run(
+    info: &crate::boot::BootInfo,
+    cmdline: &[u8],
+    bsp: u8,
+    vmgenid: u64,
+    ged_irq: Option<u32>,
+) {
     let Some(limit) = info.option_value(b"vireo.count") else {
         return;
     };
@@ -106,6 +114,10 @@ pub fn run(info: &crate::boot::BootInfo, cmdline: &[u8], bsp: u8, vmgenid: u64) 
             puts(b"\n");
         }
     }
+    if let Some(pin) = ged_irq {
+        apic::route_irq(pin, apic::GED_VECTOR, bsp);
+    }
+    let mut ged_seen = apic::ged_irqs();
     puts(b"@ticker start\n");
     loop {
         // SAFETY: only the BSP touches the counter.
@@ -115,8 +127,19 @@ pub fn run(info: &crate::boot::BootInfo, cmdline: &[u8], bsp: u8, vmgenid: u64) 
         }
         let before = apic::timer_irqs();
         apic::start_watchdog(ms);
-        while apic::timer_irqs() == before {
-            // SAFETY: wait for the timer (handlers only count).
+        loop {
+            let ged = apic::ged_irqs();
+            if ged != ged_seen {
+                ged_seen = ged;
+                puts(b"@genid");
+                field(b"irqs", u64::from(ged), false);
+                field(b"genid", peek::<u64>(vmgenid), true);
+                puts(b"\n");
+            }
+            if apic::timer_irqs() != before {
+                break;
+            }
+            // SAFETY: wait for the timer or the GED (handlers only count).
             unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
         }
         // SAFETY: as above.
