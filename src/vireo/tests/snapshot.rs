@@ -795,3 +795,180 @@ fn the_command_line_snapshots_and_restores() {
     assert!(r.stderr.contains("/nonexistent/state"), "{}", r.stderr);
     let _ = std::fs::remove_dir_all(&files);
 }
+
+/// A page-fault handler as Firecracker's Uffd backend expects one: it listens on a Unix
+/// socket, receives the userfaultfd (SCM_RIGHTS) with the JSON list of regions, and fills each
+/// missing page from the memory file with UFFDIO_COPY. Returns the number of pages it filled
+/// once the VMM closes the userfaultfd (or `stop` is set).
+mod uffd_handler {
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixListener;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+    const PAGE: u64 = 4096;
+    const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+    #[repr(C)]
+    struct UffdioCopy {
+        dst: u64,
+        src: u64,
+        len: u64,
+        mode: u64,
+        copy: i64,
+    }
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_COPY, 0xaa, 0x03, UffdioCopy);
+
+    pub fn serve(listener: UnixListener, mem: File, stop: Arc<AtomicBool>) -> u64 {
+        let (stream, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 4096];
+        let (n, fd) = stream.recv_with_fd(&mut buf[..]).unwrap();
+        let uffd = fd.expect("the VMM sends the userfaultfd");
+        let regions: Vec<serde_json::Value> = serde_json::from_slice(&buf[..n]).unwrap();
+        for r in &regions {
+            assert_eq!(r["page_size"], 4096, "{r}");
+            assert_eq!(
+                r["page_size_kib"], 4096,
+                "the older field, in bytes as Firecracker sends it"
+            );
+        }
+        let len = mem.metadata().unwrap().len() as usize;
+        // SAFETY: maps the memory file read-only and private; nothing else maps it here.
+        let src = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                mem.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(src, libc::MAP_FAILED);
+        let mut filled = 0;
+        let mut msg = [0u8; 32];
+        while !stop.load(Ordering::SeqCst) {
+            let mut pfd = libc::pollfd {
+                fd: uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd, valid for the call.
+            if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
+                continue;
+            }
+            if pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                break;
+            }
+            let mut f = &uffd;
+            use std::io::Read;
+            match f.read(&mut msg) {
+                Ok(32) => {}
+                Ok(0) => break,
+                Ok(_) | Err(_) => continue,
+            }
+            if msg[0] != UFFD_EVENT_PAGEFAULT {
+                continue;
+            }
+            let addr = u64::from_le_bytes(msg[16..24].try_into().unwrap()) & !(PAGE - 1);
+            let r = regions
+                .iter()
+                .find(|r| {
+                    let base = r["base_host_virt_addr"].as_u64().unwrap();
+                    addr >= base && addr < base + r["size"].as_u64().unwrap()
+                })
+                .expect("a fault inside a region");
+            let offset =
+                r["offset"].as_u64().unwrap() + addr - r["base_host_virt_addr"].as_u64().unwrap();
+            let mut copy = UffdioCopy {
+                dst: addr,
+                src: src as u64 + offset,
+                len: PAGE,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: copies one page from the mapped file into the registered range the VMM
+            // named; the ioctl reads and writes one `UffdioCopy`.
+            let rc =
+                unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&uffd, UFFDIO_COPY(), &mut copy) };
+            if rc == 0 {
+                filled += 1;
+            }
+        }
+        // SAFETY: unmaps what was mapped above.
+        unsafe { libc::munmap(src, len) };
+        drop(uffd);
+        filled
+    }
+
+    pub fn start(
+        sock: &std::path::Path,
+        mem: &std::path::Path,
+    ) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
+        let listener = UnixListener::bind(sock).unwrap();
+        let file = File::open(mem).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        (stop, std::thread::spawn(move || serve(listener, file, s)))
+    }
+}
+
+#[test]
+fn a_uffd_page_fault_handler_serves_a_restored_vm() {
+    let v = boot_counter("snap-uffd", "", 64, false, None);
+    let seen = wait_tick(&v, 3);
+    let last = pause(&v, &seen);
+    let files = scratch("snap-uffd-files");
+    let (state, mem) = (files.join("state"), files.join("mem"));
+    create(&v, "Full", &state, &mem);
+    kill9(v);
+    let sock = files.join("uffd.sock");
+    let (stop, handler) = uffd_handler::start(&sock, &mem);
+    let c = Vireo::start("snap-uffd-restored");
+    let (code, body) = c.req(
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"Uffd","backend_path":"{}"}},"resume_vm":true}}"#,
+            state.display(),
+            sock.display()
+        ),
+    );
+    assert_eq!(code, 204, "{body}");
+    let seen = wait_tick(&c, last + 5);
+    let ticks: Vec<u64> = seen.iter().filter_map(|l| tick(l)).collect();
+    assert!(ticks[0] <= last + 2, "{seen:?}");
+    // A snapshot of it reads every page through the handler, and holds the same memory.
+    let _ = pause(&c, &[]);
+    let (s2, m2) = (files.join("state2"), files.join("mem2"));
+    create(&c, "Full", &s2, &m2);
+    assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let filled = handler.join().unwrap();
+    assert!(filled > 1000, "the handler filled {filled} pages");
+    let c = Vireo::start("snap-uffd-again");
+    let (code, body) = c.req("PUT", "/snapshot/load", &load_body(&s2, &m2, true));
+    assert_eq!(code, 204, "{body}");
+    wait_tick(&c, last + 8);
+    assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    // Nobody listening: a clear error.
+    let c = Vireo::start("snap-uffd-nobody");
+    let (code, body) = c.req(
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"Uffd","backend_path":"{}"}}}}"#,
+            state.display(),
+            files.join("absent.sock").display()
+        ),
+    );
+    assert_eq!(code, 400);
+    assert!(
+        body.contains("cannot connect to the page-fault handler"),
+        "{body}"
+    );
+    assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    let _ = std::fs::remove_dir_all(&files);
+}

@@ -6,7 +6,7 @@ use std::fs::File;
 use thiserror::Error;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
-use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestRegionMmap};
 
 /// Guest memory as vireo maps it (with the devices' dirty bitmap).
 pub type GuestMemoryMmap = devices::virtio::GuestMemoryMmap;
@@ -17,6 +17,9 @@ pub enum Error {
     /// The size does not fit the layout.
     #[error(transparent)]
     Layout(#[from] arch::layout::Error),
+    /// The Uffd backend could not be set up.
+    #[error("{0}")]
+    Uffd(String),
     /// mmap failed.
     #[error("cannot map {size} bytes of guest memory: {err}")]
     Map {
@@ -33,9 +36,19 @@ pub struct Memory {
     pub guest: GuestMemoryMmap,
     /// Whether KVM logs the pages the guest writes (for diff snapshots).
     pub track_dirty: bool,
-    /// The snapshot memory file the RAM is a private mapping of, if it was restored. Its
-    /// pages the guest has not written are still read from it.
-    pub backing: Option<File>,
+    /// Where pages the guest has not written yet come from.
+    pub backing: Backing,
+}
+
+/// Where a VM's memory pages come from before the guest writes them.
+pub enum Backing {
+    /// Zero pages (a booted VM).
+    Anonymous,
+    /// A snapshot memory file mapped privately; unwritten pages are read from it.
+    File(File),
+    /// A page-fault handler fills pages on first touch through this userfaultfd; pages it has
+    /// not filled yet exist only in the handler's source.
+    Uffd(File),
 }
 
 /// Where each RAM slot starts in guest physical memory, how long it is, and where it lies
@@ -55,15 +68,74 @@ pub fn slots(size: u64) -> Result<Vec<(GuestAddress, usize, u64)>, Error> {
 impl Memory {
     /// Maps `size` bytes of anonymous guest RAM; pages are backed when first touched.
     pub fn anonymous(size: u64, track_dirty: bool) -> Result<Self, Error> {
-        Self::map(size, None, track_dirty)
+        let guest = Self::map(size, None)?;
+        Ok(Self {
+            guest,
+            track_dirty,
+            backing: Backing::Anonymous,
+        })
     }
 
     /// Maps `size` bytes of guest RAM privately from `file` (a snapshot's memory file).
     pub fn from_file(file: File, size: u64, track_dirty: bool) -> Result<Self, Error> {
-        Self::map(size, Some(file), track_dirty)
+        let guest = Self::map(size, Some(&file))?;
+        Ok(Self {
+            guest,
+            track_dirty,
+            backing: Backing::File(file),
+        })
     }
 
-    fn map(size: u64, file: Option<File>, track_dirty: bool) -> Result<Self, Error> {
+    /// Maps `size` bytes of anonymous guest RAM whose pages the page-fault handler listening
+    /// on `socket` fills, as Firecracker's Uffd backend does: the RAM is registered with a
+    /// userfaultfd, which is sent to the handler (SCM_RIGHTS) with a JSON list of the regions
+    /// (`base_host_virt_addr`, `size`, `offset` in the memory file, `page_size`, and the older
+    /// `page_size_kib`, which also holds bytes).
+    pub fn from_uffd(
+        size: u64,
+        track_dirty: bool,
+        socket: &std::path::Path,
+    ) -> Result<Self, Error> {
+        let guest = Self::map(size, None)?;
+        let uffd = uffd::register(&guest).map_err(|e| Error::Uffd(format!("userfaultfd: {e}")))?;
+        let mappings: Vec<serde_json::Value> = guest
+            .iter()
+            .zip(slots(size)?)
+            .map(|(region, (_, len, offset))| {
+                serde_json::json!({
+                    "base_host_virt_addr": region.as_ptr() as u64,
+                    "size": len,
+                    "offset": offset,
+                    "page_size": uffd::PAGE,
+                    "page_size_kib": uffd::PAGE,
+                })
+            })
+            .collect();
+        let body = serde_json::to_vec(&mappings).unwrap_or_default();
+        let stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+            Error::Uffd(format!(
+                "cannot connect to the page-fault handler at {}: {e}",
+                socket.display()
+            ))
+        })?;
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        stream
+            .send_with_fd(&body[..], uffd.as_raw_fd())
+            .map_err(|e| {
+                Error::Uffd(format!(
+                    "cannot send the userfaultfd to the page-fault handler at {}: {e}",
+                    socket.display()
+                ))
+            })?;
+        Ok(Self {
+            guest,
+            track_dirty,
+            backing: Backing::Uffd(uffd),
+        })
+    }
+
+    fn map(size: u64, file: Option<&File>) -> Result<GuestMemoryMmap, Error> {
         let err = |e: String| Error::Map { size, err: e };
         let mut regions = Vec::new();
         for (addr, len, offset) in slots(size)? {
@@ -87,11 +159,76 @@ impl Memory {
                     .ok_or_else(|| err("a region ends past the address space".into()))?,
             );
         }
-        let guest = GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))?;
-        Ok(Self {
-            guest,
-            track_dirty,
-            backing: file,
-        })
+        GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))
+    }
+}
+
+/// The userfaultfd calls (linux/userfaultfd.h), which no crate vireo uses wraps.
+mod uffd {
+    use super::GuestMemoryMmap;
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+    /// Page size the handler fills in.
+    pub const PAGE: usize = 4096;
+    const UFFD_API: u64 = 0xaa;
+    const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+
+    #[repr(C)]
+    struct UffdioApi {
+        api: u64,
+        features: u64,
+        ioctls: u64,
+    }
+
+    #[repr(C)]
+    struct UffdioRegister {
+        start: u64,
+        len: u64,
+        mode: u64,
+        ioctls: u64,
+    }
+
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_API, 0xaa, 0x3f, UffdioApi);
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_REGISTER, 0xaa, 0x00, UffdioRegister);
+
+    /// A userfaultfd with every region of `mem` registered for missing-page faults.
+    pub fn register(mem: &GuestMemoryMmap) -> std::io::Result<File> {
+        // SAFETY: the syscall takes only flags and returns a new descriptor or -1.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd as i32) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes exactly one `UffdioApi`, which outlives the call.
+        let r = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, UFFDIO_API(), &mut api) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for region in mem.iter() {
+            let mut reg = UffdioRegister {
+                start: region.as_ptr() as u64,
+                len: region.len(),
+                mode: UFFDIO_REGISTER_MODE_MISSING,
+                ioctls: 0,
+            };
+            // SAFETY: the range is one live mapping of guest memory that `mem` owns; the ioctl
+            // reads and writes exactly one `UffdioRegister`.
+            let r = unsafe {
+                vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, UFFDIO_REGISTER(), &mut reg)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(file)
     }
 }

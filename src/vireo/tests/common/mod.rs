@@ -433,3 +433,13 @@ impl Vireo {
         code
     }
 }
+
+impl Drop for Vireo {
+    /// A test that fails part way must not leave its VMM running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,13 +1,14 @@
 //! Writing guest memory into a snapshot's memory file, and merging a diff into its base.
 //!
 //! A full snapshot writes only pages that can hold data: those present in the mapping or
-//! swapped out (/proc/self/pagemap) and, for a VM that was itself restored, those the parent's memory file has data
-//! for (SEEK_DATA), since pages the guest never wrote are still read from that file. Of these,
+//! swapped out (/proc/self/pagemap) and, for a VM that was itself restored, those the parent's
+//! memory file has data for (SEEK_DATA), since pages the guest never wrote are still read from
+//! that file (a VM whose pages a userfaultfd handler fills has every page read). Of these,
 //! pages that are all zero are left as holes. A diff snapshot writes the pages written since
 //! the previous snapshot: by the guest (KVM's dirty log) and by vireo's devices (the dirty
 //! bitmap of guest memory), zero or not, so that merging it over its base is exact.
 
-use crate::memory::{slots, Memory};
+use crate::memory::{slots, Backing, Memory};
 use crate::vstate::vm::Vm;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -123,8 +124,13 @@ pub fn write_full(mem: &Memory, file: &File) -> std::io::Result<DumpStats> {
     let mut page = [0u8; PAGE];
     let layout = slots(size).map_err(std::io::Error::other)?;
     for (region, &(addr, len, offset)) in mem.guest.iter().zip(&layout) {
-        let mut want = touched(region.as_ptr(), len)?;
-        if let Some(parent) = &mem.backing {
+        let mut want = match &mem.backing {
+            // Pages the handler has not filled yet are only in its source: every page is read
+            // (which makes the handler fill it).
+            Backing::Uffd(_) => vec![true; len.div_ceil(PAGE)],
+            _ => touched(region.as_ptr(), len)?,
+        };
+        if let Backing::File(parent) = &mem.backing {
             file_data(parent, offset, len as u64, &mut want)?;
         }
         for (p, _) in want.iter().enumerate().filter(|(_, &w)| w) {

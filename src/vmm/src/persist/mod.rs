@@ -391,11 +391,8 @@ impl RunningVm {
         let memory = match &p.mem {
             MemBackend::File(path) => open_memory(path, &snap.meta, p.track_dirty_pages)?,
             MemBackend::Uffd(path) => {
-                return Err(path_err(
-                    "mem_backend",
-                    path,
-                    "the Uffd backend is not supported by vireo yet; use File",
-                ))
+                Memory::from_uffd(snap.meta.mem_size, p.track_dirty_pages, path)
+                    .map_err(|e| path_err("mem_backend", path, e))?
             }
         };
         tracing::debug!(
