@@ -8,6 +8,9 @@
 //!   (`buf_alloc` 16 KiB) so that the host must wait for credit, then send as many back and
 //!   shut the connection down.
 //!
+//! With `vireo.vsockevents` it only posts event buffers and reports each event (a restored
+//! device sends TRANSPORT_RESET).
+//!
 //! Stream byte `i` is `(i * 7 + seed) % 251` (seed 0 host to guest, 1 guest to host).
 
 use crate::io::{peek, poke, puts};
@@ -55,6 +58,7 @@ struct Vsock {
     cid: u64,
     rx: Queue,
     tx: Queue,
+    events: Queue,
     tx_next: u16,
     /// The receive buffer advertised to the host.
     buf_alloc: u32,
@@ -114,7 +118,7 @@ impl Vsock {
             }
             set(0x44, 1);
         }
-        let [rx, tx, _events] = queues;
+        let [rx, tx, events] = queues;
         apic::route_irq(irq, apic::VIRTIO_VECTOR, bsp);
         set(0x70, 15);
         let mut v = Vsock {
@@ -122,6 +126,7 @@ impl Vsock {
             cid: u64::from(reg(0x100)) | u64::from(reg(0x104)) << 32,
             rx,
             tx,
+            events,
             tx_next: 0,
             buf_alloc: GUEST_BUF,
         };
@@ -415,6 +420,45 @@ fn bench(v: &mut Vsock, total: u64) {
 }
 
 /// The vsock test on the device at `base`.
+/// Where event buffers go.
+const EVENT_BUFS: u64 = BASE + 0x30_0000;
+const EVENT_SLOTS: u16 = 4;
+
+/// `vireo.vsockevents`: posts buffers on the event queue and reports every event the device
+/// sends (`@vsock event id=N`; 0 is TRANSPORT_RESET), forever, waking every 20 ms.
+fn events(v: &mut Vsock) -> ! {
+    for i in 0..EVENT_SLOTS {
+        poke::<u32>(EVENT_BUFS + u64::from(i) * 16, 0xffff_ffff);
+        publish(&mut v.events, i, EVENT_BUFS + u64::from(i) * 16, 4, true);
+    }
+    poke::<u32>(v.base + 0x50, 2);
+    puts(b"@vsock events posted\n");
+    loop {
+        while let Some((id, len)) = v.events.pop_used() {
+            puts(b"@vsock event");
+            field(
+                b"id",
+                u64::from(peek::<u32>(EVENT_BUFS + u64::from(id) * 16)),
+                false,
+            );
+            field(b"len", u64::from(len), false);
+            puts(b"\n");
+            poke::<u32>(EVENT_BUFS + u64::from(id) * 16, 0xffff_ffff);
+            publish(&mut v.events, id, EVENT_BUFS + u64::from(id) * 16, 4, true);
+            poke::<u32>(v.base + 0x50, 2);
+        }
+        v.events.arm();
+        let before = apic::timer_irqs();
+        apic::start_watchdog(20);
+        while apic::timer_irqs() == before && v.events.used_idx() == v.events.used_seen {
+            // SAFETY: wait for the device or the timer; the handlers only count.
+            unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
+        }
+        let isr = peek::<u32>(v.base + 0x60);
+        poke::<u32>(v.base + 0x64, isr);
+    }
+}
+
 pub fn test(info: &crate::boot::BootInfo, base: u64, irq: u32, bsp: u8) {
     let total = info
         .option_value(b"vireo.vsockbytes")
@@ -440,6 +484,9 @@ pub fn test(info: &crate::boot::BootInfo, base: u64, irq: u32, bsp: u8) {
     if info.option_value(b"vireo.vsockbench").is_some() {
         bench(&mut v, total);
         return;
+    }
+    if info.has_option(b"vireo.vsockevents") {
+        events(&mut v);
     }
     if let Some(n) = info.option_value(b"vireo.vsockecho") {
         let n = n

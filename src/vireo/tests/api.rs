@@ -311,7 +311,7 @@ fn bad_requests_get_a_fault_message_and_the_server_keeps_going() {
             "PUT",
             "/snapshot/create",
             r#"{"snapshot_path":"a","mem_file_path":"b"}"#.into(),
-            "snapshotting is not supported",
+            "cannot create a snapshot: the microVM is not running",
         ),
         (
             "PUT",

@@ -297,11 +297,17 @@ fn a_snapshot_of_a_restored_vm_is_whole_after_the_parent_memory_is_gone() {
     let (s1, m1) = (dir.join("s1"), dir.join("m1"));
     create(&v, "Full", &s1, &m1);
     kill9(v);
+    // Guest memory without the trailer and without the VM generation ID (0xff000, 16 bytes),
+    // which every restore replaces.
+    const GENID: std::ops::Range<usize> = 0xff000..0xff010;
     let guest_mem = |m: &Path| {
-        let b = file_bytes(m);
-        fnv1a(&b[..b.len() - 4096])
+        let mut b = file_bytes(m);
+        b.truncate(b.len() - 4096);
+        let id = b[GENID].to_vec();
+        b[GENID].fill(0);
+        (fnv1a(&b), id)
     };
-    let parent_hash = guest_mem(&m1);
+    let (parent_hash, parent_id) = guest_mem(&m1);
 
     // Restored and left paused, the clone's memory is the parent's, read from its file.
     let c = Vireo::start("snap-chain-c1");
@@ -314,10 +320,14 @@ fn a_snapshot_of_a_restored_vm_is_whole_after_the_parent_memory_is_gone() {
     create(&c, "Full", &s2, &m2);
     kill9(c);
     std::fs::remove_file(&m1).unwrap();
+    let (clone_hash, clone_id) = guest_mem(&m2);
     assert_eq!(
-        guest_mem(&m2),
-        parent_hash,
+        clone_hash, parent_hash,
         "the clone's snapshot holds all memory"
+    );
+    assert_ne!(
+        clone_id, parent_id,
+        "the restore gave the VM a new generation ID"
     );
 
     let c = Vireo::start("snap-chain-c2");
@@ -969,6 +979,74 @@ fn a_uffd_page_fault_handler_serves_a_restored_vm() {
         body.contains("cannot connect to the page-fault handler"),
         "{body}"
     );
+    assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    let _ = std::fs::remove_dir_all(&files);
+}
+
+#[test]
+fn a_restored_vsock_device_resets_the_guest_connections_and_listens_at_the_override() {
+    let files = scratch("snap-vsock-files");
+    let v = Vireo::start("snap-vsock");
+    ok(
+        &v,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 vireo.vsocktest vireo.vsockevents"}}"#,
+            guest("elf").display()
+        ),
+    );
+    let uds = files.join("v.sock");
+    ok(
+        &v,
+        "PUT",
+        "/vsock",
+        &format!(r#"{{"guest_cid":3,"uds_path":"{}"}}"#, uds.display()),
+    );
+    ok(&v, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    wait_prefix(&v, "@vsock events posted");
+    pause(&v, &[]);
+    let (state, mem) = (files.join("state"), files.join("mem"));
+    create(&v, "Full", &state, &mem);
+    assert_eq!(v.stop(libc::SIGTERM), Some(143));
+
+    let c = Vireo::start("snap-vsock-restored");
+    let moved = files.join("moved.sock");
+    let (code, body) = c.req(
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"File","backend_path":"{}"}},"resume_vm":true,"vsock_override":{{"uds_path":"{}"}}}}"#,
+            state.display(),
+            mem.display(),
+            moved.display()
+        ),
+    );
+    assert_eq!(code, 204, "{body}");
+    let event = wait_prefix(&c, "@vsock event");
+    assert_eq!(field(&event, "id"), Some("0"), "TRANSPORT_RESET: {event}");
+    assert_eq!(field(&event, "len"), Some("4"), "{event}");
+    // The host side now listens at the override.
+    let mut s =
+        std::os::unix::net::UnixStream::connect(&moved).expect("vsock socket at the override");
+    use std::io::Write;
+    s.write_all(b"CONNECT 5000\n").unwrap();
+    drop(s);
+    assert!(!uds.exists() || std::os::unix::net::UnixStream::connect(&uds).is_err());
+    assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    // An override for a device the snapshot lacks, or an interface it lacks, is refused.
+    let c = Vireo::start("snap-vsock-bad-override");
+    let (code, body) = c.req(
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path":"{}","mem_file_path":"{}","network_overrides":[{{"iface_id":"eth9","host_dev_name":"tap9"}}]}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    assert_eq!(code, 400);
+    assert!(body.contains("no network interface 'eth9'"), "{body}");
     assert_eq!(c.stop(libc::SIGTERM), Some(143));
     let _ = std::fs::remove_dir_all(&files);
 }
