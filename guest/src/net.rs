@@ -16,7 +16,8 @@
 //! `vireo.netmmds=1|2` (read `vireo.netmmdskey` from MMDS over V1 or V2, at
 //! `vireo.netmmdsip`, over a minimal TCP client), `vireo.nethostile` (send malformed chains first), `vireo.netarp` (stop once the host's
 //! address is resolved), `vireo.nettso` (send one 64 KiB TCP
-//! segment with TSO to `vireo.nettsodst`).
+//! segment with TSO to `vireo.nettsodst`), `vireo.netcsum` (accept checksum and TSO offloads
+//! from the host).
 //!
 //! Runs at CPL0, which on some hosts is emulated instruction by instruction: the host builds
 //! and checks the heavy data; the guest touches a few bytes per frame.
@@ -906,7 +907,7 @@ pub fn test(info: &crate::boot::BootInfo, slot: usize, base: u64, irq: u32, bsp:
     let pause_at = info.option_value(b"vireo.netpause").and_then(parse_u64);
     let bench = info.has_option(b"vireo.netbench");
     // The benchmark takes 64 KiB segments from the host too.
-    let extra = if bench {
+    let extra = if bench || info.has_option(b"vireo.netcsum") {
         F_GUEST_CSUM | F_GUEST_TSO4
     } else {
         0

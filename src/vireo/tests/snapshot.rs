@@ -1050,3 +1050,107 @@ fn a_restored_vsock_device_resets_the_guest_connections_and_listens_at_the_overr
     assert_eq!(c.stop(libc::SIGTERM), Some(143));
     let _ = std::fs::remove_dir_all(&files);
 }
+
+/// Whether the host may hand `dev` packets with a partial checksum (ETHTOOL_GTXCSUM): what a
+/// TAP does once vireo applies the guest's checksum offload to it (TUNSETOFFLOAD).
+fn tap_tx_csum(dev: &str) -> bool {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct Ifreq {
+        name: [u8; 16],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GTXCSUM: u32 = 0x16;
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_GTXCSUM,
+        data: 0,
+    };
+    let mut req = Ifreq {
+        name: [0; 16],
+        data: &mut value,
+        _pad: [0; 16],
+    };
+    req.name[..dev.len()].copy_from_slice(dev.as_bytes());
+    // SAFETY: a datagram socket for the ioctl, closed below; the ioctl reads `req` and writes
+    // `value`, both alive for the call.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        assert!(s >= 0);
+        let r = libc::ioctl(s, SIOCETHTOOL, &mut req);
+        libc::close(s);
+        assert_eq!(r, 0, "SIOCETHTOOL on {dev}");
+    }
+    value.data != 0
+}
+
+#[test]
+fn a_restored_interface_on_a_new_tap_passes_traffic_with_its_offloads() {
+    let ns = NetNs::enter("snapnet");
+    ns.tap("tap0", Some("10.0.0.1/24"));
+    let hello = std::net::UdpSocket::bind("10.0.0.1:6000").unwrap();
+    hello.set_read_timeout(Some(DEADLINE)).unwrap();
+    let files = scratch("snap-net-files");
+    let v = Vireo::start("snap-net");
+    ok(
+        &v,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 vireo.nettest vireo.netcsum"}}"#,
+            guest("elf").display()
+        ),
+    );
+    ok(
+        &v,
+        "PUT",
+        "/network-interfaces/eth0",
+        r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"02:00:00:00:00:02"}"#,
+    );
+    ok(&v, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    wait_prefix(&v, "@net ready");
+    let mut buf = [0u8; 256];
+    let (n, _) = hello.recv_from(&mut buf).expect("the guest's hello");
+    assert_eq!(&buf[..n], b"hello from vireo");
+    assert!(tap_tx_csum("tap0"), "the guest's offloads on its TAP");
+    pause(&v, &[]);
+    let (state, mem) = (files.join("state"), files.join("mem"));
+    create(&v, "Full", &state, &mem);
+    assert_eq!(v.stop(libc::SIGTERM), Some(143));
+
+    // The clone gets a new TAP with the host's address; it starts without offloads.
+    ns.sh("ip link del tap0");
+    ns.tap("tap1", Some("10.0.0.1/24"));
+    assert!(!tap_tx_csum("tap1"));
+    let c = Vireo::start("snap-net-restored");
+    let (code, body) = c.req(
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"File","backend_path":"{}"}},"resume_vm":true,"network_overrides":[{{"iface_id":"eth0","host_dev_name":"tap1"}}]}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    assert_eq!(code, 204, "{body}");
+    assert!(
+        tap_tx_csum("tap1"),
+        "the negotiated offloads are applied to the new TAP"
+    );
+    let host = std::net::UdpSocket::bind("10.0.0.1:0").unwrap();
+    host.send_to(b"hello after restore", "10.0.0.2:5000")
+        .unwrap();
+    let got = wait_prefix(&c, "@net udp-rx");
+    let hex: String = b"hello after restore"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(field(&got, "data"), Some(hex.as_str()), "{got}");
+    assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    let _ = std::fs::remove_dir_all(&files);
+}
