@@ -95,6 +95,12 @@ pub fn report_cpu(role: &[u8]) {
     put_dec(u64::from(cpuid_id));
     puts(b" ");
     puts(role);
+    // What CPU templates change: leaf 1 ECX/EDX and leaf 7 EBX.
+    let l1 = core::arch::x86_64::__cpuid(1);
+    let l7 = core::arch::x86_64::__cpuid_count(7, 0);
+    crate::field(b"leaf1_ecx", u64::from(l1.ecx), true);
+    crate::field(b"leaf1_edx", u64::from(l1.edx), true);
+    crate::field(b"leaf7_ebx", u64::from(l7.ebx), true);
     puts(b"\n");
 }
 

@@ -152,7 +152,9 @@ pub fn parse_request(method: &str, path: &str, raw: &[u8]) -> Result<VmmAction, 
         | ("PATCH", ["balloon", "hinting", "start" | "stop"]) => {
             not_yet("the balloon device (free page hinting)")
         }
-        ("PUT", ["cpu-config"]) => not_yet("custom CPU templates (cpu-config)"),
+        ("PUT", ["cpu-config"]) => {
+            body::<vmm::cpu_config::CpuConfig>(&what, raw).map(VmmAction::PutCpuConfig)
+        }
         ("PUT" | "PATCH", ["pmem", _]) => not_yet("the virtio-pmem device (pmem)"),
         ("GET", ["mmds"]) => empty_body(VmmAction::GetMmds),
         ("PUT", ["mmds"]) => body::<serde_json::Value>(&what, raw).map(VmmAction::PutMmds),

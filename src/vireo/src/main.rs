@@ -449,6 +449,7 @@ fn main() -> ExitCode {
                 drives: args.drives,
                 rng: args.rng,
                 track_dirty_pages: false,
+                cpu_template: None,
                 nets: args
                     .nets
                     .into_iter()

@@ -1162,7 +1162,7 @@ fn firecracker_route_table(dir: &Path) -> Vec<RouteCase> {
         ("GET", "/balloon/hinting/status", "/balloon/hinting/status", String::new(), 400, MISSING),
         ("PATCH", "/balloon/hinting/stop", "/balloon/hinting/stop", "{}".into(), 400, MISSING),
         ("PUT", "/boot-source", "/boot-source", format!(r#"{{"kernel_image_path":"{elf}","boot_args":"console=ttyS0"}}"#), 204, ""),
-        ("PUT", "/cpu-config", "/cpu-config", "{}".into(), 400, MISSING),
+        ("PUT", "/cpu-config", "/cpu-config", r#"{"cpuid_modifiers":[]}"#.into(), 204, ""),
         ("PUT", "/drives/{drive_id}", "/drives/cov", format!(r#"{{"drive_id":"cov","path_on_host":"{img_s}","is_root_device":true,"cache_type":"Unsafe","io_engine":"Sync"}}"#), 204, ""),
         ("PATCH", "/drives/{drive_id}", "/drives/cov", format!(r#"{{"drive_id":"cov","path_on_host":"{img_s}"}}"#), 204, ""),
         ("PUT", "/pmem/{id}", "/pmem/p0", r#"{"id":"p0","path_on_host":"/x"}"#.into(), 400, MISSING),

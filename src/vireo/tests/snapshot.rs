@@ -1154,3 +1154,171 @@ fn a_restored_interface_on_a_new_tap_passes_traffic_with_its_offloads() {
     assert_eq!(c.stop(libc::SIGTERM), Some(143));
     let _ = std::fs::remove_dir_all(&files);
 }
+
+/// Leaf 1 ECX and leaf 7 EBX from the guest's `@cpu ... bsp` line.
+fn cpu_regs(v: &Vireo) -> (u64, u64) {
+    let line = wait_prefix(v, "@cpu apic=0");
+    let reg = |name: &str| {
+        let hex = field(&line, name).unwrap_or_else(|| panic!("{name} in {line}"));
+        u64::from_str_radix(hex.trim_start_matches("0x"), 16).unwrap()
+    };
+    (reg("leaf1_ecx"), reg("leaf7_ebx"))
+}
+
+const CPU_TEMPLATE: &str = r#"{"cpuid_modifiers":[
+    {"leaf":"0x1","subleaf":"0x0","flags":0,"modifiers":[{"register":"ecx","bitmap":"0b0"}]},
+    {"leaf":"0x7","subleaf":"0x0","flags":1,"modifiers":[{"register":"ebx","bitmap":"0bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0"}]}],
+  "msr_modifiers":[{"addr":"0xc0000103","bitmap":"0b101"}]}"#;
+
+/// Boots the counting guest with the template above.
+fn boot_with_template(name: &str) -> Vireo {
+    let v = Vireo::start(name);
+    ok(&v, "PUT", "/cpu-config", CPU_TEMPLATE);
+    ok(
+        &v,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 vireo.count=0 vireo.tickms=10"}}"#,
+            guest("elf").display()
+        ),
+    );
+    ok(&v, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    v
+}
+
+/// The CPUID register of a saved vCPU: `reg` 0-3 for EAX-EDX.
+fn saved_cpuid(state: &Path, leaf: u32, sub: u32, reg: usize) -> u32 {
+    let vcpus = sections(&file_bytes(state))
+        .into_iter()
+        .find(|(n, _)| n == "vcpus")
+        .unwrap()
+        .1;
+    let vcpus: serde_json::Value = serde_json::from_slice(&vcpus).unwrap();
+    let entry: Vec<u8> = vcpus[0]["cpuid"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e.as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+                .collect::<Vec<u8>>()
+        })
+        .find(|b| b[0..4] == leaf.to_le_bytes() && b[4..8] == sub.to_le_bytes())
+        .expect("the leaf in the saved CPUID");
+    u32::from_le_bytes(entry[12 + 4 * reg..16 + 4 * reg].try_into().unwrap())
+}
+
+#[test]
+#[cfg_attr(
+    not(vireo_hw_virt),
+    ignore = "skipped: this host's KVM (PVM) does not apply CPUID changes"
+)]
+fn a_custom_cpu_template_sets_the_vcpus_cpuid_and_travels_with_snapshots() {
+    // Without a template, then with: KVM's CPUID for the vCPU differs in the template's bits.
+    let files = scratch("cpu-template-files");
+    let mut saved = Vec::new();
+    for (name, v) in [
+        ("plain", boot_counter("cpu-plain", "", 64, false, None)),
+        ("templated", boot_with_template("cpu-template")),
+    ] {
+        let seen = wait_tick(&v, 2);
+        pause(&v, &seen);
+        let (state, mem) = (
+            files.join(format!("{name}.state")),
+            files.join(format!("{name}.mem")),
+        );
+        create(&v, "Full", &state, &mem);
+        assert_eq!(v.stop(libc::SIGTERM), Some(143));
+        saved.push((
+            saved_cpuid(&state, 1, 0, 2),
+            saved_cpuid(&state, 7, 0, 1),
+            state,
+            mem,
+        ));
+    }
+    let (plain, templated) = (&saved[0], &saved[1]);
+    assert_eq!(plain.0 & 1, 1, "this host offers SSE3 (leaf 1 ECX bit 0)");
+    assert_eq!(
+        plain.1 & 1,
+        1,
+        "this host offers FSGSBASE (leaf 7 EBX bit 0)"
+    );
+    assert_eq!(
+        (templated.0, templated.1),
+        (plain.0 & !1, plain.1 & !1),
+        "only the template's bits changed"
+    );
+    // The restored VM runs with the template's CPUID.
+    let c = Vireo::start("cpu-template-restored");
+    let (code, body) = c.req(
+        "PUT",
+        "/snapshot/load",
+        &load_body(&templated.2, &templated.3, true),
+    );
+    assert_eq!(code, 204, "{body}");
+    wait_tick(&c, 6);
+    assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    let _ = std::fs::remove_dir_all(&files);
+}
+
+/// On hosts where KVM virtualises CPUID (VMX or SVM), the guest sees the template.
+#[test]
+#[cfg_attr(
+    not(vireo_hw_virt),
+    ignore = "skipped: this host's KVM (PVM) does not apply CPUID changes"
+)]
+fn the_guest_sees_the_cpu_template() {
+    let plain = boot_counter("cpu-guest-plain", "", 64, false, None);
+    let (ecx, ebx) = cpu_regs(&plain);
+    assert_eq!(plain.stop(libc::SIGTERM), Some(143));
+    let v = boot_with_template("cpu-guest-template");
+    assert_eq!(cpu_regs(&v), (ecx & !1, ebx & !1));
+    assert_eq!(v.stop(libc::SIGTERM), Some(143));
+}
+
+/// Templates are checked when given; and a host whose KVM keeps its own CPUID (PVM) refuses to
+/// start with one, naming the leaf, rather than run a VM that does not match the template.
+#[test]
+fn bad_templates_and_hosts_that_ignore_them_are_refused() {
+    let v = Vireo::start("cpu-template-bad");
+    for (body, needle) in [
+        (
+            r#"{"cpuid_modifiers":[{"leaf":"0x1","subleaf":"0x0","modifiers":[{"register":"ecx","bitmap":"0b2"}]}]}"#,
+            "'2' is not 0, 1 or x",
+        ),
+        (r#"{"kvm_capabilities":["!56"]}"#, "kvm_capabilities"),
+        (r#"{"cpuid_modifiers":[],"bogus":1}"#, "unknown field"),
+    ] {
+        let (code, answer) = v.req("PUT", "/cpu-config", body);
+        assert_eq!(code, 400, "{body}: {answer}");
+        assert!(answer.contains(needle), "{body}: {answer}");
+    }
+    drop(v);
+    let v = Vireo::start("cpu-template-host");
+    ok(&v, "PUT", "/cpu-config", CPU_TEMPLATE);
+    let (code, cfg) = v.req("GET", "/vm/config", "");
+    assert_eq!(code, 200);
+    assert!(cfg.contains("0xc0000103"), "{cfg}");
+    ok(
+        &v,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 vireo.count=1"}}"#,
+            guest("elf").display()
+        ),
+    );
+    let (code, body) = v.req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    if cfg!(vireo_hw_virt) {
+        assert_eq!(code, 204, "{body}");
+    } else {
+        assert_eq!(code, 400, "{body}");
+        assert!(
+            body.contains("does not apply CPUID changes (leaf 0x1.0 ecx"),
+            "{body}"
+        );
+    }
+}

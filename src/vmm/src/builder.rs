@@ -144,7 +144,7 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
     for index in 0..config.vcpus {
         let vcpu = Vcpu::new(&vm, index)?;
         let entry = (index == 0).then_some((boot.mode, boot.entry));
-        vcpu.configure(&vm, config.vcpus, entry)?;
+        vcpu.configure(&vm, config.vcpus, entry, config.cpu_template.as_ref())?;
         vcpus.push(vcpu);
     }
 

@@ -38,6 +38,9 @@ pub struct VmConfig {
     /// Whether KVM logs the pages the guest writes, so that diff snapshots can be taken.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// A custom CPU template (`PUT /cpu-config`) applied to every vCPU.
+    #[serde(default)]
+    pub cpu_template: Option<crate::cpu_config::CpuTemplate>,
     /// virtio-net interfaces, in the order the guest sees them (eth0, eth1, ...).
     pub nets: Vec<NetConfig>,
     /// The metadata service, answered on the interfaces whose `mmds` is set.

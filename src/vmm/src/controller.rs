@@ -57,6 +57,8 @@ pub enum VmmAction {
     Action(ActionType),
     /// `PATCH /vm`.
     SetVmState(VmState),
+    /// `PUT /cpu-config`.
+    PutCpuConfig(crate::cpu_config::CpuConfig),
     /// `PUT /snapshot/create`.
     CreateSnapshot(crate::persist::CreateParams),
     /// `PUT /snapshot/load` (the serial port is filled in by the controller).
@@ -254,6 +256,10 @@ impl Controller {
                     Ok(VmmData::Empty)
                 }
             },
+            PutCpuConfig(c) => {
+                pre_boot("PUT /cpu-config")?;
+                self.resources.set_cpu_config(c).map(|_| VmmData::Empty)
+            }
             CreateSnapshot(p) => match &mut self.vm {
                 None => fail("cannot create a snapshot: the microVM is not running"),
                 Some(vm) => vm

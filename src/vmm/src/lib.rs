@@ -9,6 +9,7 @@ mod builder;
 pub mod config;
 pub mod console;
 pub mod controller;
+pub mod cpu_config;
 pub mod device_manager;
 pub mod memory;
 pub mod persist;

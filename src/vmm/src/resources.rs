@@ -491,6 +491,8 @@ pub struct VmResources {
     pub logger: Option<LoggerConfig>,
     /// Metrics.
     pub metrics: Option<MetricsConfig>,
+    /// The custom CPU template.
+    pub cpu_config: Option<crate::cpu_config::CpuConfig>,
 }
 
 impl VmResources {
@@ -504,6 +506,14 @@ impl VmResources {
             && self.mmds_config.is_none()
             && self.vsock.is_none()
             && self.entropy.is_none()
+            && self.cpu_config.is_none()
+    }
+
+    /// Applies `PUT /cpu-config`: the template is checked now.
+    pub fn set_cpu_config(&mut self, c: crate::cpu_config::CpuConfig) -> Result<(), ResourceError> {
+        c.compile().map_err(ResourceError)?;
+        self.cpu_config = Some(c);
+        Ok(())
     }
 
     /// Where a restored guest's serial port goes: `PUT /serial`'s file, else stdout.
@@ -827,6 +837,12 @@ impl VmResources {
             drives,
             rng: self.entropy.is_some(),
             track_dirty_pages: self.machine.track_dirty_pages,
+            cpu_template: self
+                .cpu_config
+                .as_ref()
+                .map(|c| c.compile())
+                .transpose()
+                .map_err(ResourceError)?,
             nets: self
                 .interfaces
                 .iter()
@@ -864,7 +880,7 @@ impl VmResources {
         serde_json::json!({
             "balloon": null,
             "boot-source": self.boot_source,
-            "cpu-config": null,
+            "cpu-config": self.cpu_config,
             "drives": self.drives,
             "entropy": self.entropy,
             "logger": self.logger,
@@ -900,7 +916,7 @@ pub struct ConfigFile {
     #[serde(rename = "mmds-config")]
     mmds_config: Option<MmdsConfig>,
     #[serde(rename = "cpu-config")]
-    cpu_config: Option<Value>,
+    cpu_config: Option<crate::cpu_config::CpuConfig>,
     pmem: Option<Vec<Value>>,
     #[serde(rename = "memory-hotplug")]
     memory_hotplug: Option<Value>,
@@ -914,10 +930,6 @@ impl ConfigFile {
             (
                 "balloon",
                 self.balloon.as_ref().is_some_and(|v| !v.is_null()),
-            ),
-            (
-                "cpu-config",
-                self.cpu_config.as_ref().is_some_and(|v| !v.is_null()),
             ),
             ("pmem", self.pmem.as_ref().is_some_and(|v| !v.is_empty())),
             (
@@ -956,6 +968,9 @@ impl ConfigFile {
         }
         if let Some(s) = self.serial {
             r.set_serial(s)?;
+        }
+        if let Some(c) = self.cpu_config {
+            r.set_cpu_config(c)?;
         }
         r.logger = self.logger;
         r.metrics = self.metrics;

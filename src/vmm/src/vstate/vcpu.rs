@@ -23,6 +23,14 @@ pub enum Error {
         /// Cause.
         err: kvm_ioctls::Error,
     },
+    /// The CPU template cannot be applied.
+    #[error("cannot configure vCPU {index}: {reason}")]
+    Template {
+        /// vCPU index.
+        index: u32,
+        /// Why.
+        reason: String,
+    },
     /// KVM refused one of the boot MSRs.
     #[error("cannot configure vCPU {index}: KVM accepted only {set} of {total} boot MSRs")]
     Msrs {
@@ -171,12 +179,32 @@ impl Vcpu {
         vm: &Vm,
         cpu_count: u32,
         boot: Option<(EntryMode, u64)>,
+        template: Option<&crate::cpu_config::CpuTemplate>,
     ) -> Result<(), Error> {
         let mut cpuid = vm.supported_cpuid().clone();
         arch::cpuid::normalize(&mut cpuid, self.index, cpu_count);
+        if let Some(t) = template {
+            t.apply_cpuid(&mut cpuid)
+                .map_err(|reason| Error::Template {
+                    index: self.index,
+                    reason,
+                })?;
+        }
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(self.setup_err("KVM_SET_CPUID2"))?;
+        if let Some(t) = template {
+            // Some hosts (PVM) keep their own CPUID whatever is set: a template they ignore
+            // must not pass for applied.
+            let now = self
+                .fd
+                .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(self.setup_err("KVM_GET_CPUID2"))?;
+            t.check_cpuid(&now).map_err(|reason| Error::Template {
+                index: self.index,
+                reason,
+            })?;
+        }
 
         let entries: Vec<kvm_msr_entry> = arch::msr::boot_msrs()
             .into_iter()
@@ -197,6 +225,38 @@ impl Vcpu {
                 set,
                 total: entries.len(),
             });
+        }
+
+        for &(addr, bits) in template.map_or(&[][..], |t| &t.msrs[..]) {
+            let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+                index: addr,
+                ..Default::default()
+            }])
+            .expect("one MSR fits a KVM MSR array");
+            let read = self
+                .fd
+                .get_msrs(&mut msrs)
+                .map_err(self.setup_err("KVM_GET_MSRS"))?;
+            let current = if read == 1 {
+                msrs.as_slice()[0].data
+            } else {
+                0
+            };
+            let entry = kvm_msr_entry {
+                index: addr,
+                data: bits.apply(current),
+                ..Default::default()
+            };
+            let set = self
+                .fd
+                .set_msrs(&Msrs::from_entries(&[entry]).expect("one MSR fits"))
+                .map_err(self.setup_err("KVM_SET_MSRS"))?;
+            if set != 1 {
+                return Err(Error::Template {
+                    index: self.index,
+                    reason: format!("cpu-config: this host's KVM refuses MSR {addr:#x}"),
+                });
+            }
         }
 
         self.fd
