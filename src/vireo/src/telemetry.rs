@@ -230,6 +230,11 @@ impl ProcessTelemetry {
                 "guest_resets": counters.guest_resets.load(Ordering::Relaxed),
                 "guest_power_offs": counters.guest_power_offs.load(Ordering::Relaxed),
             },
+            "snapshot": vmm::persist::metrics()
+                .counters()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), json!(v)))
+                .collect::<serde_json::Map<String, serde_json::Value>>(),
             "events": limited,
             "logger": { "lost_logs": LOST_LOGS.load(Ordering::Relaxed) },
             "metrics": {

@@ -182,6 +182,14 @@ fn two_clones_continue_the_count_with_the_timer_ticking() {
     let clones: Vec<Vireo> = (0..2)
         .map(|i| Vireo::start(&format!("snap-clone{i}")))
         .collect();
+    // Metrics may be set up before a load (as in Firecracker) and count it.
+    let metrics = dir.join("clone0.metrics");
+    ok(
+        &clones[0],
+        "PUT",
+        "/metrics",
+        &format!(r#"{{"metrics_path":"{}"}}"#, metrics.display()),
+    );
     let threads: Vec<_> = clones
         .iter()
         .map(|c| {
@@ -193,6 +201,16 @@ fn two_clones_continue_the_count_with_the_timer_ticking() {
         let (code, body) = t.join().unwrap();
         assert_eq!(code, 204, "{body}");
     }
+    ok(
+        &clones[0],
+        "PUT",
+        "/actions",
+        r#"{"action_type":"FlushMetrics"}"#,
+    );
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let m: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(m["snapshot"]["loads"], 1, "{m}");
+    assert!(m["snapshot"]["last_load_us"].as_u64().unwrap() > 0, "{m}");
     let mut ids = vec![original[0].clone()];
     for c in clones {
         let seen = wait_tick(&c, last + 10);

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use thiserror::Error;
 
@@ -267,6 +268,40 @@ impl Drop for Staged {
     }
 }
 
+/// Snapshot counters, under `snapshot` in the metrics.
+#[derive(Debug, Default)]
+pub struct SnapshotMetrics {
+    creates: AtomicU64,
+    create_failures: AtomicU64,
+    loads: AtomicU64,
+    load_failures: AtomicU64,
+    pages_written: AtomicU64,
+    last_create_us: AtomicU64,
+    last_load_us: AtomicU64,
+}
+
+impl SnapshotMetrics {
+    /// Name and value of every counter.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("creates", l(&self.creates)),
+            ("create_failures", l(&self.create_failures)),
+            ("loads", l(&self.loads)),
+            ("load_failures", l(&self.load_failures)),
+            ("pages_written", l(&self.pages_written)),
+            ("last_create_us", l(&self.last_create_us)),
+            ("last_load_us", l(&self.last_load_us)),
+        ]
+    }
+}
+
+/// This process's snapshot counters.
+pub fn metrics() -> &'static SnapshotMetrics {
+    static M: std::sync::OnceLock<SnapshotMetrics> = std::sync::OnceLock::new();
+    M.get_or_init(SnapshotMetrics::default)
+}
+
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
@@ -274,6 +309,22 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
 impl RunningVm {
     /// Writes a snapshot of the paused VM.
     pub fn snapshot(&mut self, p: &CreateParams) -> Result<CreateInfo, Error> {
+        let m = metrics();
+        match self.write_snapshot(p) {
+            Ok(info) => {
+                m.creates.fetch_add(1, Ordering::Relaxed);
+                m.pages_written.fetch_add(info.pages, Ordering::Relaxed);
+                m.last_create_us.store(info.micros, Ordering::Relaxed);
+                Ok(info)
+            }
+            Err(e) => {
+                m.create_failures.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    fn write_snapshot(&mut self, p: &CreateParams) -> Result<CreateInfo, Error> {
         let started = Instant::now();
         if !self.paused {
             return Err(Error::NotPaused);
@@ -357,6 +408,23 @@ impl RunningVm {
 
     /// Builds a VM from a snapshot and starts it (paused unless `p.resume`).
     pub fn restore(p: &LoadParams) -> Result<RunningVm, Error> {
+        let started = Instant::now();
+        let m = metrics();
+        let r = Self::load(p);
+        match &r {
+            Ok(_) => {
+                m.loads.fetch_add(1, Ordering::Relaxed);
+                m.last_load_us
+                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                m.load_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn load(p: &LoadParams) -> Result<RunningVm, Error> {
         let started = Instant::now();
         let snap = Snapshot::read(&p.state_path)?;
         tracing::debug!(
