@@ -790,7 +790,12 @@ fn the_command_line_snapshots_and_restores() {
     assert_eq!(v.stop(libc::SIGTERM), Some(143));
 
     let mut child = vireo()
-        .args(["restore", "--snapshot", out.to_str().unwrap()])
+        .args([
+            "restore",
+            "--clock-realtime",
+            "--snapshot",
+            out.to_str().unwrap(),
+        ])
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -1339,4 +1344,82 @@ fn bad_templates_and_hosts_that_ignore_them_are_refused() {
             "{body}"
         );
     }
+}
+
+/// A create that runs out of disk space fails with the reason and leaves nothing behind; the
+/// VM runs on. vireo runs in its own mount namespace with a 1 MiB tmpfs as the snapshot
+/// directory, so the host's file systems are never filled.
+#[test]
+fn a_full_disk_fails_the_create_cleanly() {
+    let files = scratch("snap-full-files");
+    let initrd = files.join("initrd");
+    write_file(&initrd, &pattern(4 << 20, 3));
+    let small = files.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let sock = files.join("api.sock");
+    let mut child = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=1m tmpfs {} && exec {} --api-sock {}",
+            small.display(),
+            env!("CARGO_BIN_EXE_vireo"),
+            sock.display()
+        ))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("unshare (util-linux)");
+    wait_for_socket(&sock);
+    let req = |m: &str, p: &str, b: &str| http(&sock, m, p, b);
+    let put = |p: &str, b: &str| {
+        let (code, body) = req("PUT", p, b);
+        assert_eq!(code, 204, "{p}: {body}");
+    };
+    put(
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path":"{}","initrd_path":"{}","boot_args":"console=ttyS0 vireo.nohash vireo.count=0"}}"#,
+            guest("elf").display(),
+            initrd.display()
+        ),
+    );
+    put("/actions", r#"{"action_type":"InstanceStart"}"#);
+    let (code, body) = req("PATCH", "/vm", r#"{"state":"Paused"}"#);
+    assert_eq!(code, 204, "{body}");
+    let (code, body) = req(
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_path":"{0}/state","mem_file_path":"{0}/mem"}}"#,
+            small.display()
+        ),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("No space left on device"), "{body}");
+    assert!(body.contains("mem_file_path"), "{body}");
+    // Nothing left in the tmpfs, seen through vireo's own mount namespace.
+    let inside = PathBuf::from(format!("/proc/{}/root{}", child.id(), small.display()));
+    let left: Vec<_> = std::fs::read_dir(&inside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let c = std::ffi::CString::new(inside.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statfs(2) fills the zeroed struct for a NUL-terminated path.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut fs) }, 0);
+    assert_eq!(
+        fs.f_type, 0x0102_1994,
+        "the directory checked is vireo's tmpfs"
+    );
+    let (code, body) = req("PATCH", "/vm", r#"{"state":"Resumed"}"#);
+    assert_eq!(code, 204, "{body}");
+    let (code, info) = req("GET", "/", "");
+    assert_eq!(code, 200);
+    assert!(info.contains("\"Running\""), "{info}");
+    // SAFETY: kill(2) on a child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(wait_exit(&mut child).code(), Some(143));
+    let _ = std::fs::remove_dir_all(&files);
 }
