@@ -570,7 +570,7 @@ impl VmResources {
         }
         if let Some(t) = m.cpu_template.as_deref().filter(|t| *t != "None") {
             return err(format!(
-                "cpu_template {t}: CPU templates are not supported by vireo"
+                "cpu_template {t}: static CPU templates are not offered by vireo; give a custom template with PUT /cpu-config"
             ));
         }
         if let Some(h) = m.huge_pages.as_deref().filter(|h| *h != "None") {
