@@ -1423,3 +1423,48 @@ fn a_full_disk_fails_the_create_cleanly() {
     assert_eq!(wait_exit(&mut child).code(), Some(143));
     let _ = std::fs::remove_dir_all(&files);
 }
+
+#[test]
+fn a_two_vcpu_vm_restores_with_both_cpus() {
+    let v = Vireo::start("snap-smp");
+    ok(
+        &v,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 vireo.count=0 vireo.tickms=10"}}"#,
+            guest("elf").display()
+        ),
+    );
+    ok(
+        &v,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count":2,"mem_size_mib":64}"#,
+    );
+    ok(&v, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    let ap = wait_prefix(&v, "@cpu apic=1");
+    assert!(ap.contains("started"), "{ap}");
+    let seen = wait_tick(&v, 3);
+    let last = pause(&v, &seen);
+    let files = scratch("snap-smp-files");
+    let (state, mem) = (files.join("state"), files.join("mem"));
+    create(&v, "Full", &state, &mem);
+    kill9(v);
+    let vcpus = sections(&file_bytes(&state))
+        .into_iter()
+        .find(|(n, _)| n == "vcpus")
+        .unwrap()
+        .1;
+    let vcpus: serde_json::Value = serde_json::from_slice(&vcpus).unwrap();
+    assert_eq!(vcpus.as_array().unwrap().len(), 2);
+    let c = Vireo::start("snap-smp-restored");
+    let (code, body) = c.req("PUT", "/snapshot/load", &load_body(&state, &mem, true));
+    assert_eq!(code, 204, "{body}");
+    wait_tick(&c, last + 5);
+    let (code, cfg) = c.req("GET", "/machine-config", "");
+    assert_eq!(code, 200);
+    assert!(cfg.contains("\"vcpu_count\":2"), "{cfg}");
+    assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    let _ = std::fs::remove_dir_all(&files);
+}
