@@ -1,4 +1,4 @@
-//! The Firecracker-compatible API over its Unix socket, driven by a real HTTP client (hyper),
+//! The Firecracker-compatible API over its Unix socket, driven by a real HTTP client (hyper, through `api::client`),
 //! and the config-file route.
 
 mod common;

@@ -2,9 +2,6 @@
 //! binary with a deadline, and reading the guest's `@` report lines.
 #![allow(dead_code)]
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -347,30 +344,7 @@ impl Drop for NetNs {
 
 /// One HTTP request on a fresh connection; returns (status, body).
 pub fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(sock)
-            .await
-            .expect("connect");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
-        tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("Host", "localhost")
-            .header("Content-Type", "application/json")
-            .body(Full::new(Bytes::from(body.to_owned())))
-            .unwrap();
-        let resp = sender.send_request(req).await.expect("response");
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&body).into_owned())
-    })
+    api::client::request(sock, method, path, body).expect("an answer from the API socket")
 }
 
 /// A vireo serving its API on a socket in a scratch directory, its stdout read line by line.

@@ -111,9 +111,20 @@ fn file_data(file: &File, base: u64, len: u64, want: &mut [bool]) -> std::io::Re
     Ok(())
 }
 
-/// Writes every page of `mem` that may hold data to `file` at its slot's offset, leaving
-/// holes for the rest.
-pub fn write_full(mem: &Memory, file: &File) -> std::io::Result<DumpStats> {
+/// Writes to `file` the pages `pick` chooses in each memory slot (given the slot number, its
+/// region, length and file offset), each at its slot's offset; with `skip_zero`, pages that
+/// are all zero stay holes.
+fn dump(
+    mem: &Memory,
+    file: &File,
+    skip_zero: bool,
+    mut pick: impl FnMut(
+        usize,
+        &vm_memory::GuestRegionMmap<AtomicBitmap>,
+        usize,
+        u64,
+    ) -> std::io::Result<Vec<bool>>,
+) -> std::io::Result<DumpStats> {
     let size: u64 = mem.guest.iter().map(|r| r.len()).sum();
     let mut w = Writer {
         file,
@@ -123,7 +134,27 @@ pub fn write_full(mem: &Memory, file: &File) -> std::io::Result<DumpStats> {
     };
     let mut page = [0u8; PAGE];
     let layout = slots(size).map_err(std::io::Error::other)?;
-    for (region, &(addr, len, offset)) in mem.guest.iter().zip(&layout) {
+    for (slot, (region, &(addr, len, offset))) in mem.guest.iter().zip(&layout).enumerate() {
+        let want = pick(slot, region, len, offset)?;
+        for (p, _) in want.iter().enumerate().filter(|(_, &w)| w) {
+            let at = addr.0 + (p * PAGE) as u64;
+            mem.guest
+                .read_slice(&mut page, GuestAddress(at))
+                .map_err(std::io::Error::other)?;
+            if skip_zero && page.iter().all(|&b| b == 0) {
+                continue;
+            }
+            w.page(offset + (p * PAGE) as u64, &page)?;
+        }
+    }
+    w.flush()?;
+    Ok(DumpStats { pages: w.pages })
+}
+
+/// Writes every page of `mem` that may hold data to `file` at its slot's offset, leaving
+/// holes for the rest.
+pub fn write_full(mem: &Memory, file: &File) -> std::io::Result<DumpStats> {
+    dump(mem, file, true, |_, region, len, offset| {
         let mut want = match &mem.backing {
             // Pages the handler has not filled yet are only in its source: every page is read
             // (which makes the handler fill it).
@@ -133,19 +164,8 @@ pub fn write_full(mem: &Memory, file: &File) -> std::io::Result<DumpStats> {
         if let Backing::File(parent) = &mem.backing {
             file_data(parent, offset, len as u64, &mut want)?;
         }
-        for (p, _) in want.iter().enumerate().filter(|(_, &w)| w) {
-            let at = addr.0 + (p * PAGE) as u64;
-            mem.guest
-                .read_slice(&mut page, GuestAddress(at))
-                .map_err(std::io::Error::other)?;
-            if page.iter().all(|&b| b == 0) {
-                continue;
-            }
-            w.page(offset + (p * PAGE) as u64, &page)?;
-        }
-    }
-    w.flush()?;
-    Ok(DumpStats { pages: w.pages })
+        Ok(want)
+    })
 }
 
 /// The bitmap of the pages vireo's devices wrote in `region`.
@@ -169,36 +189,17 @@ pub fn reset_dirty(mem: &Memory, vm: &Vm) -> std::io::Result<()> {
 
 /// Writes the pages written since the last snapshot (by the guest or by vireo) to `file`.
 pub fn write_diff(mem: &Memory, vm: &Vm, file: &File) -> std::io::Result<DumpStats> {
-    let size: u64 = mem.guest.iter().map(|r| r.len()).sum();
-    let mut w = Writer {
-        file,
-        buf: Vec::with_capacity(WRITE_CHUNK),
-        at: 0,
-        pages: 0,
-    };
-    let mut page = [0u8; PAGE];
-    let layout = slots(size).map_err(std::io::Error::other)?;
-    for (slot, (region, &(addr, len, offset))) in mem.guest.iter().zip(&layout).enumerate() {
+    dump(mem, file, false, |slot, region, len, _| {
         let kvm = vm
             .dirty_pages(slot as u32, len)
             .map_err(|e| std::io::Error::other(format!("KVM_GET_DIRTY_LOG: {e}")))?;
         let ours = own_bitmap(region).get_and_reset();
-        for p in 0..len / PAGE {
-            let (word, bit) = (p / 64, p % 64);
-            let dirty = kvm.get(word).is_some_and(|v| v >> bit & 1 != 0)
-                || ours.get(word).is_some_and(|v| v >> bit & 1 != 0);
-            if !dirty {
-                continue;
-            }
-            let at = addr.0 + (p * PAGE) as u64;
-            mem.guest
-                .read_slice(&mut page, GuestAddress(at))
-                .map_err(std::io::Error::other)?;
-            w.page(offset + (p * PAGE) as u64, &page)?;
-        }
-    }
-    w.flush()?;
-    Ok(DumpStats { pages: w.pages })
+        let dirty =
+            |words: &[u64], p: usize| words.get(p / 64).is_some_and(|v| v >> (p % 64) & 1 != 0);
+        Ok((0..len / PAGE)
+            .map(|p| dirty(&kvm, p) || dirty(&ours, p))
+            .collect())
+    })
 }
 
 /// Copies the data of the diff memory file `diff` over `base` (both `size` bytes of guest
