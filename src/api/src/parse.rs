@@ -63,6 +63,20 @@ fn not_yet(what: &str) -> Result<VmmAction, String> {
     Err(format!("{what} is not supported by vireo yet"))
 }
 
+/// The fuzz target's entry point: the first byte picks a method, the bytes up to a NUL are the
+/// path, the rest the body.
+#[doc(hidden)]
+pub fn fuzz_request(data: &[u8]) {
+    const METHODS: [&str; 5] = ["GET", "PUT", "PATCH", "POST", "DELETE"];
+    let Some((&m, rest)) = data.split_first() else {
+        return;
+    };
+    let split = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    let path = String::from_utf8_lossy(&rest[..split]);
+    let body = rest.get(split + 1..).unwrap_or(&[]);
+    let _ = parse_request(METHODS[m as usize % METHODS.len()], &path, body);
+}
+
 /// Parses one request; the error is the fault_message of a 400 answer.
 pub fn parse_request(method: &str, path: &str, raw: &[u8]) -> Result<VmmAction, String> {
     let trimmed = path.trim_end_matches('/');
@@ -245,6 +259,15 @@ mod tests {
         assert!(e.contains("mem_file_path is empty"), "{e}");
         let e = parse_request("GET", "/version", b"{}").unwrap_err();
         assert!(e.contains("takes no body"), "{e}");
+    }
+
+    /// Every input kept in the repository for the fuzz target runs without a panic.
+    #[test]
+    fn fuzz_corpus_replays() {
+        for (name, data) in utils::fuzz_corpus("api_request") {
+            let r = std::panic::catch_unwind(|| super::fuzz_request(&data));
+            assert!(r.is_ok(), "panic on corpus input {name}");
+        }
     }
 
     /// The same inputs as the fuzz target, deterministically: no panic on any bytes.

@@ -262,6 +262,24 @@ mod tests {
             .unwrap_or(3000)
     }
 
+    /// Every input kept in the repository for each device target runs without a panic.
+    #[test]
+    fn fuzz_corpora_replay() {
+        let targets: [(&str, fn(&[u8])); 5] = [
+            ("block_request", super::block_request),
+            ("net_chains", super::net_chains),
+            ("mmds_frames", super::mmds_frames),
+            ("vsock_packets", super::vsock_packets),
+            ("mmio_registers", super::mmio_registers),
+        ];
+        for (target, run) in targets {
+            for (name, data) in utils::fuzz_corpus(target) {
+                let r = std::panic::catch_unwind(|| run(&data));
+                assert!(r.is_ok(), "{target}: panic on corpus input {name}");
+            }
+        }
+    }
+
     #[test]
     fn block_request_survives_random_input() {
         for (seed, data) in inputs(0x5eed_b10c, iterations(), 1024) {

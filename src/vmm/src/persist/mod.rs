@@ -577,6 +577,21 @@ pub fn check_state(data: &[u8]) -> Result<(), Error> {
     Snapshot::parse(data, Path::new("<bytes>")).map(|_| ())
 }
 
+/// The fuzz target's entry point: `data` as a state file, and wrapped in a well-formed
+/// container (valid checksums) whose five sections are its 0xff-separated parts, so that the
+/// section parsers are reached too.
+#[doc(hidden)]
+pub fn fuzz_state(data: &[u8]) {
+    let _ = check_state(data);
+    let names = ["meta", "config", "vm", "vcpus", "devices"];
+    let mut parts = data.split(|&b| b == 0xff);
+    let sections: Vec<(&str, Vec<u8>)> = names
+        .iter()
+        .map(|n| (*n, parts.next().unwrap_or(&[]).to_vec()))
+        .collect();
+    let _ = check_state(&format::encode(&sections));
+}
+
 /// Opens a memory file and checks that it is the one the state file names, whole.
 fn open_memory(path: &Path, meta: &Meta, track_dirty: bool) -> Result<Memory, Error> {
     let what = "mem_backend";
@@ -743,6 +758,15 @@ pub fn rebase(base: &Path, diff: &Path) -> Result<u64, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every input kept in the repository for the fuzz target runs without a panic.
+    #[test]
+    fn fuzz_corpus_replays() {
+        for (name, data) in utils::fuzz_corpus("snapshot_state") {
+            let r = std::panic::catch_unwind(|| fuzz_state(&data));
+            assert!(r.is_ok(), "panic on corpus input {name}");
+        }
+    }
 
     /// Whatever the bytes, checking a state file answers with an error and never panics: raw
     /// noise, and well-formed containers whose sections hold noise or the wrong JSON.
