@@ -265,7 +265,8 @@ mod tests {
     /// Every input kept in the repository for each device target runs without a panic.
     #[test]
     fn fuzz_corpora_replay() {
-        let targets: [(&str, fn(&[u8])); 5] = [
+        type Entry = fn(&[u8]);
+        let targets: [(&str, Entry); 5] = [
             ("block_request", super::block_request),
             ("net_chains", super::net_chains),
             ("mmds_frames", super::mmds_frames),
