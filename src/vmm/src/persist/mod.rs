@@ -344,6 +344,19 @@ impl RunningVm {
         for v in &self.vcpus {
             vcpus.push(devices::bus::lock(v).save_state(&m.vm)?);
         }
+        // A guest running its own VMs (VMX or SVM on) has nested state in KVM that vireo does
+        // not save: such a snapshot would restore broken, so it is refused.
+        const CR4_VMXE: u64 = 1 << 13;
+        const EFER_SVME: u64 = 1 << 12;
+        if let Some(v) = vcpus
+            .iter()
+            .find(|v| v.sregs.cr4 & CR4_VMXE != 0 || v.sregs.efer & EFER_SVME != 0)
+        {
+            return Err(Error::Mismatch(format!(
+                "vCPU {} has VMX or SVM enabled (the guest runs its own VMs); vireo does not save nested virtualisation state, so it cannot snapshot this VM",
+                v.index
+            )));
+        }
         let vm_state = m.vm.save_state()?;
         let devices = m.devices.save()?;
         let mem_size: u64 = m.config.mem_mib << 20;
