@@ -742,7 +742,16 @@ fn kill_during_create_keeps_the_previous_snapshot_loadable() {
     let c = Vireo::start("snap-kill-restore");
     let (code, body) = c.req("PUT", "/snapshot/load", &load_body(&state, &mem, true));
     assert_eq!(code, 204, "{body}");
-    wait_tick(&c, 5);
+    let seen = wait_tick(&c, 5);
+    // The next create in that directory removes what the killed one left.
+    pause(&c, &seen);
+    create(&c, "Full", &state, &mem);
+    let partial: Vec<_> = std::fs::read_dir(&files)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("vireo-tmp"))
+        .collect();
+    assert!(partial.is_empty(), "{partial:?}");
     assert_eq!(c.stop(libc::SIGTERM), Some(143));
     let _ = std::fs::remove_dir_all(&files);
 }

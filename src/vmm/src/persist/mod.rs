@@ -207,6 +207,7 @@ impl Staged {
                 format!("its directory {} does not exist", dir.display()),
             ));
         }
+        remove_orphans(&dir, &name.to_string_lossy());
         let tmp = dir.join(format!(
             ".{}.vireo-tmp-{}-{:x}",
             name.to_string_lossy(),
@@ -257,6 +258,31 @@ impl Staged {
         }
         self.tmp = PathBuf::new();
         Ok(())
+    }
+}
+
+/// Removes temporary files of `name` left in `dir` by a vireo that was killed while creating a
+/// snapshot (their process no longer exists).
+fn remove_orphans(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.vireo-tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!(
+                "removing {} left by a snapshot create that did not finish",
+                e.path().display()
+            );
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
