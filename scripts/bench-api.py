@@ -10,7 +10,6 @@ GET /api/v1/vmm.ping, the nearest request, and has no PUT figure.
 """
 
 import argparse
-import http.client
 import os
 import socket
 import statistics
@@ -19,21 +18,11 @@ import sys
 import tempfile
 import time
 
-from benchlib import peer, process_cpu_ns
+from benchlib import UnixConnection, build, peer, process_cpu_ns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIREO = os.path.join(ROOT, "target/release/vireo")
 VIREO_MUSL = os.path.join(ROOT, "target/x86_64-unknown-linux-musl/release/vireo")
-
-
-class UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("localhost")
-        self.unix_path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.unix_path)
 
 
 def one(cmd_for, requests, get_path="/", put=True):
@@ -89,9 +78,7 @@ def main():
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
     if not args.no_build:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo"], cwd=ROOT, check=True)
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo",
-                        "--target", "x86_64-unknown-linux-musl"], cwd=ROOT, check=False)
+        build(musl=True)
     # name: (command for a socket path, GET path, whether PUT /machine-config exists)
     vmms = {"vireo": (lambda s: [VIREO, "--api-sock", s], "/", True)}
     if os.path.exists(VIREO_MUSL):

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import peer, process_cpu_ns
+from benchlib import build, peer, process_cpu_ns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = os.path.join(ROOT, "guest/target/x86_64-unknown-none/release")
@@ -109,8 +109,7 @@ def main():
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
     if not args.no_build:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo"], cwd=ROOT, check=True)
-        subprocess.run(["cargo", "build", "--release", "-q"], cwd=os.path.join(ROOT, "guest"), check=True)
+        build(guest=True)
     image = os.path.join(args.image_dir, f"vireo-bench-{os.getpid()}.img")
     with open(image, "wb") as f:
         f.truncate(GIB)

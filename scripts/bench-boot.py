@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 
-from benchlib import peer
+from benchlib import build, peer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = os.path.join(ROOT, "guest/target/x86_64-unknown-none/release")
@@ -34,13 +34,10 @@ VIREO_MUSL = os.path.join(ROOT, "target/x86_64-unknown-linux-musl/release/vireo"
 CMDLINE = "vireo.firstbyte"
 
 
-def build():
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo"], cwd=ROOT, check=True)
+def build_all():
     subprocess.run(["rustup", "target", "add", "x86_64-unknown-linux-musl"], cwd=ROOT,
                    check=False, capture_output=True)
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo",
-                    "--target", "x86_64-unknown-linux-musl"], cwd=ROOT, check=False)
-    subprocess.run(["cargo", "build", "--release", "-q"], cwd=os.path.join(ROOT, "guest"), check=True)
+    build(guest=True, musl=True)
 
 
 def vmm_commands(tmp):
@@ -126,7 +123,7 @@ def main():
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
     if not args.no_build:
-        build()
+        build_all()
     with tempfile.TemporaryDirectory() as tmp:
         cmds = vmm_commands(tmp)
         results = {name: [] for name in cmds}

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-from benchlib import ROOT, peer, process_cpu_ns, thread_cpu_ns
+from benchlib import ROOT, build, peer, process_cpu_ns, thread_cpu_ns
 
 IMAGES = os.path.join(ROOT, "guest/target/x86_64-unknown-none/release")
 VIREO = os.path.join(ROOT, "target/release/vireo")
@@ -168,9 +168,7 @@ def main():
     args = ap.parse_args()
     if not args.inside:
         if not args.no_build:
-            subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo"], cwd=ROOT, check=True)
-            subprocess.run(["cargo", "build", "--release", "-q"], cwd=os.path.join(ROOT, "guest"),
-                           check=True)
+            build(guest=True)
         # Everything runs in a private network namespace: its TAPs and frames stay there.
         os.execvp("unshare", ["unshare", "--net", sys.executable, os.path.abspath(__file__),
                               "--inside", "--runs", str(args.runs), "--count", str(args.count)])

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Snapshot benchmark: create (Full, Diff) and load+resume latency, the memory file's disk use,
 and clones per second from one snapshot, for vireo and Firecracker ($FIRECRACKER, default
-../shared/peers/firecracker; empty leaves it out) side by side, runs interleaved.
+../shared/peers/firecracker; empty leaves it out) side by side, runs interleaved. Cloud
+Hypervisor ($CLOUD_HYPERVISOR, default ../shared/peers/cloud-hypervisor) is asked to snapshot the
+same guest too, and its time or its error is printed.
 
 The guest is vireo's test guest counting timer ticks (idle between ticks): the same ELF
 image, command line, vCPU count and memory size in both VMMs.
@@ -17,7 +19,6 @@ started at once divided by the time until the last of them printed.
 """
 
 import argparse
-import http.client
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import peer
+from benchlib import UnixConnection, build, peer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIREO = os.path.join(ROOT, "target/release/vireo")
@@ -37,16 +38,6 @@ ARGS = "console=ttyS0 vireo.count=0 vireo.tickms=5"
 # Clones: an idle guest (one tick a second) that a restore wakes at once through the VM
 # generation ID's interrupt, printing its new ID.
 CLONE_ARGS = "console=ttyS0 vireo.count=0 vireo.tickms=1000"
-
-
-class UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("localhost")
-        self.unix_path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.unix_path)
 
 
 def req(sock, method, path, body=None):
@@ -99,9 +90,10 @@ def wait_output(path, size, timeout=20):
 def wait_text(path, text, timeout=20):
     t0 = time.perf_counter()
     while True:
-        with open(path, "rb") as f:
-            if text in f.read():
-                return
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                if text in f.read():
+                    return
         if time.perf_counter() - t0 > timeout:
             raise RuntimeError(f"no {text!r} in {path}")
         time.sleep(0.001)
@@ -156,6 +148,35 @@ def one(kind, binary, mib, d):
     return full, diff, load, disk / 2**20, diff_disk / 2**20
 
 
+def cloud_hypervisor_create(ch, d):
+    """Cloud Hypervisor's snapshot of the same guest: the create's time, or why it failed."""
+    sock = os.path.join(d, "ch.sock")
+    out = os.path.join(d, "ch.out")
+    p = subprocess.Popen([ch, "--api-socket", f"path={sock}", "--kernel", GUEST, "--cmdline", ARGS,
+                          "--memory", "size=128M", "--cpus", "boot=1", "--serial", f"file={out}",
+                          "--console", "off"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        wait_socket(sock, p)
+        wait_text(out, b"@tick n=2")
+        req(sock, "PUT", "/api/v1/vm.pause")
+        snap = os.path.join(d, "ch-snapshot")
+        os.makedirs(snap)
+        try:
+            return f"{req(sock, 'PUT', '/api/v1/vm.snapshot', {'destination_url': f'file://{snap}'}):.1f} ms"
+        except RuntimeError as e:
+            reason = str(e)
+            for key in ("GetNestedState", "Cannot snapshot VM"):
+                if key in reason:
+                    reason = reason[reason.index(key):].split("\\n")[0]
+                    break
+            return f"fails: {reason[:160].rstrip(chr(92))}"
+    finally:
+        p.kill()
+        p.wait()
+
+
 def clones(kind, binary, d, n):
     """N restores from one snapshot started at once: clones per second until the last printed."""
     procs = []
@@ -207,9 +228,7 @@ def main():
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
     if not args.no_build:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo"], cwd=ROOT, check=True)
-        subprocess.run(["cargo", "build", "--release", "-q"], cwd=os.path.join(ROOT, "guest"),
-                       check=True)
+        build(guest=True)
     vmms = {"vireo": VIREO}
     fc = peer("FIRECRACKER", "firecracker")
     if fc:
@@ -239,6 +258,12 @@ def main():
                 v, f = med[("vireo", s)], med[("firecracker", s)]
                 print(f"{s} MiB, vireo / Firecracker: create Full {v[0] / f[0]:.3f}x, "
                       f"create Diff {v[1] / f[1]:.2f}x, load+resume {v[2] / f[2]:.2f}x")
+        ch = peer("CLOUD_HYPERVISOR", "cloud-hypervisor")
+        if ch:
+            d = tempfile.mkdtemp(dir=base)
+            print(f"\nCloud Hypervisor, the same guest at 128 MiB, paused, vm.snapshot: "
+                  f"{cloud_hypervisor_create(ch, d)}")
+            shutil.rmtree(d)
         # Clones: one 128 MiB snapshot per VMM, N restored at once.
         print(f"\nClones per second: {args.clones} restores of one 128 MiB snapshot started at "
               f"once, until each guest's first serial byte (median of {args.runs})\n")

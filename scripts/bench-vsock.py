@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import ROOT, peer, process_cpu_ns, thread_cpu_ns
+from benchlib import ROOT, build, peer, process_cpu_ns, thread_cpu_ns
 
 IMAGES = os.path.join(ROOT, "guest/target/x86_64-unknown-none/release")
 VIREO = os.path.join(ROOT, "target/release/vireo")
@@ -137,9 +137,7 @@ def main():
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
     if not args.no_build:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo"], cwd=ROOT, check=True)
-        subprocess.run(["cargo", "build", "--release", "-q"], cwd=os.path.join(ROOT, "guest"),
-                       check=True)
+        build(guest=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         cmds = commands(tmp, args.mib)

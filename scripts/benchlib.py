@@ -1,7 +1,10 @@
 """Helpers shared by the benchmark scripts."""
 
 import glob
+import http.client
 import os
+import socket
+import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,3 +46,27 @@ def thread_cpu_ns(pid, exclude=("vcpu", "fc_vcpu", "CPU ")):
         except OSError:
             pass
     return total
+
+
+def build(guest=False, musl=False):
+    """Builds vireo (release), and the test guest and the static musl vireo if asked; the musl
+    build may fail (no target installed) without stopping the benchmark."""
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo"], cwd=ROOT, check=True)
+    if musl:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo",
+                        "--target", "x86_64-unknown-linux-musl"], cwd=ROOT, check=False)
+    if guest:
+        subprocess.run(["cargo", "build", "--release", "-q"], cwd=os.path.join(ROOT, "guest"),
+                       check=True)
+
+
+class UnixConnection(http.client.HTTPConnection):
+    """HTTP over an API's Unix socket."""
+
+    def __init__(self, path):
+        super().__init__("localhost")
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.unix_path)
