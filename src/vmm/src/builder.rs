@@ -96,23 +96,10 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
         Some(p) => Some((p.as_path(), open("initrd", p)?)),
         None => None,
     };
-    let vm = Vm::new()?;
-    tracing::debug!("KVM VM created");
-    if config.vcpus > vm.max_vcpus() {
-        return Err(Error::InvalidConfig(format!(
-            "vCPU count {} is more than this host's KVM allows ({})",
-            config.vcpus,
-            vm.max_vcpus()
-        )));
-    }
     let mem_size = config.mem_mib << 20;
     let memory = Memory::anonymous(mem_size, config.track_dirty_pages)?;
-    vm.register_memory(&memory.guest, memory.track_dirty)?;
-    vm.setup_irqchip()?;
-    tracing::debug!("guest memory and interrupt controllers ready");
-
     // Devices before the kernel: they add to the kernel command line.
-    let mut devices = DeviceManager::create(config, &vm, &memory.guest)?;
+    let (vm, devices) = platform(config, &memory)?;
     let cmdline = format!("{}{}", config.cmdline, devices.cmdline());
     let boot = boot::load(
         &memory.guest,
@@ -149,15 +136,55 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
     }
 
     tracing::debug!("vCPUs configured");
-    let (pio, mmio) = devices.take_buses();
-    Ok(Machine {
+    Ok(Machine::assemble(
         vm,
         memory,
         vcpus,
-        pio,
-        mmio,
         devices,
-        boot: Some(boot),
-        config: config.clone(),
-    })
+        Some(boot),
+        config.clone(),
+    ))
+}
+
+/// What a booted and a restored VM share: the KVM VM (checked against `config`'s vCPU count),
+/// `memory` given to it, its interrupt controllers, and `config`'s devices.
+pub(crate) fn platform(config: &VmConfig, memory: &Memory) -> Result<(Vm, DeviceManager), Error> {
+    let vm = Vm::new()?;
+    tracing::debug!("KVM VM created");
+    if config.vcpus > vm.max_vcpus() {
+        return Err(Error::InvalidConfig(format!(
+            "vCPU count {} is more than this host's KVM allows ({})",
+            config.vcpus,
+            vm.max_vcpus()
+        )));
+    }
+    vm.register_memory(&memory.guest, memory.track_dirty)?;
+    vm.setup_irqchip()?;
+    tracing::debug!("guest memory and interrupt controllers ready");
+    let devices = DeviceManager::create(config, &vm, &memory.guest)?;
+    Ok((vm, devices))
+}
+
+impl Machine {
+    /// The machine, its buses taken from `devices` for the vCPUs.
+    pub(crate) fn assemble(
+        vm: Vm,
+        memory: Memory,
+        vcpus: Vec<Vcpu>,
+        mut devices: DeviceManager,
+        boot: Option<BootSetup>,
+        config: VmConfig,
+    ) -> Self {
+        let (pio, mmio) = devices.take_buses();
+        Machine {
+            vm,
+            memory,
+            vcpus,
+            pio,
+            mmio,
+            devices,
+            boot,
+            config,
+        }
+    }
 }

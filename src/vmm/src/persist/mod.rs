@@ -16,11 +16,10 @@ pub mod memory;
 
 use crate::builder::Machine;
 use crate::config::{SerialConfig, VmConfig};
-use crate::device_manager::{DeviceManager, DevicesState};
+use crate::device_manager::DevicesState;
 use crate::memory::Memory;
 use crate::vstate::persist::{VcpuState, VmState};
 use crate::vstate::vcpu::Vcpu;
-use crate::vstate::vm::Vm;
 use crate::RunningVm;
 use format::{FormatError, MemKind, MemTrailer, TRAILER_BYTES};
 use serde::{Deserialize, Serialize};
@@ -686,22 +685,13 @@ fn build(
 ) -> Result<Machine, Error> {
     crate::builder::validate_machine(config.vcpus, config.mem_mib)?;
     let t = Instant::now();
-    let vm = Vm::new().map_err(crate::Error::from)?;
-    tracing::debug!("restore: KVM VM created in {} µs", t.elapsed().as_micros());
-    if config.vcpus > vm.max_vcpus() {
-        return Err(Error::Mismatch(format!(
-            "the snapshot has {} vCPUs; this host's KVM allows {}",
-            config.vcpus,
-            vm.max_vcpus()
-        )));
-    }
-    vm.register_memory(&memory.guest, memory.track_dirty)
-        .map_err(crate::Error::from)?;
-    vm.setup_irqchip().map_err(crate::Error::from)?;
     let mut config = config;
     config.serial = p.serial.clone();
-    let mut devices = DeviceManager::create(&config, &vm, &memory.guest)?;
-    tracing::debug!("restore: devices created at {} µs", t.elapsed().as_micros());
+    let (vm, mut devices) = crate::builder::platform(&config, &memory)?;
+    tracing::debug!(
+        "restore: VM and devices created in {} µs",
+        t.elapsed().as_micros()
+    );
     vm.restore_state(vm_state, p.clock_realtime)?;
     let mut vcpus = Vec::with_capacity(vcpu_states.len());
     for (index, s) in vcpu_states.iter().enumerate() {
@@ -718,17 +708,7 @@ fn build(
     tracing::debug!("restore: vCPUs restored at {} µs", t.elapsed().as_micros());
     // Devices last: they raise interrupts that were pending, into restored controllers.
     devices.restore(devices_state, &memory.guest)?;
-    let (pio, mmio) = devices.take_buses();
-    Ok(Machine {
-        vm,
-        memory,
-        vcpus,
-        pio,
-        mmio,
-        devices,
-        boot: None,
-        config,
-    })
+    Ok(Machine::assemble(vm, memory, vcpus, devices, None, config))
 }
 
 /// Merges the diff memory file `diff` into the full memory file `base`, which then belongs
