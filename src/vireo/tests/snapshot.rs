@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use vmm::persist::format::crc32;
 
 /// Boots the counting guest through the API: `extra` is added to its command line.
 fn boot_counter(
@@ -255,11 +256,7 @@ fn sector(image: &Path, n: u64) -> Vec<u8> {
 #[test]
 fn block_requests_complete_exactly_once_across_snapshots_and_data_survives() {
     let dir = scratch("snap-blk-img");
-    let img = dir.join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let img = empty_image(&dir);
     let v = boot_counter("snap-blk", "vireo.blktick", 64, false, Some(&img));
     let wrote = wait_prefix(&v, "@ticker wrote");
     assert!(wrote.contains("ok=1"), "{wrote}");
@@ -300,6 +297,25 @@ fn block_requests_complete_exactly_once_across_snapshots_and_data_survives() {
         64 + n % 8
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A 1 MiB empty drive image in `dir`.
+fn empty_image(dir: &Path) -> PathBuf {
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    img
+}
+
+/// The temporary files snapshot creates left in `dir`.
+fn temp_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("vireo-tmp"))
+        .collect()
 }
 
 fn file_bytes(p: &Path) -> Vec<u8> {
@@ -359,11 +375,7 @@ fn a_snapshot_of_a_restored_vm_is_whole_after_the_parent_memory_is_gone() {
 #[test]
 fn a_diff_merged_over_its_full_snapshot_restores_the_later_state() {
     let dir = scratch("snap-diff-img");
-    let img = dir.join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let img = empty_image(&dir);
     let v = boot_counter("snap-diff", "vireo.blktick", 64, true, Some(&img));
     let seen = wait_tick(&v, 3);
     pause(&v, &seen);
@@ -440,55 +452,13 @@ fn an_idle_1gib_guest_snapshots_to_what_it_touched() {
     assert_eq!(v.stop(libc::SIGTERM), Some(143));
 }
 
-/// A state file's sections, as the format lays them out (a second reading of the format,
-/// so that tampering recomputes checksums the way a careful attacker would).
+/// A state file's sections, decoded by vireo's own reader.
 fn sections(data: &[u8]) -> Vec<(String, Vec<u8>)> {
-    let count = u32::from_le_bytes(data[12..16].try_into().unwrap());
-    let mut pos = 20;
-    let mut out = Vec::new();
-    for _ in 0..count {
-        let n = data[pos] as usize;
-        let name = String::from_utf8(data[pos + 1..pos + 1 + n].to_vec()).unwrap();
-        pos += 1 + n;
-        let len = u64::from_le_bytes(data[pos..pos + 8].try_into().unwrap()) as usize;
-        pos += 8;
-        out.push((name, data[pos..pos + len].to_vec()));
-        pos += len + 4;
-    }
-    out
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in data {
-        c ^= u32::from(b);
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0xedb8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
-
-fn assemble(version: u32, sections: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let mut out = b"VIREOSNP".to_vec();
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&(sections.len() as u32).to_le_bytes());
-    let crc = crc32(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    for (name, payload) in sections {
-        let start = out.len();
-        out.push(name.len() as u8);
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(payload);
-        let crc = crc32(&out[start..]);
-        out.extend_from_slice(&crc.to_le_bytes());
-    }
-    out
+    vmm::persist::format::decode(data)
+        .expect("a valid state file")
+        .into_iter()
+        .map(|(n, d)| (n, d.to_vec()))
+        .collect()
 }
 
 /// Rewrites the vcpus section of `data` with `f` and recomputes its checksum.
@@ -501,7 +471,9 @@ fn with_vcpus(data: &[u8], f: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
             *payload = serde_json::to_vec(&v).unwrap();
         }
     }
-    assemble(1, &secs)
+    // Checksums recomputed, as a careful attacker (or a corrupting tool) would.
+    let named: Vec<(&str, Vec<u8>)> = secs.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+    vmm::persist::format::encode(&named)
 }
 
 #[test]
@@ -572,11 +544,7 @@ fn damaged_mismatched_and_misplaced_snapshots_are_refused_by_name() {
     create(&v, "Full", &state, &mem);
     let (s2, m2) = (files.join("state2"), files.join("mem2"));
     create(&v, "Full", &s2, &m2);
-    let leftovers: Vec<_> = std::fs::read_dir(&files)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("vireo-tmp"))
-        .collect();
+    let leftovers = temp_files(&files);
     assert!(leftovers.is_empty(), "{leftovers:?}");
     // A running VMM refuses to load.
     let (code, body) = v.req("PUT", "/snapshot/load", &load_body(&state, &mem, true));
@@ -725,11 +693,7 @@ fn kill_during_create_keeps_the_previous_snapshot_loadable() {
     std::thread::sleep(Duration::from_millis(30));
     kill9(v);
     let _ = t.join();
-    let partial: Vec<_> = std::fs::read_dir(&files)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("vireo-tmp"))
-        .collect();
+    let partial = temp_files(&files);
     assert!(
         !partial.is_empty(),
         "the kill landed in the middle of the create"
@@ -746,11 +710,7 @@ fn kill_during_create_keeps_the_previous_snapshot_loadable() {
     // The next create in that directory removes what the killed one left.
     pause(&c, &seen);
     create(&c, "Full", &state, &mem);
-    let partial: Vec<_> = std::fs::read_dir(&files)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("vireo-tmp"))
-        .collect();
+    let partial = temp_files(&files);
     assert!(partial.is_empty(), "{partial:?}");
     assert_eq!(c.stop(libc::SIGTERM), Some(143));
     let _ = std::fs::remove_dir_all(&files);
