@@ -138,10 +138,6 @@ pub struct Meta {
     pub mem_id: u64,
     /// Full or diff.
     pub kind: SnapshotType,
-    /// Guest RAM in bytes.
-    pub mem_size: u64,
-    /// vCPUs.
-    pub vcpus: u32,
 }
 
 /// What a snapshot created.
@@ -389,8 +385,6 @@ impl RunningVm {
             vireo_version: crate::controller::VERSION.to_string(),
             mem_id: random_id(),
             kind: p.kind,
-            mem_size,
-            vcpus: vcpus.len() as u32,
         };
 
         let mem = Staged::create("mem_file_path", &p.mem_path)?;
@@ -469,6 +463,7 @@ impl RunningVm {
             "restore: state read at {} µs",
             started.elapsed().as_micros()
         );
+        let mem_size = snap.mem_size();
         let mut config = snap.config;
         for (iface, tap) in &p.network_overrides {
             let net = config
@@ -495,11 +490,11 @@ impl RunningVm {
         }
         config.track_dirty_pages = p.track_dirty_pages;
         let memory = match &p.mem {
-            MemBackend::File(path) => open_memory(path, &snap.meta, p.track_dirty_pages)?,
-            MemBackend::Uffd(path) => {
-                Memory::from_uffd(snap.meta.mem_size, p.track_dirty_pages, path)
-                    .map_err(|e| path_err("mem_backend", path, e))?
+            MemBackend::File(path) => {
+                open_memory(path, snap.meta.mem_id, mem_size, p.track_dirty_pages)?
             }
+            MemBackend::Uffd(path) => Memory::from_uffd(mem_size, p.track_dirty_pages, path)
+                .map_err(|e| path_err("mem_backend", path, e))?,
         };
         tracing::debug!(
             "restore: memory mapped at {} µs",
@@ -589,7 +584,7 @@ impl Snapshot {
             devices: parse(path, "devices", section("devices")?)?,
             meta,
         };
-        if snap.vcpus.len() as u32 != snap.config.vcpus || snap.meta.vcpus != snap.config.vcpus {
+        if snap.vcpus.len() as u32 != snap.config.vcpus {
             return Err(Error::Mismatch(format!(
                 "snapshot {}: it holds {} vCPU states for a {}-vCPU machine",
                 path.display(),
@@ -597,15 +592,12 @@ impl Snapshot {
                 snap.config.vcpus
             )));
         }
-        if snap.meta.mem_size != snap.config.mem_mib << 20 {
-            return Err(Error::Mismatch(format!(
-                "snapshot {}: its memory size {} does not match its machine's {} MiB",
-                path.display(),
-                snap.meta.mem_size,
-                snap.config.mem_mib
-            )));
-        }
         Ok(snap)
+    }
+
+    /// Guest RAM in bytes.
+    fn mem_size(&self) -> u64 {
+        self.config.mem_mib << 20
     }
 }
 
@@ -631,24 +623,29 @@ pub fn fuzz_state(data: &[u8]) {
 }
 
 /// Opens a memory file and checks that it is the one the state file names, whole.
-fn open_memory(path: &Path, meta: &Meta, track_dirty: bool) -> Result<Memory, Error> {
+fn open_memory(
+    path: &Path,
+    mem_id: u64,
+    mem_size: u64,
+    track_dirty: bool,
+) -> Result<Memory, Error> {
     let what = "mem_backend";
     let file = utils::files::open_input(path, utils::files::Kind::Regular, false)
         .map_err(|e| path_err(what, path, e))?;
     let len = file.metadata().map_err(|e| path_err(what, path, e))?.len();
-    let want = meta.mem_size + TRAILER_BYTES;
+    let want = mem_size + TRAILER_BYTES;
     if len != want {
         return Err(path_err(
             what,
             path,
             format!(
                 "it is {len} bytes; the snapshot's guest has {} bytes of memory, so its memory file is {want} bytes",
-                meta.mem_size
+                mem_size
             ),
         ));
     }
     let mut page = vec![0u8; TRAILER_BYTES as usize];
-    std::os::unix::fs::FileExt::read_exact_at(&file, &mut page, meta.mem_size)
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut page, mem_size)
         .map_err(|e| path_err(what, path, e))?;
     let trailer = MemTrailer::decode(&page).map_err(|err| Error::Format {
         what,
@@ -662,15 +659,15 @@ fn open_memory(path: &Path, meta: &Meta, track_dirty: bool) -> Result<Memory, Er
             "it holds only a diff snapshot's pages: merge it into its base memory file first (vireo snapshot rebase --base-file BASE --diff-file DIFF) and load the base",
         ));
     }
-    if trailer.id != meta.mem_id || trailer.mem_size != meta.mem_size {
+    if trailer.id != mem_id || trailer.mem_size != mem_size {
         return Err(Error::Mismatch(format!(
             "memory file {} belongs to another snapshot (id {:016x}) than the state file (id {:016x}): they were not created together",
             path.display(),
             trailer.id,
-            meta.mem_id
+            mem_id
         )));
     }
-    Memory::from_file(file, meta.mem_size, track_dirty).map_err(|e| crate::Error::from(e).into())
+    Memory::from_file(file, mem_size, track_dirty).map_err(|e| crate::Error::from(e).into())
 }
 
 /// Builds the machine: KVM VM, memory, devices from the configuration, then the saved state
