@@ -6,7 +6,7 @@ use super::{ActivateContext, ActivateError, GuestMemoryMmap, Interrupt, INTERRUP
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
@@ -181,7 +181,7 @@ const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct Worker {
     control: EventFd,
     commands: Sender<Command>,
-    replies: Mutex<Receiver<Vec<QueueState>>>,
+    replies: Receiver<Vec<QueueState>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -240,7 +240,7 @@ impl Worker {
         Ok(Self {
             control,
             commands,
-            replies: Mutex::new(replies),
+            replies,
             thread: Some(thread),
         })
     }
@@ -248,14 +248,13 @@ impl Worker {
     /// Parks the thread once it has finished the event it is serving, and returns where its
     /// queues stand. Notifications that arrive meanwhile wait for [`Worker::resume`].
     pub fn pause(&self) -> Result<Vec<QueueState>, String> {
-        let replies = crate::bus::lock(&self.replies);
         // A reply left over from an earlier pause that timed out is stale.
-        while replies.try_recv().is_ok() {}
+        while self.replies.try_recv().is_ok() {}
         self.commands
             .send(Command::Pause)
             .map_err(|_| "the device thread has ended".to_string())?;
         let _ = self.control.write(1);
-        replies
+        self.replies
             .recv_timeout(PAUSE_TIMEOUT)
             .map_err(|_| format!("the device thread did not pause within {PAUSE_TIMEOUT:?}"))
     }
