@@ -7,4 +7,6 @@ pub mod parse;
 mod server;
 
 pub use parse::{parse_request, ROUTES};
-pub use server::{ApiServer, BindError, ServerOptions, DEFAULT_MAX_PAYLOAD, MAX_CONNECTIONS};
+pub use server::{
+    ApiServer, BindError, ServerOptions, DEFAULT_MAX_PAYLOAD, MAX_CONNECTIONS, SECCOMP,
+};

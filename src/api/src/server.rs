@@ -19,6 +19,28 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use vmm::controller::{VmmAction, VmmData, VmmResult};
 use vmm_sys_util::eventfd::EventFd;
 
+/// What the API thread calls once it serves clients: accepting on the bound socket, reading
+/// requests and writing answers, the runtime's event loop and timers, handing requests to the
+/// VMM thread (an eventfd write) and the helper threads that wait for its answers.
+pub const SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
+    by: "the API server",
+    syscalls: &[
+        libc::SYS_accept4,
+        libc::SYS_read,
+        libc::SYS_recvfrom,
+        libc::SYS_readv,
+        libc::SYS_sendto,
+        libc::SYS_writev,
+        libc::SYS_shutdown,
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_ctl,
+        libc::SYS_fcntl,
+        libc::SYS_getsockopt,
+    ],
+    with_arg: &[utils::seccomp::libc_ioctl(libc::FIONBIO)],
+};
+
 /// How long a client may take to send its request headers before the connection is closed.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a client may take to send a request body once its headers are in.
@@ -393,6 +415,8 @@ impl ApiServer {
                         return;
                     }
                 };
+                // Confined before the first client is accepted.
+                utils::seccomp::filter(utils::seccomp::ThreadKind::Api).install();
                 rt.block_on(async move {
                     match tokio::net::UnixListener::from_std(listener) {
                         Ok(l) => serve(l, shared).await,

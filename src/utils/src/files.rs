@@ -47,6 +47,20 @@ fn refusal(kind: Kind, meta: &Metadata) -> std::io::Error {
     std::io::Error::other(format!("it is {}, not {want}", file_kind(meta)))
 }
 
+/// What opening a user-named file calls: the checks of what it is, the open, and the file
+/// status flag changes.
+pub const OPEN_SECCOMP: crate::seccomp::Allow = crate::seccomp::Allow {
+    by: "opening user-named files",
+    syscalls: &[
+        libc::SYS_statx,
+        libc::SYS_newfstatat,
+        libc::SYS_fstat,
+        libc::SYS_openat,
+        libc::SYS_fcntl,
+    ],
+    with_arg: &[],
+};
+
 /// Opens an input file of `kind` (read-only, or read-write when `write`), refusing anything
 /// else before it is opened. The open itself is non-blocking, and the opened file is checked
 /// again, so a path swapped for a FIFO between the two checks cannot block either.

@@ -2,6 +2,7 @@
 
 pub mod files;
 pub mod ratelimit;
+pub mod seccomp;
 pub mod unix_socket;
 
 /// The inputs of cargo-fuzz target `target` kept in the repository (`fuzz/corpus/<target>`),

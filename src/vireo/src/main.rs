@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use vmm::{DriveConfig, ExitReason, SerialConfig, VmConfig};
 
+mod seccomp;
 mod telemetry;
 use telemetry::ProcessTelemetry;
 
@@ -33,9 +34,28 @@ struct Cli {
     #[arg(long, value_name = "ID", default_value = "anonymous-instance", value_parser = parse_id)]
     id: String,
     #[command(flatten)]
+    seccomp: SeccompFlags,
+    #[command(flatten)]
     firecracker: FirecrackerFlags,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// How vireo's threads are confined (on by default; see the README's "Confinement").
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Confinement")]
+struct SeccompFlags {
+    /// Run without seccomp filters (Firecracker's flag).
+    #[arg(long, global = true)]
+    no_seccomp: bool,
+    /// Use the filters in this file, compiled by Firecracker's seccompiler-bin, instead of
+    /// vireo's own (thread categories vmm, api, vcpu).
+    #[arg(long, global = true, value_name = "FILE")]
+    seccomp_filter: Option<PathBuf>,
+    /// Let calls outside vireo's filters through and have the kernel log them (dmesg), to find
+    /// a missing entry, instead of stopping with exit code 148.
+    #[arg(long, global = true)]
+    seccomp_log: bool,
 }
 
 /// Firecracker's flags that vireo's own interface names differently or not at all.
@@ -63,9 +83,6 @@ struct FirecrackerFlags {
     /// Largest API request body in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = api::DEFAULT_MAX_PAYLOAD)]
     http_api_max_payload_size: usize,
-    /// Accepted for Firecracker compatibility: vireo does not install seccomp filters yet.
-    #[arg(long)]
-    no_seccomp: bool,
     /// Process start time in microseconds of CLOCK_MONOTONIC (passed by Firecracker's jailer).
     #[arg(long, value_name = "US")]
     start_time_us: Option<u64>,
@@ -78,9 +95,6 @@ struct FirecrackerFlags {
     /// Not supported yet (boot timer device).
     #[arg(long)]
     boot_timer: bool,
-    /// Not supported yet (custom seccomp filters).
-    #[arg(long, value_name = "PATH")]
-    seccomp_filter: Option<PathBuf>,
     /// Largest MMDS data store in bytes (default: the API body limit).
     #[arg(long, value_name = "BYTES")]
     mmds_size_limit: Option<usize>,
@@ -103,11 +117,6 @@ impl FirecrackerFlags {
     fn unsupported(&self) -> Option<String> {
         let not_yet = [
             ("--boot-timer", self.boot_timer, "the boot timer device"),
-            (
-                "--seccomp-filter",
-                self.seccomp_filter.is_some(),
-                "seccomp filtering",
-            ),
             (
                 "--describe-snapshot",
                 self.describe_snapshot.is_some(),
@@ -409,6 +418,18 @@ fn main() -> ExitCode {
         default_hook(info);
     }));
 
+    let vm_runs = matches!(
+        cli.command,
+        None | Some(Command::Run(_)) | Some(Command::Restore(_))
+    );
+    if vm_runs {
+        let sc = &cli.seccomp;
+        if let Err(e) = seccomp::setup(sc.no_seccomp, sc.seccomp_filter.as_deref(), sc.seccomp_log)
+        {
+            eprintln!("vireo: error: {e}");
+            return ExitCode::from(vmm::EXIT_CODE_ERROR as u8);
+        }
+    }
     match &cli.command {
         None => ExitCode::from(control_plane(
             &cli,
@@ -625,9 +646,6 @@ fn control_plane(cli: &Cli, mut telemetry: ProcessTelemetry, restore: Option<&Re
     if cli.no_api && cli.api_sock.is_some() {
         eprintln!("vireo: error: --no-api and --api-sock contradict each other");
         return 2;
-    }
-    if fc.no_seccomp {
-        tracing::info!("--no-seccomp: vireo installs no seccomp filters yet");
     }
     telemetry.set_startup_times(
         fc.start_time_us,

@@ -7,6 +7,15 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use utils::seccomp::Allow;
+
+/// What the metrics thread calls beyond every thread's basics (which already hold its sleep
+/// and its writes to the metrics file): nothing.
+pub const METRICS_SECCOMP: Allow = Allow {
+    by: "the metrics writer",
+    syscalls: &[],
+    with_arg: &[],
+};
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -280,6 +289,8 @@ impl Telemetry for ProcessTelemetry {
             .reload(layer)
             .map_err(|e| format!("cannot change the log format: {e}"))?;
         if let Some(f) = file {
+            // A forbidden system call is reported in the log file too.
+            utils::seccomp::set_log_fd(std::os::fd::AsRawFd::as_raw_fd(&f));
             *self.sink.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
         }
         Ok(())
@@ -303,9 +314,12 @@ impl Telemetry for ProcessTelemetry {
             let _ = std::thread::Builder::new()
                 .name("metrics".into())
                 .stack_size(64 << 10)
-                .spawn(move || loop {
-                    std::thread::sleep(METRICS_PERIOD);
-                    Self::write_metrics(&metrics, &counters, started, &id);
+                .spawn(move || {
+                    utils::seccomp::filter(utils::seccomp::ThreadKind::Metrics).install();
+                    loop {
+                        std::thread::sleep(METRICS_PERIOD);
+                        Self::write_metrics(&metrics, &counters, started, &id);
+                    }
                 });
         }
         Ok(())

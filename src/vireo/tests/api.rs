@@ -403,7 +403,7 @@ fn garbage_silent_and_many_clients() {
 #[test]
 fn socket_in_use_is_refused_and_a_stale_one_replaced() {
     let a = Vireo::start("api-sock");
-    let out = Command::new(env!("CARGO_BIN_EXE_vireo"))
+    let out = Command::new(vireo_bin())
         .arg("--api-sock")
         .arg(&a.sock)
         .output()
@@ -417,7 +417,7 @@ fn socket_in_use_is_refused_and_a_stale_one_replaced() {
     a.child.kill().unwrap();
     a.child.wait().unwrap();
     assert!(sock.exists());
-    let mut b = Command::new(env!("CARGO_BIN_EXE_vireo"))
+    let mut b = Command::new(vireo_bin())
         .arg("--api-sock")
         .arg(&sock)
         .stdout(Stdio::null())
@@ -690,7 +690,7 @@ fn an_exiting_vireo_leaves_a_newer_socket_alone() {
     let dir = scratch("api-sock-identity");
     let sock = dir.join("api.sock");
     let start = || {
-        let c = Command::new(env!("CARGO_BIN_EXE_vireo"))
+        let c = Command::new(vireo_bin())
             .arg("--api-sock")
             .arg(&sock)
             .stdout(Stdio::null())
@@ -1066,7 +1066,6 @@ fn firecracker_command_line_flags() {
     for flag in [
         &["--boot-timer"][..],
         &["--enable-pci"],
-        &["--seccomp-filter", "/x.bpf"],
         &["--describe-snapshot", "/x"],
         &["--snapshot-version"],
     ] {

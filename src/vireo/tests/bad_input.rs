@@ -51,7 +51,7 @@ fn run_as_nobody(name: &str, mode: u32) -> (Run, PathBuf, PathBuf) {
     std::fs::set_permissions(&k, std::fs::Permissions::from_mode(mode)).unwrap();
     // The build tree may sit where nobody cannot reach (under /root, say): run a copy.
     let vireo = dir.join("vireo");
-    std::fs::copy(env!("CARGO_BIN_EXE_vireo"), &vireo).unwrap();
+    std::fs::copy(vireo_bin(), &vireo).unwrap();
     std::fs::set_permissions(&vireo, std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
@@ -314,7 +314,7 @@ fn kvm_device_missing() {
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
         .arg("mount -t tmpfs none /dev && exec \"$0\" run --kernel \"$1\"")
-        .arg(env!("CARGO_BIN_EXE_vireo"))
+        .arg(vireo_bin())
         .arg(guest("elf"))
         .output()
         .expect("unshare (util-linux) runs vireo without /dev/kvm");

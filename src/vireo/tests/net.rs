@@ -558,7 +558,7 @@ fn unusable_taps_are_refused() {
         assert!(r.stdout.is_empty(), "nothing started: {}", r.stdout);
     }
     // Busy: another process holds the TAP.
-    let holder = Command::new(env!("CARGO_BIN_EXE_vireo"))
+    let holder = Command::new(vireo_bin())
         .args([
             "run",
             "--kernel",

@@ -1334,7 +1334,7 @@ fn a_full_disk_fails_the_create_cleanly() {
         .arg(format!(
             "mount -t tmpfs -o size=1m tmpfs {} && exec {} --api-sock {}",
             small.display(),
-            env!("CARGO_BIN_EXE_vireo"),
+            vireo_bin().display(),
             sock.display()
         ))
         .stdin(std::process::Stdio::null())

@@ -10,7 +10,7 @@ fn on_pty(mode: &str) -> Vec<String> {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/terminal.py");
     let out = Command::new("python3")
         .arg(script)
-        .arg(env!("CARGO_BIN_EXE_vireo"))
+        .arg(vireo_bin())
         .arg(guest("pvh"))
         .arg(mode)
         .output()

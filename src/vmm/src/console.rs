@@ -12,6 +12,26 @@ use std::time::Duration;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
+/// What the console's input thread calls: reads from stdin (the serial port's interrupt and
+/// the quit event are eventfd writes).
+pub const SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
+    by: "the console's input thread",
+    syscalls: &[libc::SYS_read],
+    with_arg: &[],
+};
+
+/// What restoring the terminal calls on the VMM thread at the end.
+pub const RESTORE_SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
+    by: "restoring the terminal",
+    syscalls: &[],
+    with_arg: &[
+        utils::seccomp::libc_ioctl(libc::TCGETS),
+        utils::seccomp::libc_ioctl(libc::TCSETS),
+        utils::seccomp::libc_ioctl(libc::TCSETSW),
+        utils::seccomp::libc_ioctl(libc::TCSETSF),
+    ],
+};
+
 /// Ctrl-A: the escape key of the interactive console (Ctrl-A x quits, Ctrl-A Ctrl-A sends one
 /// Ctrl-A), as in QEMU, so Ctrl-C can reach the guest.
 pub const ESCAPE: u8 = 0x01;
@@ -93,10 +113,14 @@ pub fn attach(
         termios::tcsetattr(&stdin, SetArg::TCSANOW, &raw).map_err(Error::RawMode)?;
     }
     // Blocked in read() for the VM's whole life; it ends with the process.
+    let filter = utils::seccomp::filter(utils::seccomp::ThreadKind::Console);
     let _ = std::thread::Builder::new()
         .name("serial-input".into())
         .stack_size(64 << 10)
-        .spawn(move || input_loop(serial, quit, interactive));
+        .spawn(move || {
+            filter.install();
+            input_loop(serial, quit, interactive)
+        });
     Ok(Console {
         raw_mode: interactive,
     })

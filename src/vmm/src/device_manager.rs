@@ -52,6 +52,16 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
+    /// The kind of thread that runs such a device (and the seccomp filter it installs).
+    pub fn thread_kind(self) -> utils::seccomp::ThreadKind {
+        match self {
+            DeviceKind::Drive => utils::seccomp::ThreadKind::Block,
+            DeviceKind::Entropy => utils::seccomp::ThreadKind::Rng,
+            DeviceKind::Interface => utils::seccomp::ThreadKind::Net,
+            DeviceKind::Vsock => utils::seccomp::ThreadKind::Vsock,
+        }
+    }
+
     /// The kind as a snapshot names it.
     pub fn name(self) -> &'static str {
         match self {
@@ -121,6 +131,8 @@ pub struct DeviceManager {
     events: PlatformEvents,
     /// Unix sockets devices listen on, removed when the VM goes.
     sockets: Vec<utils::unix_socket::OwnedPath>,
+    /// Signalled when a driver sets DRIVER_OK: the VMM thread then activates the device.
+    activate_evt: Arc<EventFd>,
 }
 
 impl DeviceManager {
@@ -271,6 +283,7 @@ impl DeviceManager {
             vmgenid,
             events,
             sockets: Vec::new(),
+            activate_evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?),
         })
     }
 
@@ -302,12 +315,14 @@ impl DeviceManager {
             vm.register_mmio_ioevent(&evt, base + QUEUE_NOTIFY_OFFSET, q as u32)?;
             queue_evts.push(evt);
         }
-        let transport = MmioTransport::new(
+        let mut transport = MmioTransport::new(
             device,
             mem.clone(),
             Arc::new(Interrupt::new(irq_evt)),
             queue_evts,
         );
+        transport.defer_activation(self.activate_evt.clone());
+        transport.set_thread_filter(utils::seccomp::filter(kind.thread_kind()));
         let transport = Arc::new(Mutex::new(transport));
         self.mmio
             .insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
@@ -372,8 +387,24 @@ impl DeviceManager {
         .map_err(Error::InvalidConfig)
     }
 
+    /// The event a driver's DRIVER_OK signals; then call [`DeviceManager::activate_pending`].
+    pub fn activation_event(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    /// Activates the devices whose drivers set DRIVER_OK, on the calling (VMM) thread: device
+    /// threads are started there, never on a vCPU thread.
+    pub fn activate_pending(&self) {
+        let _ = self.activate_evt.read();
+        for e in &self.virtio {
+            devices::bus::lock(&e.transport).activate_pending();
+        }
+    }
+
     /// Parks every virtio device thread between requests (see [`MmioTransport::pause`]).
     pub fn pause(&self) -> Result<(), Error> {
+        // A device the driver has just started is saved as started.
+        self.activate_pending();
         for e in &self.virtio {
             devices::bus::lock(&e.transport).pause().map_err(|err| {
                 Error::InvalidConfig(format!("cannot pause {} '{}': {err}", e.kind.name(), e.id))

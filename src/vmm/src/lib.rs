@@ -86,6 +86,27 @@ pub enum Error {
     Thread(std::io::Error),
 }
 
+/// What the VMM thread's event loop calls once the guest runs: waiting on events and signal
+/// pipes, kicking vCPU threads (tgkill), stopping and joining threads, and removing the Unix
+/// sockets it served when it ends. Device activation, snapshots, drive updates and the
+/// terminal add their own lists (see the `vireo` crate's seccomp module).
+pub const SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
+    by: "the VMM thread's event loop",
+    syscalls: &[
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_ctl,
+        libc::SYS_read,
+        libc::SYS_recvfrom,
+        libc::SYS_getpid,
+        libc::SYS_gettid,
+        libc::SYS_tgkill,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+    ],
+    with_arg: &[],
+};
+
 /// How a VM ended. Each maps to a documented process exit code.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExitReason {
@@ -139,6 +160,7 @@ const TOKEN_RESET: u64 = 0;
 const TOKEN_POWER: u64 = 1;
 const TOKEN_VCPU: u64 = 2;
 const TOKEN_QUIT: u64 = 3;
+const TOKEN_ACTIVATE: u64 = 4;
 /// Signal pipes use this plus the signal number.
 const TOKEN_SIGNAL_BASE: u64 = 100;
 
@@ -242,6 +264,10 @@ impl RunningVm {
         add(machine.devices.events().power.0.as_raw_fd(), TOKEN_POWER)?;
         add(vcpu_evt.as_raw_fd(), TOKEN_VCPU)?;
         add(quit_evt.as_raw_fd(), TOKEN_QUIT)?;
+        add(
+            machine.devices.activation_event().as_raw_fd(),
+            TOKEN_ACTIVATE,
+        )?;
 
         register_signal_handler(SIGRTMIN(), kick_handler)
             .map_err(|e| Error::EventLoop(std::io::Error::from_raw_os_error(e.errno())))?;
@@ -267,10 +293,12 @@ impl RunningVm {
             let (pio, mmio, control) = (machine.pio.clone(), machine.mmio.clone(), control.clone());
             let first_stop = first_stop.clone();
             let evt = vcpu_evt.try_clone().map_err(Error::EventFd)?;
+            let filter = utils::seccomp::filter(utils::seccomp::ThreadKind::Vcpu);
             let handle = std::thread::Builder::new()
                 .name(name)
                 .stack_size(256 << 10)
                 .spawn(move || {
+                    filter.install();
                     loop {
                         let why = devices::bus::lock(&vcpu).run(&pio, &mmio, &control);
                         match why {
@@ -289,6 +317,9 @@ impl RunningVm {
             threads.push(handle);
         }
         tracing::debug!("vCPUs started");
+        // Every thread the VM needs from the start exists: from here on the VMM thread handles
+        // what the guest causes, so it is confined too.
+        utils::seccomp::filter(utils::seccomp::ThreadKind::Vmm).install();
         let mut vm = Self {
             machine,
             epoll,
@@ -360,6 +391,10 @@ impl RunningVm {
                         Some(VcpuStop::Requested) | Some(VcpuStop::Paused) | None => continue,
                     },
                     TOKEN_QUIT => ExitReason::ConsoleQuit,
+                    TOKEN_ACTIVATE => {
+                        self.machine.devices.activate_pending();
+                        continue;
+                    }
                     token if token >= EXTERNAL_TOKEN_BASE => return VmEvent::External(token),
                     token if token > TOKEN_SIGNAL_BASE => {
                         ExitReason::Signal((token - TOKEN_SIGNAL_BASE) as i32)

@@ -201,6 +201,8 @@ pub struct ActivateContext {
     /// The device is being restored from a snapshot: its queues resume where they stood, and
     /// host-side state that did not survive (vsock connections) is reported gone.
     pub restored: bool,
+    /// The seccomp filter the device's thread installs before it serves a queue.
+    pub thread_filter: utils::seccomp::ThreadFilter,
 }
 
 /// Reads `data.len()` bytes of a little-endian config image at `offset`, zero-filling what

@@ -12,6 +12,31 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+/// What every device thread's event loop calls: waiting on its eventfds and sockets, reading
+/// and writing eventfds, and changing what it watches.
+pub const SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
+    by: "device threads' event loops",
+    syscalls: &[
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_ctl,
+        libc::SYS_read,
+    ],
+    with_arg: &[],
+};
+
+/// What starting a device thread asks of the VMM thread (the event loop, eventfd copies).
+pub const SPAWN_SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
+    by: "starting device threads",
+    syscalls: &[
+        libc::SYS_epoll_create1,
+        libc::SYS_eventfd2,
+        libc::SYS_fcntl,
+        libc::SYS_dup,
+    ],
+    with_arg: &[],
+};
+
 /// A device's per-request logic.
 pub trait QueueHandler: Send + 'static {
     /// Serves one descriptor chain from queue `queue`; returns the number of bytes written into
@@ -200,12 +225,16 @@ impl Worker {
             evts: ctx.queue_evts,
             interrupt: ctx.interrupt,
         };
-        Self::run(name, subscriber)
+        Self::run(name, subscriber, ctx.thread_filter)
     }
 
-    /// Runs `subscriber` on a thread named `name`; for devices with more to watch than their
-    /// queues.
-    pub fn run<S: DeviceThread>(name: &str, subscriber: S) -> Result<Self, ActivateError> {
+    /// Runs `subscriber` on a thread named `name` confined by `filter`; for devices with more
+    /// to watch than their queues.
+    pub fn run<S: DeviceThread>(
+        name: &str,
+        subscriber: S,
+        filter: utils::seccomp::ThreadFilter,
+    ) -> Result<Self, ActivateError> {
         let control = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Thread)?;
         let (commands, commands_rx) = channel();
         let (replies_tx, replies) = channel();
@@ -222,6 +251,7 @@ impl Worker {
             .name(name.to_owned())
             .stack_size(256 << 10)
             .spawn(move || {
+                filter.install();
                 // Chains made available before activation were announced on eventfds nobody
                 // watched yet; their counters are still set, so the first wait returns at once.
                 loop {

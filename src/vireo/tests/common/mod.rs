@@ -113,8 +113,16 @@ pub fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|t| t.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
 }
 
+/// The vireo binary under test: `VIREO_BIN` when set (to run the suite against another build,
+/// such as the static musl one), otherwise the one cargo built for these tests.
+pub fn vireo_bin() -> PathBuf {
+    std::env::var_os("VIREO_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vireo")))
+}
+
 pub fn vireo() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_vireo"));
+    let mut c = Command::new(vireo_bin());
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -29,6 +29,35 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use thiserror::Error;
+use utils::seccomp::Allow;
+
+/// What creating a snapshot calls on the VMM thread besides the KVM state reads: files made,
+/// written, synced and renamed into place, leftovers removed, the memory's resident pages found
+/// (/proc/self/pagemap, SEEK_DATA).
+pub const SECCOMP: Allow = Allow {
+    by: "creating snapshots",
+    syscalls: &[
+        libc::SYS_openat,
+        libc::SYS_newfstatat,
+        libc::SYS_fstat,
+        libc::SYS_statx,
+        libc::SYS_lseek,
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_ftruncate,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_rename,
+        libc::SYS_renameat,
+        libc::SYS_renameat2,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        libc::SYS_getdents64,
+        libc::SYS_mkdir,
+        libc::SYS_mkdirat,
+    ],
+    with_arg: &[],
+};
 
 /// Errors creating or loading a snapshot.
 #[derive(Debug, Error)]

@@ -4,6 +4,7 @@
 //! of saveable MSRs (those it then refuses to read are left out), and nested virtualisation
 //! state is never requested (vireo does not offer VMX or SVM to guests).
 
+use super::ioctl_nr;
 use super::vcpu::Vcpu;
 use super::vm::Vm;
 use kvm_bindings::{
@@ -14,6 +15,31 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use utils::seccomp::{ioctl, Allow};
+
+/// What reading a paused VM's state for a snapshot calls (on the VMM thread).
+pub const SECCOMP: Allow = Allow {
+    by: "saving vCPU and VM state",
+    syscalls: &[],
+    with_arg: &[
+        ioctl(ioctl_nr::KVM_GET_CPUID2),
+        ioctl(ioctl_nr::KVM_GET_MSRS),
+        ioctl(ioctl_nr::KVM_GET_REGS),
+        ioctl(ioctl_nr::KVM_GET_SREGS),
+        ioctl(ioctl_nr::KVM_GET_XSAVE),
+        ioctl(ioctl_nr::KVM_GET_XCRS),
+        ioctl(ioctl_nr::KVM_GET_DEBUGREGS),
+        ioctl(ioctl_nr::KVM_GET_LAPIC),
+        ioctl(ioctl_nr::KVM_GET_MP_STATE),
+        ioctl(ioctl_nr::KVM_GET_VCPU_EVENTS),
+        ioctl(ioctl_nr::KVM_GET_TSC_KHZ),
+        ioctl(ioctl_nr::KVM_GET_IRQCHIP),
+        ioctl(ioctl_nr::KVM_GET_PIT2),
+        ioctl(ioctl_nr::KVM_GET_CLOCK),
+        ioctl(ioctl_nr::KVM_GET_DIRTY_LOG),
+        ioctl(ioctl_nr::KVM_CHECK_EXTENSION),
+    ],
+};
 
 /// Errors saving or restoring KVM state.
 #[derive(Debug, Error)]

@@ -1,5 +1,6 @@
 //! A vCPU: its boot configuration and the loop that runs it on its own thread.
 
+use super::ioctl_nr;
 use super::vm::Vm;
 use arch::regs::EntryMode;
 use devices::bus::Bus;
@@ -9,6 +10,21 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use thiserror::Error;
+use utils::seccomp::{ioctl, Allow};
+
+/// What a vCPU thread calls beyond every thread's basics: KVM_RUN, the clock hint when it
+/// parks, and the register reads of an error report. The port I/O and MMIO devices it runs
+/// only write to eventfds (interrupts, reset and power events, device activation).
+pub const SECCOMP: Allow = Allow {
+    by: "vCPU threads",
+    syscalls: &[],
+    with_arg: &[
+        ioctl(ioctl_nr::KVM_RUN),
+        ioctl(ioctl_nr::KVM_KVMCLOCK_CTRL),
+        ioctl(ioctl_nr::KVM_GET_REGS),
+        ioctl(ioctl_nr::KVM_GET_SREGS),
+    ],
+};
 
 /// Errors configuring a vCPU.
 #[derive(Debug, Error)]

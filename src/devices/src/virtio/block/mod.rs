@@ -19,6 +19,27 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::DescriptorChain;
 use vm_memory::Bytes;
 
+/// What replacing a drive's backing file calls (on the VMM thread, PATCH /drives): the open,
+/// and a seek to find a block device's size.
+pub const REPLACE_SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
+    by: "replacing a drive's backing file",
+    syscalls: &[libc::SYS_lseek],
+    with_arg: &[],
+};
+
+/// What a block device thread calls on its disk: positioned vectored I/O, flush, discard and
+/// write-zeroes.
+pub const SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
+    by: "virtio-blk",
+    syscalls: &[
+        libc::SYS_preadv,
+        libc::SYS_pwritev,
+        libc::SYS_fdatasync,
+        libc::SYS_fallocate,
+    ],
+    with_arg: &[],
+};
+
 /// Request queue size.
 pub const QUEUE_SIZE: u16 = 256;
 /// Largest data segment the device accepts (and advertises as size_max).

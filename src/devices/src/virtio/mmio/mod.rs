@@ -92,6 +92,13 @@ pub struct MmioTransport {
     active: bool,
     /// Set while the device is paused: where its queues stood when it stopped.
     paused: Option<Vec<virtio_queue::QueueState>>,
+    /// With it, DRIVER_OK only marks the device for activation and signals this eventfd: the
+    /// VMM thread activates it, so device threads are never started by a vCPU thread (whose
+    /// seccomp filter a new thread would inherit).
+    deferred: Option<Arc<EventFd>>,
+    activation_pending: bool,
+    /// The filter the device's thread installs.
+    thread_filter: utils::seccomp::ThreadFilter,
 }
 
 impl MmioTransport {
@@ -128,6 +135,31 @@ impl MmioTransport {
             config_generation: 0,
             active: false,
             paused: None,
+            deferred: None,
+            activation_pending: false,
+            thread_filter: utils::seccomp::ThreadFilter::none("device"),
+        }
+    }
+
+    /// Activation on DRIVER_OK is left to whoever watches `evt` and then calls
+    /// [`MmioTransport::activate_pending`].
+    pub fn defer_activation(&mut self, evt: Arc<EventFd>) {
+        self.deferred = Some(evt);
+    }
+
+    /// The seccomp filter the device's thread installs when it starts.
+    pub fn set_thread_filter(&mut self, filter: utils::seccomp::ThreadFilter) {
+        self.thread_filter = filter;
+    }
+
+    /// Activates the device if the driver set DRIVER_OK since the last call (and has not reset
+    /// it since).
+    pub fn activate_pending(&mut self) {
+        if std::mem::take(&mut self.activation_pending)
+            && self.status & status::DRIVER_OK != 0
+            && !self.active
+        {
+            self.activate();
         }
     }
 
@@ -178,6 +210,7 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
+        self.activation_pending = false;
         if self.active {
             self.device.reset();
             self.active = false;
@@ -222,6 +255,7 @@ impl MmioTransport {
         Ok(out)
     }
 
+    /// Builds the queues the driver set up and starts the device on them.
     fn activate(&mut self) {
         let queues = match self.build_queues() {
             Ok(q) => q,
@@ -252,6 +286,7 @@ impl MmioTransport {
             interrupt: self.interrupt.clone(),
             acked_features: self.driver_features,
             restored: false,
+            thread_filter: self.thread_filter.clone(),
         };
         match self.device.activate(ctx) {
             Ok(()) => self.active = true,
@@ -303,7 +338,13 @@ impl MmioTransport {
         }
         self.status = new;
         if added & status::DRIVER_OK != 0 && new & status::DRIVER_OK != 0 && !self.active {
-            self.activate();
+            match &self.deferred {
+                Some(evt) => {
+                    self.activation_pending = true;
+                    let _ = evt.write(1);
+                }
+                None => self.activate(),
+            }
         }
     }
 

@@ -209,6 +209,7 @@ impl MmioTransport {
                     interrupt: self.interrupt.clone(),
                     acked_features: self.driver_features,
                     restored: true,
+                    thread_filter: self.thread_filter.clone(),
                 })
                 .map_err(|e| format!("device type {kind}: cannot restart: {e}"))?;
             self.active = true;

@@ -31,6 +31,20 @@ use tap::{Tap, VNET_HDR_LEN};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
 
+/// What a network device thread calls on its TAP: vectored frame reads and writes.
+pub const SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
+    by: "virtio-net",
+    syscalls: &[libc::SYS_readv, libc::SYS_writev],
+    with_arg: &[],
+};
+
+/// What activating a network device calls (on the VMM thread): the TAP's offloads.
+pub const ACTIVATE_SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
+    by: "virtio-net activation",
+    syscalls: &[],
+    with_arg: &[utils::seccomp::libc_ioctl(libc::TUNSETOFFLOAD)],
+};
+
 /// Receive queue index.
 pub const RX_QUEUE: usize = 0;
 /// Transmit queue index.
@@ -168,6 +182,7 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let filter = ctx.thread_filter.clone();
         let offloads = Self::tap_offloads(ctx.acked_features);
         if let Err(e) = self.tap.set_offload(offloads) {
             tracing::warn!(
@@ -201,7 +216,7 @@ impl VirtioDevice for Net {
             io.set_mmds(mmds::MmdsStack::new(*ip, store.clone()));
         }
         let thread = NetThread::new(io, rx_evt, tx_evt, ctx.interrupt);
-        self.worker = Some(Worker::run("virtio-net", thread)?);
+        self.worker = Some(Worker::run("virtio-net", thread, filter)?);
         Ok(())
     }
 

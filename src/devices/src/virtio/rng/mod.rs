@@ -7,6 +7,13 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemoryBackend};
 
+/// What the entropy device thread calls: getrandom(2).
+pub const SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
+    by: "virtio-rng",
+    syscalls: &[libc::SYS_getrandom],
+    with_arg: &[],
+};
+
 /// Request queue size.
 pub const QUEUE_SIZE: u16 = 256;
 /// Most bytes served per request: a guest asking for more gets this many (the driver loops).

@@ -17,6 +17,30 @@ use crate::metrics::Counters;
 use event_handler::VsockThread;
 pub use muxer::{Muxer, CONN_BUF, MAX_CONNS};
 use std::os::unix::net::UnixListener;
+
+/// What the vsock device thread calls: accepting host clients, connecting to the host's
+/// listeners (Unix sockets only) and moving stream data.
+pub const SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
+    by: "virtio-vsock",
+    syscalls: &[
+        libc::SYS_accept4,
+        libc::SYS_connect,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_shutdown,
+        libc::SYS_getsockopt,
+    ],
+    with_arg: &[
+        utils::seccomp::ArgRule {
+            syscall: libc::SYS_socket,
+            arg: 0,
+            value: libc::AF_UNIX as u64,
+        },
+        utils::seccomp::libc_ioctl(libc::FIONBIO),
+    ],
+};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -100,8 +124,9 @@ impl VirtioDevice for Vsock {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let listener = self.listener.try_clone().map_err(ActivateError::Thread)?;
         let muxer = Muxer::new(self.cid, self.path.clone(), listener, self.metrics.clone());
+        let filter = ctx.thread_filter.clone();
         let thread = VsockThread::new(ctx, muxer)?;
-        self.worker = Some(Worker::run("virtio-vsock", thread)?);
+        self.worker = Some(Worker::run("virtio-vsock", thread, filter)?);
         Ok(())
     }
 
