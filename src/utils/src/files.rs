@@ -57,6 +57,10 @@ pub const OPEN_SECCOMP: crate::seccomp::Allow = crate::seccomp::Allow {
         libc::SYS_fstat,
         libc::SYS_openat,
         libc::SYS_fcntl,
+        // musl's names for the same on x86_64.
+        libc::SYS_open,
+        libc::SYS_stat,
+        libc::SYS_lstat,
     ],
     with_arg: &[],
 };

@@ -101,6 +101,8 @@ pub const SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
         libc::SYS_getpid,
         libc::SYS_gettid,
         libc::SYS_tgkill,
+        // musl kicks a thread with tkill.
+        libc::SYS_tkill,
         libc::SYS_unlink,
         libc::SYS_unlinkat,
     ],

@@ -55,6 +55,10 @@ pub const SECCOMP: Allow = Allow {
         libc::SYS_getdents64,
         libc::SYS_mkdir,
         libc::SYS_mkdirat,
+        // musl's names on x86_64.
+        libc::SYS_open,
+        libc::SYS_stat,
+        libc::SYS_lstat,
     ],
     with_arg: &[],
 };
