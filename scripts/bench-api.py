@@ -80,10 +80,14 @@ def main():
     if not args.no_build:
         build(musl=True)
     # name: (command for a socket path, GET path, whether PUT /machine-config exists)
-    vmms = {"vireo": (lambda s: [VIREO, "--api-sock", s], "/", True)}
+    vmms = {"vireo": (lambda s: [VIREO, "--api-sock", s], "/", True),
+            # seccomp filters on (the default) against off.
+            "vireo --no-seccomp": (lambda s: [VIREO, "--no-seccomp", "--api-sock", s], "/", True)}
     if os.path.exists(VIREO_MUSL):
         # Firecracker's release binary is static (musl): compare like with like too.
         vmms["vireo musl"] = (lambda s: [VIREO_MUSL, "--api-sock", s], "/", True)
+        vmms["vireo musl --no-seccomp"] = (
+            lambda s: [VIREO_MUSL, "--no-seccomp", "--api-sock", s], "/", True)
     fc = peer("FIRECRACKER", "firecracker")
     if fc:
         vmms["firecracker"] = (lambda s: [fc, "--api-sock", s, "--level", "Error"], "/", True)

@@ -37,6 +37,11 @@ def commands(image, tmp):
         "vireo": [VIREO, "run", "--kernel", os.path.join(IMAGES, "vireo-guest-elf"),
                   "--memory", "256", "--serial", "stdio", "--cmdline", "vireo.blkbench",
                   "--drive", f"path={image}"],
+        # seccomp filters on (the default) against off.
+        "vireo --no-seccomp": [VIREO, "--no-seccomp", "run", "--kernel",
+                               os.path.join(IMAGES, "vireo-guest-elf"), "--memory", "256",
+                               "--serial", "stdio", "--cmdline", "vireo.blkbench",
+                               "--drive", f"path={image}"],
         "qemu-microvm": ["qemu-system-x86_64", "-M",
                          "microvm,x-option-roms=off,pit=off,pic=off,rtc=off,isa-serial=on,ioapic2=off,acpi=off",
                          "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "256", "-smp", "1",

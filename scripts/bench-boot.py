@@ -58,6 +58,10 @@ def vmm_commands(tmp):
                          "-monitor", "none", "-kernel", GUEST, "-append", CMDLINE,
                          "-device", "isa-debug-exit,iobase=0x501,iosize=1"],
     }
+    # seccomp filters on (the default) against off, on the same binaries.
+    cmds["vireo (ELF 64-bit entry) --no-seccomp"] = [VIREO, "--no-seccomp"] + cmds["vireo (ELF 64-bit entry)"][1:]
+    cmds["vireo musl (ELF 64-bit entry) --no-seccomp"] = (
+        [VIREO_MUSL, "--no-seccomp"] + cmds["vireo musl (ELF 64-bit entry)"][1:])
     if not os.path.exists(VIREO_MUSL):
         cmds = {k: v for k, v in cmds.items() if "musl" not in k}
     # The harness's own floor: spawning GNU time and a program that prints one byte.

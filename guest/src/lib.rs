@@ -12,7 +12,9 @@
 //! * `vireo.kbd` — wait (up to 10 s) for eight keyboard bytes (IRQ 1) and report them;
 //! * `vireo.firstbyte` — write one byte and power off at once (the boot benchmark);
 //! * `vireo.nohash` — do not hash the initrd (large ones take long at CPL0);
-//! * `vireo.count=N` — count N timer ticks, printing each (the snapshot tests; see `ticker`).
+//! * `vireo.count=N` — count N timer ticks, printing each (the snapshot tests; see `ticker`);
+//! * `vireo.touch=N` — write one byte in every 4 KiB page of N MiB from 16 MiB up (the jailer's
+//!   memory-limit test), then report `@touched mib=N`.
 //!
 //! Runs entirely at CPL0, which on some hosts means in KVM's instruction emulator: keep the
 //! instruction count small and integer-only.
@@ -39,6 +41,23 @@ use io::{getc, put_dec, put_hex, puts};
 extern "Rust" {
     /// Which image this is ("elf", "pvh" or "bzimage"), defined by each binary.
     static VIREO_GUEST_IMAGE: &'static [u8];
+}
+
+/// `vireo.touch=N`: makes the host back N MiB of guest RAM, one write per page.
+fn touch(v: &[u8]) {
+    let mib = v
+        .iter()
+        .take_while(|c| c.is_ascii_digit())
+        .fold(0u64, |n, c| n * 10 + u64::from(c - b'0'));
+    let base = 16u64 << 20;
+    let mut a = base;
+    while a < base + (mib << 20) {
+        io::poke::<u8>(a, 0x5a);
+        a += 4096;
+    }
+    puts(b"@touched");
+    field(b"mib", mib, false);
+    puts(b"\n");
 }
 
 fn fnv1a(addr: u64, len: u64) -> u32 {
@@ -266,6 +285,9 @@ pub fn main(info: BootInfo) -> ! {
         }
     }
     devtest::run(&info, cmdline, bsp);
+    if let Some(v) = info.option_value(b"vireo.touch") {
+        touch(v);
+    }
     ticker::run(
         &info,
         cmdline,

@@ -46,8 +46,10 @@ fn lists(kind: ThreadKind) -> Vec<Allow> {
     }
 }
 
-/// vireo's own filters, one per thread kind.
-pub fn builtin(mode: Mode) -> Result<HashMap<ThreadKind, Arc<BpfProgram>>, String> {
+/// vireo's own filters, one per thread kind, all at once (the tests; a running vireo compiles
+/// each kind's when its first thread starts).
+#[cfg(test)]
+fn builtin(mode: Mode) -> Result<HashMap<ThreadKind, Arc<BpfProgram>>, String> {
     ThreadKind::ALL
         .iter()
         .map(|&kind| {
@@ -182,7 +184,7 @@ pub fn setup(off: bool, file: Option<&Path>, log: bool) -> Result<(), String> {
         tracing::info!("--no-seccomp: threads run without seccomp filters");
         return Ok(());
     }
-    let filters = match file {
+    let source: utils::seccomp::FilterSource = match file {
         Some(path) => {
             if log {
                 return Err(
@@ -190,16 +192,28 @@ pub fn setup(off: bool, file: Option<&Path>, log: bool) -> Result<(), String> {
                         .into(),
                 );
             }
-            from_file(path)?
+            let programs = from_file(path)?;
+            Box::new(move |kind| programs.get(&kind).cloned())
         }
-        None => builtin(if log { Mode::Log } else { Mode::Trap })?,
+        None => {
+            let mode = if log { Mode::Log } else { Mode::Trap };
+            Box::new(move |kind| match compile(kind.name(), &lists(kind), mode) {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => {
+                    // Never run a thread unconfined because its filter did not compile (the
+                    // unit tests compile every kind).
+                    eprintln!("vireo: error: {e}");
+                    std::process::exit(vmm::EXIT_CODE_ERROR);
+                }
+            })
+        }
     };
     fix_malloc_arenas();
     utils::seccomp::install_trap_handler()?;
     if let Some(kind) = std::env::var_os("VIREO_SECCOMP_SELFTEST") {
         utils::seccomp::set_selftest(&kind.to_string_lossy());
     }
-    utils::seccomp::set_filters(filters);
+    utils::seccomp::set_filters(source);
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use seccompiler::{
     TargetArch,
 };
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -196,19 +196,29 @@ impl ThreadKind {
     }
 }
 
-static FILTERS: OnceLock<HashMap<ThreadKind, Arc<BpfProgram>>> = OnceLock::new();
+/// Gives the program for a thread kind (`None`: that kind runs unfiltered).
+pub type FilterSource = Box<dyn Fn(ThreadKind) -> Option<Arc<BpfProgram>> + Send + Sync>;
 
-/// Sets the process's filters, once, before any confined thread starts. A kind missing from
-/// `filters` runs unconfined (`--no-seccomp`, or an empty program in a `--seccomp-filter` file).
-pub fn set_filters(filters: HashMap<ThreadKind, Arc<BpfProgram>>) {
-    let _ = FILTERS.set(filters);
+static SOURCE: OnceLock<FilterSource> = OnceLock::new();
+/// Each kind's program, made the first time a thread of that kind starts: a VM that never
+/// starts an API or a network thread never pays for compiling their filters.
+static PROGRAMS: [OnceLock<Option<Arc<BpfProgram>>>; ThreadKind::ALL.len()] =
+    [const { OnceLock::new() }; ThreadKind::ALL.len()];
+
+/// Sets where the process's filters come from, once, before any confined thread starts.
+/// Without it (`--no-seccomp`, unit tests) no thread is filtered.
+pub fn set_filters(source: FilterSource) {
+    let _ = SOURCE.set(source);
 }
 
 /// The filter threads of `kind` install.
 pub fn filter(kind: ThreadKind) -> ThreadFilter {
+    let index = ThreadKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
     ThreadFilter {
         kind: kind.name(),
-        program: FILTERS.get().and_then(|f| f.get(&kind)).cloned(),
+        program: SOURCE
+            .get()
+            .and_then(|source| PROGRAMS[index].get_or_init(|| source(kind)).clone()),
     }
 }
 
