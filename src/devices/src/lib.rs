@@ -8,6 +8,7 @@ pub mod acpi;
 pub mod bus;
 pub mod legacy;
 pub mod metrics;
+pub mod rate_limiter;
 pub mod virtio;
 
 use vmm_sys_util::eventfd::EventFd;

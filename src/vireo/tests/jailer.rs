@@ -58,9 +58,32 @@ fn jail_id(tag: &str) -> String {
     format!("{tag}-{}", std::process::id())
 }
 
+/// A jailed VMM, killed when the test ends however it ends.
+struct Jailed(Child);
+
+impl Drop for Jailed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Jailed {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Jailed {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// Starts the jailer and returns it with a channel of its (the VMM's) stdout lines.
-fn start(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
-    let mut child = jailer().args(args).spawn().expect("start vireo-jailer");
+fn start(args: &[&str]) -> (Jailed, mpsc::Receiver<String>) {
+    let mut child = Jailed(jailer().args(args).spawn().expect("start vireo-jailer"));
     let out = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -125,6 +148,13 @@ fn a_jailed_vireo_sees_holds_and_may_only_what_it_needs() {
     let leaked = unsafe { libc::dup(file.as_raw_fd()) };
     assert!(leaked > 2);
     let uid = NOBODY.to_string();
+    let netns = format!("vireo-jail-{}", std::process::id());
+    assert!(Command::new("ip")
+        .args(["netns", "add", &netns])
+        .status()
+        .unwrap()
+        .success());
+    let netns_path = format!("/run/netns/{netns}");
     let (mut child, rx) = start(&[
         "--id",
         &id,
@@ -136,6 +166,12 @@ fn a_jailed_vireo_sees_holds_and_may_only_what_it_needs() {
         &uid,
         "--chroot-base-dir",
         base.to_str().unwrap(),
+        "--netns",
+        &netns_path,
+        "--resource-limit",
+        "no-file=1000",
+        "--resource-limit",
+        "fsize=1048576",
         "--",
         "--api-sock",
         "/api.sock",
@@ -154,8 +190,21 @@ fn a_jailed_vireo_sees_holds_and_may_only_what_it_needs() {
     assert_eq!(status_field(pid, "CapEff:"), "0000000000000000");
     assert_eq!(status_field(pid, "CapPrm:"), "0000000000000000");
     assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
-    // What it sees: its root is the jail, which holds only its binary, devices and socket.
+    // Where it lives: the given network namespace, under the given limits.
     use std::os::unix::fs::MetadataExt;
+    let ns = |p: &str| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(ns(&format!("/proc/{pid}/ns/net")), ns(&netns_path));
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let limit = |name: &str| {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| l.split_whitespace().rev().nth(1).unwrap().to_owned())
+            .unwrap()
+    };
+    assert_eq!(limit("Max open files"), "1000", "{limits}");
+    assert_eq!(limit("Max file size"), "1048576", "{limits}");
+    // What it sees: its root is the jail, which holds only its binary, devices and socket.
     let seen_root = std::fs::metadata(format!("/proc/{pid}/root/")).unwrap();
     let jail = std::fs::metadata(&root).unwrap();
     assert_eq!((seen_root.dev(), seen_root.ino()), (jail.dev(), jail.ino()));
@@ -207,6 +256,7 @@ fn a_jailed_vireo_sees_holds_and_may_only_what_it_needs() {
     }
     let _ = child.kill();
     let _ = child.wait();
+    let _ = Command::new("ip").args(["netns", "del", &netns]).status();
     let _ = std::fs::remove_dir_all(base);
 }
 
@@ -329,7 +379,7 @@ fn touching_vm(
     version: &str,
     limit: &str,
     parent: &str,
-) -> (Child, mpsc::Receiver<String>) {
+) -> (Jailed, mpsc::Receiver<String>) {
     let vireo = static_vireo();
     let (child, rx) = start(&[
         "--id",
