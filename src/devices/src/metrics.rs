@@ -17,6 +17,8 @@ pub struct DeviceMetrics {
     pub write_bytes: AtomicU64,
     /// Flush requests.
     pub flushes: AtomicU64,
+    /// Requests the rate limiter made wait.
+    pub throttled: AtomicU64,
 }
 
 /// Adds `n` to `counter`.
@@ -38,6 +40,10 @@ impl Counters for DeviceMetrics {
             ("read_bytes", self.read_bytes.load(Ordering::Relaxed)),
             ("write_bytes", self.write_bytes.load(Ordering::Relaxed)),
             ("flushes", self.flushes.load(Ordering::Relaxed)),
+            (
+                "rate_limiter_throttled",
+                self.throttled.load(Ordering::Relaxed),
+            ),
         ]
     }
 }

@@ -73,10 +73,6 @@ pub(crate) fn enter(args: Args) -> Result<Infallible, Error> {
     }
     std::fs::create_dir_all(&root).map_err(sys(format!("create {}", root.display())))?;
 
-    for (res, v) in &limits {
-        nix::sys::resource::setrlimit(*res, *v, *v)
-            .map_err(sys(format!("set resource limit {res:?} to {v}")))?;
-    }
     let parent = args.parent_cgroup.clone().unwrap_or_else(|| name.clone());
     crate::cgroup::join(
         &args.cgroup_version,
@@ -148,6 +144,11 @@ pub(crate) fn enter(args: Args) -> Result<Infallible, Error> {
     }
     // The VMM may create its sockets and files in the jail's root.
     chown("/", Some(uid), Some(gid)).map_err(sys("chown the jail's root"))?;
+    // Limits last, so that they bind the VMM and not the copy of its binary into the jail.
+    for (res, v) in &limits {
+        nix::sys::resource::setrlimit(*res, *v, *v)
+            .map_err(sys(format!("set resource limit {res:?} to {v}")))?;
+    }
 
     let mut extra = Vec::new();
     if args.new_pid_ns {

@@ -366,13 +366,31 @@ fn parse_on_off(key: &str, v: &str) -> Result<bool, String> {
     }
 }
 
-/// `path=IMG[,id=ID][,readonly=on][,root=on]`; a bare first item is taken as the path.
+/// A token bucket on the command line: `SIZE/MS[+BURST]` (SIZE tokens refilled every MS ms,
+/// plus a one-time burst), as Firecracker's `size`, `refill_time` and `one_time_burst`.
+fn parse_bucket(key: &str, v: &str) -> Result<devices::rate_limiter::TokenBucketConfig, String> {
+    let bad = || format!("{key}={v}: expected SIZE/MS[+BURST], e.g. {key}=1048576/100");
+    let (size, rest) = v.split_once('/').ok_or_else(bad)?;
+    let (ms, burst) = match rest.split_once('+') {
+        Some((ms, b)) => (ms, Some(b.parse().map_err(|_| bad())?)),
+        None => (rest, None),
+    };
+    Ok(devices::rate_limiter::TokenBucketConfig {
+        size: size.parse().map_err(|_| bad())?,
+        one_time_burst: burst,
+        refill_time: ms.parse().map_err(|_| bad())?,
+    })
+}
+
+/// `path=IMG[,id=ID][,readonly=on][,root=on][,bw=SIZE/MS][,ops=SIZE/MS]`; a bare first item is
+/// taken as the path.
 fn parse_drive(s: &str) -> Result<DriveConfig, String> {
     let mut drive = DriveConfig {
         path: PathBuf::new(),
         id: None,
         read_only: false,
         root: false,
+        rate_limiter: Default::default(),
     };
     for (i, item) in s.split(',').enumerate() {
         match item.split_once('=') {
@@ -381,10 +399,12 @@ fn parse_drive(s: &str) -> Result<DriveConfig, String> {
             Some(("id", v)) => drive.id = Some(v.to_owned()),
             Some(("readonly", v)) => drive.read_only = parse_on_off("readonly", v)?,
             Some(("root", v)) => drive.root = parse_on_off("root", v)?,
+            Some(("bw", v)) => drive.rate_limiter.bandwidth = Some(parse_bucket("bw", v)?),
+            Some(("ops", v)) => drive.rate_limiter.ops = Some(parse_bucket("ops", v)?),
             None if i == 0 => drive.path = PathBuf::from(item),
             _ => {
                 return Err(format!(
-                    "'{item}' is not a drive option: use path=IMG[,id=ID][,readonly=on][,root=on]"
+                    "'{item}' is not a drive option: use path=IMG[,id=ID][,readonly=on][,root=on][,bw=SIZE/MS][,ops=SIZE/MS]"
                 ))
             }
         }

@@ -154,6 +154,14 @@ fn a_jailed_vireo_sees_holds_and_may_only_what_it_needs() {
         .status()
         .unwrap()
         .success());
+    /// Deletes the namespace however the test ends.
+    struct DelNs<'a>(&'a str);
+    impl Drop for DelNs<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", self.0]).status();
+        }
+    }
+    let _del = DelNs(&netns);
     let netns_path = format!("/run/netns/{netns}");
     let (mut child, rx) = start(&[
         "--id",
@@ -256,7 +264,6 @@ fn a_jailed_vireo_sees_holds_and_may_only_what_it_needs() {
     }
     let _ = child.kill();
     let _ = child.wait();
-    let _ = Command::new("ip").args(["netns", "del", &netns]).status();
     let _ = std::fs::remove_dir_all(base);
 }
 

@@ -182,6 +182,9 @@ pub struct DriveConfig {
     pub read_only: bool,
     /// Make this drive the guest's root device (`root=/dev/vda`); first drive only.
     pub root: bool,
+    /// Bandwidth and request-rate limits (Firecracker's `rate_limiter`).
+    #[serde(default)]
+    pub rate_limiter: devices::rate_limiter::RateLimiterConfig,
 }
 
 /// Command line used when the user gives none: what a Linux microVM guest needs to talk on

@@ -306,8 +306,22 @@ impl Controller {
         let Some(vm) = self.vm.as_mut() else {
             return fail("the microVM is not running");
         };
-        if p.rate_limiter.as_ref().is_some_and(|v| !v.is_null()) {
-            return fail("drive: rate limiters are not supported by vireo yet");
+        if let Some(rl) = p.rate_limiter {
+            vm.devices()
+                .update(
+                    DeviceKind::Drive,
+                    &p.drive_id,
+                    DeviceUpdate::RateLimiter(rl),
+                )
+                .map_err(|e| ResourceError(e.to_string()))?;
+            if let Some(d) = self
+                .resources
+                .drives
+                .iter_mut()
+                .find(|d| d.drive_id == p.drive_id)
+            {
+                d.rate_limiter = Some(rl);
+            }
         }
         let Some(path) = p.path_on_host.clone() else {
             return Ok(VmmData::Empty);

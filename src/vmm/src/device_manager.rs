@@ -78,6 +78,8 @@ impl DeviceKind {
 pub enum DeviceUpdate {
     /// Re-open the device's backing file from this path (drives).
     Backing(PathBuf),
+    /// New rate limits (drives).
+    RateLimiter(devices::rate_limiter::RateLimiterConfig),
 }
 
 struct VirtioEntry {
@@ -165,6 +167,7 @@ impl DeviceManager {
                 path: drive.path.clone(),
                 id: id.clone(),
                 read_only: drive.read_only,
+                rate_limiter: drive.rate_limiter,
             })?;
             dm.add_virtio(vm, mem, DeviceKind::Drive, id, Box::new(block))?;
         }
@@ -383,6 +386,7 @@ impl DeviceManager {
         let mut transport = devices::bus::lock(&entry.transport);
         match update {
             DeviceUpdate::Backing(path) => transport.replace_backing(&path),
+            DeviceUpdate::RateLimiter(config) => transport.update_rate_limiter(&config),
         }
         .map_err(Error::InvalidConfig)
     }

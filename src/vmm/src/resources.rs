@@ -3,6 +3,7 @@
 //! into a [`VmConfig`] at start.
 
 use crate::config::{DriveConfig, NetConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
+use devices::rate_limiter::RateLimiterConfig;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -105,9 +106,9 @@ pub struct Drive {
     /// "Unsafe" or "Writeback"; vireo always honours flushes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_type: Option<String>,
-    /// Rate limiter (not offered yet).
+    /// Bandwidth and request-rate limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<Value>,
+    pub rate_limiter: Option<RateLimiterConfig>,
     /// "Sync" (or "Async", not offered yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<String>,
@@ -124,8 +125,8 @@ pub struct PartialDrive {
     pub drive_id: String,
     /// New image.
     pub path_on_host: Option<String>,
-    /// Rate limiter (not offered yet).
-    pub rate_limiter: Option<Value>,
+    /// New bandwidth and request-rate limits.
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// `PUT /network-interfaces/{iface_id}`.
@@ -616,7 +617,6 @@ impl VmResources {
                 return err(format!("cache_type {c}: expected Unsafe or Writeback"));
             }
         }
-        no_rate_limiter("drive", &d.rate_limiter)?;
         let Some(path) = &d.path_on_host else {
             return err("path_on_host is required for a virtio-blk drive");
         };
@@ -650,10 +650,12 @@ impl VmResources {
 
     /// Updates a drive before boot.
     pub fn patch_drive(&mut self, p: PartialDrive) -> Result<(), ResourceError> {
-        no_rate_limiter("drive", &p.rate_limiter)?;
         let Some(d) = self.drives.iter_mut().find(|d| d.drive_id == p.drive_id) else {
             return err(format!("drive '{}' does not exist", p.drive_id));
         };
+        if let Some(rl) = p.rate_limiter {
+            d.rate_limiter = Some(rl);
+        }
         if let Some(path) = p.path_on_host {
             readable_file("drive image", &path, Kind::Image)?;
             d.path_on_host = Some(path);
@@ -817,6 +819,7 @@ impl VmResources {
                     id: Some(d.drive_id.clone()),
                     read_only: d.is_read_only.unwrap_or(false),
                     root: d.is_root_device && d.partuuid.is_none(),
+                    rate_limiter: d.rate_limiter.unwrap_or_default(),
                 }
             })
             .collect();

@@ -38,6 +38,7 @@ fn handlers() -> &'static [Mutex<Handler>; 2] {
                 path: path.clone(),
                 id: "f".repeat(20),
                 read_only,
+                rate_limiter: Default::default(),
             })
             .expect("fuzz block device");
             Mutex::new(block.handler())
@@ -76,7 +77,9 @@ pub fn block_request(data: &[u8]) {
         };
         let Some(chain) = chain else { return };
         let head = chain.head_index();
-        let len = handler.handle(0, chain, &mem);
+        let Some(len) = handler.handle(0, chain, &mem) else {
+            return;
+        };
         if queue.add_used(&mem, head, len).is_err() {
             return;
         }

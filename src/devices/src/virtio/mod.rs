@@ -176,6 +176,17 @@ pub trait VirtioDevice: Send {
         let _ = state;
         Ok(())
     }
+    /// Changes the device's rate limiter while the guest runs.
+    fn update_rate_limiter(
+        &mut self,
+        _config: &crate::rate_limiter::RateLimiterConfig,
+    ) -> Result<(), String> {
+        Err(format!(
+            "device type {} has no rate limiter",
+            self.device_type()
+        ))
+    }
+
     /// Switches to a new backing file while the guest runs (block devices only).
     fn replace_backing(&mut self, path: &std::path::Path) -> Result<(), String> {
         Err(format!(

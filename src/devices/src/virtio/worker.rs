@@ -40,14 +40,27 @@ pub const SPAWN_SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
 /// A device's per-request logic.
 pub trait QueueHandler: Send + 'static {
     /// Serves one descriptor chain from queue `queue`; returns the number of bytes written into
-    /// the chain's device-writable buffers (the used-ring length).
+    /// the chain's device-writable buffers (the used-ring length), or `None` when the device's
+    /// rate limiter holds the request back: the chain goes back to the ring, and the queue waits
+    /// for the limiter's timer.
     fn handle(
         &mut self,
         queue: usize,
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
-    ) -> u32;
+    ) -> Option<u32>;
+
+    /// The timerfd of the handler's rate limiter, watched with its queues.
+    fn limiter_timer(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// The limiter's timer fired; the queues are served again after this.
+    fn on_limiter_timer(&mut self) {}
 }
+
+/// Event data of the rate limiter's timer (queue events carry their index).
+const LIMITER_TIMER: u32 = u32::MAX;
 
 struct Subscriber<H> {
     handler: H,
@@ -68,7 +81,12 @@ impl<H: QueueHandler> Subscriber<H> {
                 let chain = queue.iter(&self.mem)?.next();
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                let len = self.handler.handle(index, chain, &self.mem);
+                let Some(len) = self.handler.handle(index, chain, &self.mem) else {
+                    // Throttled: the chain is taken again when the limiter's timer fires, and
+                    // guest notifications stay off until then.
+                    queue.go_to_previous_position();
+                    return Ok(used);
+                };
                 queue.add_used(&self.mem, head, len)?;
                 used = true;
             }
@@ -105,6 +123,13 @@ impl<H: QueueHandler> Subscriber<H> {
 
 impl<H: QueueHandler> MutEventSubscriber for Subscriber<H> {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.data() == LIMITER_TIMER {
+            self.handler.on_limiter_timer();
+            for i in 0..self.queues.len() {
+                self.serve(i);
+            }
+            return;
+        }
         let i = events.data() as usize;
         if let Some(evt) = self.evts.get(i) {
             let _ = evt.read();
@@ -116,6 +141,11 @@ impl<H: QueueHandler> MutEventSubscriber for Subscriber<H> {
         for (i, evt) in self.evts.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
                 tracing::error!("virtio: cannot watch queue {i}: {e:?}");
+            }
+        }
+        if let Some(fd) = self.handler.limiter_timer() {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, LIMITER_TIMER, EventSet::IN)) {
+                tracing::error!("virtio: cannot watch the rate limiter's timer: {e:?}");
             }
         }
     }

@@ -9,6 +9,7 @@ mod tests;
 
 use super::worker::{QueueHandler, Worker};
 use super::{features, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice};
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use disk::Disk;
 use request::{Limits, Request, ID_BYTES};
 use std::path::PathBuf;
@@ -36,6 +37,8 @@ pub const SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
         libc::SYS_pwritev,
         libc::SYS_fdatasync,
         libc::SYS_fallocate,
+        // The rate limiter's timer.
+        libc::SYS_timerfd_settime,
     ],
     with_arg: &[],
 };
@@ -60,6 +63,8 @@ pub struct BlockConfig {
     pub id: String,
     /// Refuse writes.
     pub read_only: bool,
+    /// Bandwidth and request-rate limits (none by default).
+    pub rate_limiter: RateLimiterConfig,
 }
 
 /// Errors creating a block device.
@@ -88,6 +93,8 @@ pub struct Block {
     config_space: Vec<u8>,
     worker: Option<Worker>,
     metrics: std::sync::Arc<crate::metrics::DeviceMetrics>,
+    // Shared with the device thread, so PATCH can change the limits of a running drive.
+    limiter: Arc<Mutex<RateLimiter>>,
 }
 
 fn feature(bit: u32) -> u64 {
@@ -125,7 +132,12 @@ impl Block {
             features |= feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES);
         }
         let config_space = Self::config_image(disk.sectors());
+        let limiter = RateLimiter::new(&config.rate_limiter).map_err(|err| BlockError::Open {
+            path: config.path.clone(),
+            err,
+        })?;
         Ok(Self {
+            limiter: Arc::new(Mutex::new(limiter)),
             disk: Arc::new(Mutex::new(disk)),
             features,
             config_space,
@@ -165,6 +177,7 @@ impl Block {
                 max_range_sectors: MAX_RANGE_SECTORS,
             },
             metrics: self.metrics.clone(),
+            limiter: self.limiter.clone(),
         }
     }
 
@@ -182,6 +195,7 @@ pub(crate) struct Handler {
     id: [u8; ID_BYTES],
     limits: Limits,
     metrics: std::sync::Arc<crate::metrics::DeviceMetrics>,
+    limiter: Arc<Mutex<RateLimiter>>,
 }
 
 impl QueueHandler for Handler {
@@ -190,12 +204,12 @@ impl QueueHandler for Handler {
         _queue: usize,
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
-    ) -> u32 {
+    ) -> Option<u32> {
         use crate::metrics::add;
-        add(&self.metrics.requests, 1);
         let request = match Request::parse(chain, mem) {
             Ok(r) => r,
             Err((e, status)) => {
+                add(&self.metrics.requests, 1);
                 add(&self.metrics.errors, 1);
                 utils::warn_limited!(
                     "virtio_blk_bad_request",
@@ -203,12 +217,23 @@ impl QueueHandler for Handler {
                 );
                 // Fail it with IOERR if it has a writable last byte; otherwise nothing can be
                 // reported and the chain goes back with nothing written.
-                return match status {
+                return Some(match status {
                     Some(addr) if mem.write_obj(VIRTIO_BLK_S_IOERR as u8, addr).is_ok() => 1,
                     _ => 0,
-                };
+                });
             }
         };
+        // Reads and writes pay for their bytes; every request pays one operation.
+        let bytes = match request.kind() {
+            VIRTIO_BLK_T_IN => request.read_len(),
+            VIRTIO_BLK_T_OUT => request.data_len(),
+            _ => 0,
+        };
+        if !crate::bus::lock(&self.limiter).consume(bytes) {
+            add(&self.metrics.throttled, 1);
+            return None;
+        }
+        add(&self.metrics.requests, 1);
         let (status, len) = request.execute(
             &mut crate::bus::lock(&self.disk),
             mem,
@@ -227,9 +252,19 @@ impl QueueHandler for Handler {
             }
         }
         if mem.write_obj(status, request.status_addr()).is_err() {
-            return 0;
+            return Some(0);
         }
-        len
+        Some(len)
+    }
+
+    fn limiter_timer(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(
+            crate::bus::lock(&self.limiter).timer(),
+        ))
+    }
+
+    fn on_limiter_timer(&mut self) {
+        crate::bus::lock(&self.limiter).on_timer();
     }
 }
 
@@ -272,6 +307,19 @@ impl VirtioDevice for Block {
         let state: persist::BlockState = serde_json::from_value(state.clone())
             .map_err(|e| format!("drive '{}': bad snapshot state: {e}", self.config.id))?;
         self.check_state(&state)
+    }
+
+    fn update_rate_limiter(&mut self, config: &RateLimiterConfig) -> Result<(), String> {
+        crate::bus::lock(&self.limiter)
+            .update(config)
+            .map_err(|e| {
+                format!(
+                    "drive '{}': cannot change its rate limiter: {e}",
+                    self.config.id
+                )
+            })?;
+        self.config.rate_limiter = *config;
+        Ok(())
     }
 
     fn replace_backing(&mut self, path: &std::path::Path) -> Result<(), String> {

@@ -183,6 +183,11 @@ impl Request {
         total(&self.readable)
     }
 
+    /// Bytes of device-writable data before the status byte (what a read fills).
+    pub fn read_len(&self) -> u64 {
+        total(&self.writable)
+    }
+
     /// Where the status byte goes.
     pub fn status_addr(&self) -> GuestAddress {
         self.status

@@ -28,6 +28,7 @@ fn fixture(name: &str, read_only: bool) -> Fixture {
         path: path.clone(),
         id: "disk-under-test".into(),
         read_only,
+        rate_limiter: Default::default(),
     })
     .unwrap();
     let mut d = Driver::new(Box::new(dev));
@@ -341,6 +342,7 @@ fn bad_config_is_refused() {
         path: path.clone(),
         id: "x".repeat(21),
         read_only: false,
+        rate_limiter: Default::default(),
     })
     .err()
     .unwrap();
@@ -349,6 +351,7 @@ fn bad_config_is_refused() {
         path: "/nonexistent/disk.img".into(),
         id: "d".into(),
         read_only: false,
+        rate_limiter: Default::default(),
     })
     .err()
     .unwrap();

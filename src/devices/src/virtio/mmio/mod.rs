@@ -174,6 +174,14 @@ impl MmioTransport {
         Ok(())
     }
 
+    /// Changes the device's rate limiter.
+    pub fn update_rate_limiter(
+        &mut self,
+        config: &crate::rate_limiter::RateLimiterConfig,
+    ) -> Result<(), String> {
+        self.device.update_rate_limiter(config)
+    }
+
     /// The device's status register as the driver reads it.
     pub fn status(&self) -> u32 {
         if self.interrupt.needs_reset() {

@@ -52,7 +52,7 @@ impl QueueHandler for Handler {
         _queue: usize,
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
-    ) -> u32 {
+    ) -> Option<u32> {
         let mut written: u32 = 0;
         for desc in chain.writable() {
             let len = desc.len().min(MAX_REQUEST_BYTES - written);
@@ -78,7 +78,7 @@ impl QueueHandler for Handler {
         }
         crate::metrics::add(&self.metrics.requests, 1);
         crate::metrics::add(&self.metrics.read_bytes, u64::from(written));
-        written
+        Some(written)
     }
 }
 
