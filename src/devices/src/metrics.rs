@@ -19,6 +19,8 @@ pub struct DeviceMetrics {
     pub flushes: AtomicU64,
     /// Requests the rate limiter made wait.
     pub throttled: AtomicU64,
+    /// Bytes a rate limiter dropped (the serial console's output).
+    pub dropped: AtomicU64,
 }
 
 /// Adds `n` to `counter`.
@@ -43,6 +45,10 @@ impl Counters for DeviceMetrics {
             (
                 "rate_limiter_throttled",
                 self.throttled.load(Ordering::Relaxed),
+            ),
+            (
+                "rate_limiter_dropped_bytes",
+                self.dropped.load(Ordering::Relaxed),
             ),
         ]
     }

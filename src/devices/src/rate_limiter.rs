@@ -239,6 +239,27 @@ impl RateLimiter {
             .map_err(std::io::Error::from)
     }
 
+    /// Takes `bytes` (one operation) if the buckets allow it now, without waiting or arming the
+    /// timer: for output that is dropped rather than delayed (the serial console, whose vCPU
+    /// must not block).
+    pub fn try_take(&mut self, bytes: u64) -> bool {
+        let now = self.clock.now_ns();
+        for b in [&mut self.bandwidth, &mut self.ops].into_iter().flatten() {
+            b.refill(now);
+        }
+        let ok = self.bandwidth.as_ref().is_none_or(|b| b.can_pay(bytes))
+            && self.ops.as_ref().is_none_or(|b| b.can_pay(1));
+        if ok {
+            if let Some(b) = &mut self.bandwidth {
+                b.pay(bytes);
+            }
+            if let Some(b) = &mut self.ops {
+                b.pay(1);
+            }
+        }
+        ok
+    }
+
     /// The timer fired: the throttled request may be tried again.
     pub fn on_timer(&mut self) {
         // The timerfd is readable, so this read does not block.
@@ -397,6 +418,21 @@ mod tests {
         for _ in 0..1000 {
             assert!(l.consume(u64::MAX));
         }
+    }
+
+    #[test]
+    fn output_beyond_the_rate_is_refused_without_a_timer() {
+        // 100 bytes per second.
+        let (mut l, clock) = limiter(RateLimiterConfig {
+            bandwidth: bucket(100, 1000, None),
+            ops: None,
+        });
+        let taken = (0..150).filter(|_| l.try_take(1)).count();
+        assert_eq!(taken, 100);
+        assert!(!l.timer().is_armed().unwrap());
+        clock.advance_ms(500);
+        let taken = (0..150).filter(|_| l.try_take(1)).count();
+        assert_eq!(taken, 50);
     }
 
     #[test]

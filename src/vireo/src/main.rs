@@ -259,6 +259,14 @@ struct RunArgs {
     /// Give the guest a virtio-rng entropy device fed by the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// Limit the serial console's output: bw=SIZE/MS[+BURST],ops=SIZE/MS[+BURST]; output beyond
+    /// the limits is dropped and counted.
+    #[arg(long, value_name = "LIMITS", value_parser = parse_limits)]
+    serial_limit: Option<devices::rate_limiter::RateLimiterConfig>,
+    /// Limit the entropy device's bytes and requests: bw=SIZE/MS[+BURST],ops=SIZE/MS[+BURST]
+    /// (implies --rng).
+    #[arg(long, value_name = "LIMITS", value_parser = parse_limits)]
+    rng_limit: Option<devices::rate_limiter::RateLimiterConfig>,
     /// A virtio-net interface on an existing host TAP:
     /// tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,id=ID][,mtu=N], or fd=N for a TAP already opened (with
     /// IFF_VNET_HDR) and handed down. Repeat for more (eth0, eth1, ...). Without mac= the guest
@@ -382,6 +390,23 @@ fn parse_bucket(key: &str, v: &str) -> Result<devices::rate_limiter::TokenBucket
     })
 }
 
+/// `bw=SIZE/MS[+BURST][,ops=SIZE/MS[+BURST]]` (either may be left out).
+fn parse_limits(s: &str) -> Result<devices::rate_limiter::RateLimiterConfig, String> {
+    let mut limits = devices::rate_limiter::RateLimiterConfig::default();
+    for item in s.split(',') {
+        match item.split_once('=') {
+            Some(("bw", v)) => limits.bandwidth = Some(parse_bucket("bw", v)?),
+            Some(("ops", v)) => limits.ops = Some(parse_bucket("ops", v)?),
+            _ => {
+                return Err(format!(
+                    "'{item}' is not a limit: use bw=SIZE/MS[+BURST],ops=SIZE/MS[+BURST]"
+                ))
+            }
+        }
+    }
+    Ok(limits)
+}
+
 /// `path=IMG[,id=ID][,readonly=on][,root=on][,bw=SIZE/MS][,ops=SIZE/MS]`; a bare first item is
 /// taken as the path.
 fn parse_drive(s: &str) -> Result<DriveConfig, String> {
@@ -488,7 +513,9 @@ fn main() -> ExitCode {
                 mem_mib: args.memory,
                 serial: args.serial,
                 drives: args.drives,
-                rng: args.rng,
+                serial_rate_limiter: args.serial_limit.unwrap_or_default(),
+                rng: args.rng || args.rng_limit.is_some(),
+                rng_rate_limiter: args.rng_limit.unwrap_or_default(),
                 track_dirty_pages: false,
                 cpu_template: None,
                 nets: args

@@ -173,3 +173,47 @@ fn limits_change_on_a_running_vm() {
     assert!(body.contains("'nope' does not exist"), "{body}");
     v.stop(libc::SIGTERM);
 }
+
+#[test]
+fn console_output_beyond_its_limit_is_dropped() {
+    let kernel = guest("pvh");
+    let free = run(&["--kernel", kernel.to_str().unwrap()]);
+    assert_eq!(free.code(), 0, "{}", free.stderr);
+    assert!(free.stdout.len() > 200, "{}", free.stdout);
+    // 64 bytes per 10 s: the guest's first 64 bytes, then nothing until it powers off.
+    let r = run(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--serial-limit",
+        "bw=64/10000",
+    ]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(r.stdout.as_bytes(), &free.stdout.as_bytes()[..64]);
+    assert!(r.stderr.contains("rate limit dropped"), "{}", r.stderr);
+}
+
+#[test]
+fn entropy_under_a_limit_and_bad_limits() {
+    let kernel = guest("elf");
+    let k = kernel.to_str().unwrap();
+    let r = run(&[
+        "--kernel",
+        k,
+        "--rng-limit",
+        "bw=16/1000,ops=1/1000",
+        "--cmdline",
+        "console=ttyS0 vireo.rngtest",
+    ]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let rng = r.report("rng").unwrap_or_default();
+    assert!(rng.contains("used=32"), "{}", r.stdout);
+    for (flag, bad) in [
+        ("--rng-limit", "bw=16"),
+        ("--rng-limit", "cpu=1/1"),
+        ("--serial-limit", "ops=x/1"),
+    ] {
+        let r = run(&["--kernel", k, flag, bad]);
+        assert_eq!(r.code(), 2, "{flag} {bad}: {}", r.stderr);
+        assert!(r.stderr.contains("SIZE/MS"), "{flag} {bad}: {}", r.stderr);
+    }
+}

@@ -31,10 +31,16 @@ pub struct VmConfig {
     /// Serial console wiring.
     #[serde(skip)]
     pub serial: SerialConfig,
+    /// The serial console's output limits (beyond them output is dropped).
+    #[serde(default)]
+    pub serial_rate_limiter: devices::rate_limiter::RateLimiterConfig,
     /// virtio-blk drives, in the order the guest sees them (/dev/vda, /dev/vdb, ...).
     pub drives: Vec<DriveConfig>,
     /// Whether the guest gets a virtio-rng entropy device.
     pub rng: bool,
+    /// The entropy device's bandwidth and request-rate limits.
+    #[serde(default)]
+    pub rng_rate_limiter: devices::rate_limiter::RateLimiterConfig,
     /// Whether KVM logs the pages the guest writes, so that diff snapshots can be taken.
     #[serde(default)]
     pub track_dirty_pages: bool,

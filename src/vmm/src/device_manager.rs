@@ -223,12 +223,17 @@ impl DeviceManager {
             dm.add_virtio(vm, mem, DeviceKind::Vsock, "vsock".into(), Box::new(device))?;
         }
         if config.rng {
+            let rng = Rng::with_rate_limiter(&config.rng_rate_limiter).map_err(|err| {
+                Error::InvalidConfig(format!(
+                    "entropy device: cannot make its rate limiter: {err}"
+                ))
+            })?;
             dm.add_virtio(
                 vm,
                 mem,
                 DeviceKind::Entropy,
                 "entropy".into(),
-                Box::new(Rng::new()),
+                Box::new(rng),
             )?;
         }
         Ok(dm)
@@ -239,10 +244,20 @@ impl DeviceManager {
     fn legacy(config: &VmConfig, vm: &Vm, mem: &GuestMemoryMmap) -> Result<Self, Error> {
         let serial_irq = EventFdTrigger::new().map_err(Error::EventFd)?;
         vm.register_irqfd(&serial_irq.0, serial::COM1_IRQ)?;
-        let serial = Arc::new(Mutex::new(Serial::new(
-            serial_irq,
-            crate::console::output(&config.serial)?,
-        )));
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, {
+            let out = crate::console::output(&config.serial)?;
+            if config.serial_rate_limiter.limits() {
+                let limited = serial::LimitedOutput::new(out, &config.serial_rate_limiter)
+                    .map_err(|e| {
+                        Error::InvalidConfig(format!(
+                            "serial console: cannot make its rate limiter: {e}"
+                        ))
+                    })?;
+                Box::new(limited)
+            } else {
+                out
+            }
+        })));
         let events = PlatformEvents {
             reset: EventFdTrigger::new().map_err(Error::EventFd)?,
             power: EventFdTrigger::new().map_err(Error::EventFd)?,

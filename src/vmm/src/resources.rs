@@ -220,9 +220,9 @@ pub struct VsockDevice {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EntropyDevice {
-    /// Rate limiter (not offered yet).
+    /// Bandwidth and request-rate limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<Value>,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// `PUT /serial`.
@@ -232,9 +232,9 @@ pub struct SerialDevice {
     /// Where guest serial output goes (default: vireo's stdout).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_out_path: Option<String>,
-    /// Rate limiter (not offered yet).
+    /// Output limits: guest output beyond them is dropped (and counted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<Value>,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// `PUT /logger`.
@@ -774,14 +774,12 @@ impl VmResources {
 
     /// Adds the entropy device.
     pub fn set_entropy(&mut self, e: EntropyDevice) -> Result<(), ResourceError> {
-        no_rate_limiter("entropy", &e.rate_limiter)?;
         self.entropy = Some(e);
         Ok(())
     }
 
     /// Sets the serial output.
     pub fn set_serial(&mut self, s: SerialDevice) -> Result<(), ResourceError> {
-        no_rate_limiter("serial", &s.rate_limiter)?;
         if let Some(path) = &s.serial_out_path {
             // Checked (and created) now, truncated when the VM starts.
             utils::files::open_output(std::path::Path::new(path), false)
@@ -837,8 +835,18 @@ impl VmResources {
                 Some(p) => SerialConfig::File(PathBuf::from(p)),
                 None => SerialConfig::Stdio,
             },
+            serial_rate_limiter: self
+                .serial
+                .as_ref()
+                .and_then(|s| s.rate_limiter)
+                .unwrap_or_default(),
             drives,
             rng: self.entropy.is_some(),
+            rng_rate_limiter: self
+                .entropy
+                .as_ref()
+                .and_then(|e| e.rate_limiter)
+                .unwrap_or_default(),
             track_dirty_pages: self.machine.track_dirty_pages,
             cpu_template: self
                 .cpu_config

@@ -15,6 +15,49 @@ pub const COM1_IRQ: u32 = 4;
 
 type Uart = vm_superio::Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>;
 
+/// The console's output under a rate limiter: bytes beyond the rate are dropped (and counted)
+/// rather than delayed, since the vCPU that writes them must not wait, and a guest must not
+/// fill the host's disk through its console.
+pub struct LimitedOutput {
+    out: Box<dyn Write + Send>,
+    limiter: crate::rate_limiter::RateLimiter,
+    metrics: std::sync::Arc<crate::metrics::DeviceMetrics>,
+}
+
+impl LimitedOutput {
+    /// `out` limited by `config` (output is counted in the `serial` metrics either way).
+    pub fn new(
+        out: Box<dyn Write + Send>,
+        config: &crate::rate_limiter::RateLimiterConfig,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            out,
+            limiter: crate::rate_limiter::RateLimiter::new(config)?,
+            metrics: crate::metrics::register("serial".into()),
+        })
+    }
+}
+
+impl Write for LimitedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.limiter.try_take(buf.len() as u64) {
+            crate::metrics::add(&self.metrics.write_bytes, buf.len() as u64);
+            self.out.write(buf)
+        } else {
+            crate::metrics::add(&self.metrics.dropped, buf.len() as u64);
+            utils::warn_limited!(
+                "serial_rate_limited",
+                "serial: guest output beyond the console's rate limit dropped"
+            );
+            Ok(buf.len())
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
 /// A UART whose transmitted bytes go to `out` and whose receive FIFO the host fills.
 pub struct Serial {
     uart: Uart,
