@@ -53,6 +53,25 @@ fn jailer() -> Command {
     c
 }
 
+/// The flags every jail here shares: `id`, the static vireo, user and group nobody, `base`.
+fn jail_args(id: &str, base: &Path) -> Vec<String> {
+    let vireo = static_vireo();
+    [
+        "--id",
+        id,
+        "--exec-file",
+        vireo.to_str().unwrap(),
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--chroot-base-dir",
+        base.to_str().unwrap(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// A unique jail ID for this test process.
 fn jail_id(tag: &str) -> String {
     format!("{tag}-{}", std::process::id())
@@ -271,19 +290,9 @@ fn a_jailed_vireo_sees_holds_and_may_only_what_it_needs() {
 fn new_pid_namespace_and_daemon() {
     let base = scratch("jail-pidns");
     let id = jail_id("pidns");
-    let vireo = static_vireo();
     let out = jailer()
+        .args(jail_args(&id, &base))
         .args([
-            "--id",
-            &id,
-            "--exec-file",
-            vireo.to_str().unwrap(),
-            "--uid",
-            "65534",
-            "--gid",
-            "65534",
-            "--chroot-base-dir",
-            base.to_str().unwrap(),
             "--new-pid-ns",
             "--daemonize",
             "--",
@@ -387,28 +396,23 @@ fn touching_vm(
     limit: &str,
     parent: &str,
 ) -> (Jailed, mpsc::Receiver<String>) {
-    let vireo = static_vireo();
-    let (child, rx) = start(&[
-        "--id",
-        id,
-        "--exec-file",
-        vireo.to_str().unwrap(),
-        "--uid",
-        "65534",
-        "--gid",
-        "65534",
-        "--chroot-base-dir",
-        base.to_str().unwrap(),
-        "--cgroup-version",
-        version,
-        "--cgroup",
-        limit,
-        "--parent-cgroup",
-        parent,
-        "--",
-        "--api-sock",
-        "/api.sock",
-    ]);
+    let mut args = jail_args(id, base);
+    args.extend(
+        [
+            "--cgroup-version",
+            version,
+            "--cgroup",
+            limit,
+            "--parent-cgroup",
+            parent,
+            "--",
+            "--api-sock",
+            "/api.sock",
+        ]
+        .map(str::to_owned),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (child, rx) = start(&args);
     let root = base.join("vireo").join(id).join("root");
     wait_for_socket(&root.join("api.sock"));
     boot_in_jail(&root, &root.join("api.sock"), 64, "vireo.touch=40");

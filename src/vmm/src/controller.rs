@@ -306,40 +306,26 @@ impl Controller {
         let Some(vm) = self.vm.as_mut() else {
             return fail("the microVM is not running");
         };
+        let mut updates = Vec::new();
         if let Some(rl) = p.rate_limiter {
-            vm.devices()
-                .update(
-                    DeviceKind::Drive,
-                    &p.drive_id,
-                    DeviceUpdate::RateLimiter(rl),
-                )
-                .map_err(|e| ResourceError(e.to_string()))?;
-            if let Some(d) = self
-                .resources
-                .drives
-                .iter_mut()
-                .find(|d| d.drive_id == p.drive_id)
-            {
-                d.rate_limiter = Some(rl);
-            }
+            updates.push(DeviceUpdate::RateLimiter(rl));
         }
-        let Some(path) = p.path_on_host.clone() else {
-            return Ok(VmmData::Empty);
-        };
-        vm.devices()
-            .update(
-                DeviceKind::Drive,
-                &p.drive_id,
-                DeviceUpdate::Backing(path.clone().into()),
-            )
-            .map_err(|e| ResourceError(e.to_string()))?;
+        if let Some(path) = &p.path_on_host {
+            updates.push(DeviceUpdate::Backing(path.into()));
+        }
+        for update in updates {
+            vm.devices()
+                .update(DeviceKind::Drive, &p.drive_id, update)
+                .map_err(|e| ResourceError(e.to_string()))?;
+        }
         if let Some(d) = self
             .resources
             .drives
             .iter_mut()
             .find(|d| d.drive_id == p.drive_id)
         {
-            d.path_on_host = Some(path);
+            d.rate_limiter = p.rate_limiter.or(d.rate_limiter);
+            d.path_on_host = p.path_on_host.or(d.path_on_host.take());
         }
         Ok(VmmData::Empty)
     }
