@@ -239,6 +239,36 @@ impl RateLimiter {
             .map_err(std::io::Error::from)
     }
 
+    /// Pays for `bytes` (one operation) already spent, going into debt if need be: for data whose
+    /// size is known only once it has moved (a received frame). When a bucket is left empty the
+    /// limiter is throttled until the timer says it holds a token again.
+    pub fn charge(&mut self, bytes: u64) {
+        let now = self.clock.now_ns();
+        for b in [&mut self.bandwidth, &mut self.ops].into_iter().flatten() {
+            b.refill(now);
+        }
+        if let Some(b) = &mut self.bandwidth {
+            b.pay(bytes);
+        }
+        if let Some(b) = &mut self.ops {
+            b.pay(1);
+        }
+        let wait = [&self.bandwidth, &self.ops]
+            .into_iter()
+            .flatten()
+            .map(|b| b.wait_ns(1))
+            .max()
+            .unwrap_or(0);
+        if wait > 0 {
+            self.throttled = true;
+            self.throttled_count += 1;
+            if let Err(e) = self.arm(wait) {
+                tracing::error!("rate limiter: cannot arm its timer ({e}); not limiting");
+                self.throttled = false;
+            }
+        }
+    }
+
     /// Takes `bytes` (one operation) if the buckets allow it now, without waiting or arming the
     /// timer: for output that is dropped rather than delayed (the serial console, whose vCPU
     /// must not block).
@@ -258,6 +288,11 @@ impl RateLimiter {
             }
         }
         ok
+    }
+
+    #[cfg(test)]
+    fn on_timer_for_test(&mut self) {
+        self.throttled = false;
     }
 
     /// The timer fired: the throttled request may be tried again.
@@ -433,6 +468,24 @@ mod tests {
         clock.advance_ms(500);
         let taken = (0..150).filter(|_| l.try_take(1)).count();
         assert_eq!(taken, 50);
+    }
+
+    #[test]
+    fn charges_after_the_fact_throttle_until_a_token_is_back() {
+        // 1000 bytes per 100 ms: a 1500-byte frame already received leaves 500 bytes of debt.
+        let (mut l, clock) = limiter(RateLimiterConfig {
+            bandwidth: bucket(1000, 100, None),
+            ops: None,
+        });
+        l.charge(600);
+        assert!(!l.is_throttled());
+        l.charge(900);
+        assert!(l.is_throttled());
+        // Debt of 500 plus one token: 51 ms (rounded up).
+        assert_eq!(armed_ms(&l), 51);
+        clock.advance_ms(51);
+        l.on_timer_for_test();
+        assert!(l.consume(1));
     }
 
     #[test]

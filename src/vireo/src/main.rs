@@ -314,6 +314,8 @@ struct PartialNet {
     fd: Option<i32>,
     mac: Option<[u8; 6]>,
     mtu: Option<u16>,
+    rx_limit: devices::rate_limiter::RateLimiterConfig,
+    tx_limit: devices::rate_limiter::RateLimiterConfig,
 }
 
 /// `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,id=ID][,mtu=N]`; a bare first item is taken as the TAP.
@@ -324,6 +326,8 @@ fn parse_net(s: &str) -> Result<PartialNet, String> {
         fd: None,
         mac: None,
         mtu: None,
+        rx_limit: Default::default(),
+        tx_limit: Default::default(),
     };
     for (i, item) in s.split(',').enumerate() {
         match item.split_once('=') {
@@ -349,10 +353,14 @@ fn parse_net(s: &str) -> Result<PartialNet, String> {
                 }
                 net.mtu = Some(mtu as u16);
             }
+            Some(("rx_bw", v)) => net.rx_limit.bandwidth = Some(parse_bucket("rx_bw", v)?),
+            Some(("rx_ops", v)) => net.rx_limit.ops = Some(parse_bucket("rx_ops", v)?),
+            Some(("tx_bw", v)) => net.tx_limit.bandwidth = Some(parse_bucket("tx_bw", v)?),
+            Some(("tx_ops", v)) => net.tx_limit.ops = Some(parse_bucket("tx_ops", v)?),
             None if i == 0 => net.tap = item.to_owned(),
             _ => {
                 return Err(format!(
-                    "'{item}' is not a network option: use tap=NAME|fd=N[,mac=AA:BB:CC:DD:EE:FF][,id=ID][,mtu=N]"
+                    "'{item}' is not a network option: use tap=NAME|fd=N[,mac=AA:BB:CC:DD:EE:FF][,id=ID][,mtu=N][,rx_bw=SIZE/MS][,rx_ops=SIZE/MS][,tx_bw=SIZE/MS][,tx_ops=SIZE/MS]"
                 ))
             }
         }
@@ -529,6 +537,8 @@ fn main() -> ExitCode {
                         mac: p.mac,
                         mtu: p.mtu,
                         mmds: false,
+                        rx_rate_limiter: p.rx_limit,
+                        tx_rate_limiter: p.tx_limit,
                     })
                     .collect(),
                 mmds: None,

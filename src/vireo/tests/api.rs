@@ -1326,12 +1326,9 @@ fn network_interfaces_through_the_api() {
     assert!(m.contains("mtu 40"), "{m}");
     let m = fault(&put(
         "eth0",
-        r#"{"iface_id":"eth0","host_dev_name":"tap0","rx_rate_limiter":{"bandwidth":{"size":1,"refill_time":1}}}"#,
+        r#"{"iface_id":"eth0","host_dev_name":"tap0","rx_rate_limiter":{"bandwidth":{"size":1,"refill":1}}}"#,
     ));
-    assert!(
-        m.contains("rate limiters are not supported by vireo yet"),
-        "{m}"
-    );
+    assert!(m.contains("refill"), "{m}");
     let eth0 =
         r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"02:00:00:00:00:02","mtu":1500}"#;
     assert_eq!(put("eth0", eth0).0, 204);
@@ -1356,15 +1353,20 @@ fn network_interfaces_through_the_api() {
         cfg["network-interfaces"],
         serde_json::json!([{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"02:00:00:00:00:02","mtu":1500}])
     );
+    // Rate limiters: set before boot, shown in the configuration, changed while it runs.
+    let limit = r#"{"iface_id":"eth0","tx_rate_limiter":{"ops":{"size":1000,"refill_time":1000}}}"#;
+    assert_eq!(v.req("PATCH", "/network-interfaces/eth0", limit).0, 204);
+    let cfg: serde_json::Value = serde_json::from_str(&v.req("GET", "/vm/config", "").1).unwrap();
+    assert_eq!(
+        cfg["network-interfaces"][0]["tx_rate_limiter"]["ops"]["size"], 1000,
+        "{cfg}"
+    );
     let m = fault(&v.req(
         "PATCH",
-        "/network-interfaces/eth0",
-        r#"{"iface_id":"eth0","tx_rate_limiter":{"ops":{"size":1,"refill_time":1}}}"#,
+        "/network-interfaces/eth9",
+        r#"{"iface_id":"eth9","tx_rate_limiter":{"ops":{"size":1,"refill_time":1}}}"#,
     ));
-    assert!(
-        m.contains("rate limiters are not supported by vireo yet"),
-        "{m}"
-    );
+    assert!(m.contains("'eth9' does not exist"), "{m}");
     let boot = format!(
         r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 vireo.nettest"}}"#,
         guest("elf").display()
@@ -1384,6 +1386,14 @@ fn network_interfaces_through_the_api() {
     );
     let m = fault(&put("eth0", eth0));
     assert!(m.contains("not supported after starting"), "{m}");
+    let patch =
+        r#"{"iface_id":"eth0","rx_rate_limiter":{"bandwidth":{"size":1048576,"refill_time":100}}}"#;
+    assert_eq!(v.req("PATCH", "/network-interfaces/eth0", patch).0, 204);
+    let cfg: serde_json::Value = serde_json::from_str(&v.req("GET", "/vm/config", "").1).unwrap();
+    assert_eq!(
+        cfg["network-interfaces"][0]["rx_rate_limiter"]["bandwidth"]["size"], 1048576,
+        "{cfg}"
+    );
     assert_eq!(v.stop(libc::SIGTERM), Some(143));
 }
 

@@ -138,6 +138,12 @@ pub struct NetConfig {
     pub mtu: Option<u16>,
     /// MMDS answers on this interface.
     pub mmds: bool,
+    /// Limits on frames to the guest.
+    #[serde(default)]
+    pub rx_rate_limiter: devices::rate_limiter::RateLimiterConfig,
+    /// Limits on frames from the guest.
+    #[serde(default)]
+    pub tx_rate_limiter: devices::rate_limiter::RateLimiterConfig,
 }
 
 /// Parses `AA:BB:CC:DD:EE:FF`, refusing multicast addresses (no NIC can have one).

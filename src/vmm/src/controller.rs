@@ -184,7 +184,18 @@ impl Controller {
                 pre_boot("PUT /network-interfaces")?;
                 self.resources.insert_interface(n).map(|_| VmmData::Empty)
             }
-            PatchNetworkInterface(p) => self.resources.patch_interface(p).map(|_| VmmData::Empty),
+            PatchNetworkInterface(p) => {
+                if let Some(vm) = &self.vm {
+                    let update = DeviceUpdate::RxTxRateLimiters {
+                        rx: p.rx_rate_limiter,
+                        tx: p.tx_rate_limiter,
+                    };
+                    vm.devices()
+                        .update(DeviceKind::Interface, &p.iface_id, update)
+                        .map_err(|e| ResourceError(e.to_string()))?;
+                }
+                self.resources.patch_interface(p).map(|_| VmmData::Empty)
+            }
             PutMmdsConfig(c) => {
                 pre_boot("PUT /mmds/config")?;
                 self.resources.set_mmds_config(c).map(|_| VmmData::Empty)

@@ -80,6 +80,13 @@ pub enum DeviceUpdate {
     Backing(PathBuf),
     /// New rate limits (drives).
     RateLimiter(devices::rate_limiter::RateLimiterConfig),
+    /// New receive and/or transmit rate limits (network interfaces).
+    RxTxRateLimiters {
+        /// Frames to the guest.
+        rx: Option<devices::rate_limiter::RateLimiterConfig>,
+        /// Frames from the guest.
+        tx: Option<devices::rate_limiter::RateLimiterConfig>,
+    },
 }
 
 struct VirtioEntry {
@@ -201,7 +208,14 @@ impl DeviceManager {
                     mtu: net.mtu,
                 },
                 tap,
-            );
+            )
+            .with_rate_limiters(&net.rx_rate_limiter, &net.tx_rate_limiter)
+            .map_err(|e| {
+                Error::InvalidConfig(format!(
+                    "network interface {}: cannot make its rate limiters: {e}",
+                    net.id
+                ))
+            })?;
             if let (true, Some(m)) = (net.mmds, &config.mmds) {
                 device = device.with_mmds(m.store.0.clone(), m.ip);
             }
@@ -402,6 +416,9 @@ impl DeviceManager {
         match update {
             DeviceUpdate::Backing(path) => transport.replace_backing(&path),
             DeviceUpdate::RateLimiter(config) => transport.update_rate_limiter(&config),
+            DeviceUpdate::RxTxRateLimiters { rx, tx } => {
+                transport.update_rx_tx_rate_limiters(rx.as_ref(), tx.as_ref())
+            }
         }
         .map_err(Error::InvalidConfig)
     }

@@ -143,12 +143,12 @@ pub struct NetworkInterface {
     /// MTU advertised to the guest with VIRTIO_NET_F_MTU (68 to 65535).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
-    /// Receive rate limiter (not offered yet).
+    /// Limits on frames to the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rx_rate_limiter: Option<Value>,
-    /// Transmit rate limiter (not offered yet).
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on frames from the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tx_rate_limiter: Option<Value>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// `PATCH /network-interfaces/{iface_id}`.
@@ -157,10 +157,10 @@ pub struct NetworkInterface {
 pub struct PartialNetworkInterface {
     /// Interface ID.
     pub iface_id: String,
-    /// Receive rate limiter (not offered yet).
-    pub rx_rate_limiter: Option<Value>,
-    /// Transmit rate limiter (not offered yet).
-    pub tx_rate_limiter: Option<Value>,
+    /// New limits on frames to the guest.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// New limits on frames from the guest.
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// `PUT /mmds/config`.
@@ -530,15 +530,6 @@ impl VmResources {
     }
 }
 
-fn no_rate_limiter(what: &str, rl: &Option<Value>) -> Result<(), ResourceError> {
-    match rl {
-        None | Some(Value::Null) => Ok(()),
-        Some(_) => err(format!(
-            "{what}: rate limiters are not supported by vireo yet"
-        )),
-    }
-}
-
 /// Checks an input the user names now, as Firecracker does, so that a bad path is a 400 on
 /// its own request rather than a failed InstanceStart.
 fn readable_file(what: &str, path: &str, kind: Kind) -> Result<(), ResourceError> {
@@ -671,8 +662,6 @@ impl VmResources {
         if n.iface_id.is_empty() || n.iface_id.len() > 64 {
             return err(format!("{what}: iface_id must be 1 to 64 bytes"));
         }
-        no_rate_limiter(&what, &n.rx_rate_limiter)?;
-        no_rate_limiter(&what, &n.tx_rate_limiter)?;
         let mac = match &n.guest_mac {
             Some(m) => Some(
                 crate::config::parse_mac(m).map_err(|e| ResourceError(format!("{what}: {e}")))?,
@@ -725,14 +714,18 @@ impl VmResources {
         Ok(())
     }
 
-    /// Applies `PATCH /network-interfaces` (rate limiters only, which are not built yet).
+    /// Applies `PATCH /network-interfaces` (its rate limiters) to the configuration.
     pub fn patch_interface(&mut self, p: PartialNetworkInterface) -> Result<(), ResourceError> {
-        let what = format!("network interface '{}'", p.iface_id);
-        if !self.interfaces.iter().any(|o| o.iface_id == p.iface_id) {
-            return err(format!("{what} does not exist"));
-        }
-        no_rate_limiter(&what, &p.rx_rate_limiter)?;
-        no_rate_limiter(&what, &p.tx_rate_limiter)
+        let Some(n) = self
+            .interfaces
+            .iter_mut()
+            .find(|o| o.iface_id == p.iface_id)
+        else {
+            return err(format!("network interface '{}' does not exist", p.iface_id));
+        };
+        n.rx_rate_limiter = p.rx_rate_limiter.or(n.rx_rate_limiter);
+        n.tx_rate_limiter = p.tx_rate_limiter.or(n.tx_rate_limiter);
+        Ok(())
     }
 
     /// Applies `PUT /mmds/config`: the interfaces must exist already.
@@ -870,6 +863,8 @@ impl VmResources {
                         .mmds_config
                         .as_ref()
                         .is_some_and(|c| c.network_interfaces.contains(&n.iface_id)),
+                    rx_rate_limiter: n.rx_rate_limiter.unwrap_or_default(),
+                    tx_rate_limiter: n.tx_rate_limiter.unwrap_or_default(),
                 })
                 .collect(),
             vsock: self.vsock.as_ref().map(|v| crate::config::VsockConfig {

@@ -187,6 +187,19 @@ pub trait VirtioDevice: Send {
         ))
     }
 
+    /// Changes the receive and/or transmit rate limiters while the guest runs (network
+    /// devices).
+    fn update_rx_tx_rate_limiters(
+        &mut self,
+        _rx: Option<&crate::rate_limiter::RateLimiterConfig>,
+        _tx: Option<&crate::rate_limiter::RateLimiterConfig>,
+    ) -> Result<(), String> {
+        Err(format!(
+            "device type {} has no receive or transmit rate limiters",
+            self.device_type()
+        ))
+    }
+
     /// Switches to a new backing file while the guest runs (block devices only).
     fn replace_backing(&mut self, path: &std::path::Path) -> Result<(), String> {
         Err(format!(

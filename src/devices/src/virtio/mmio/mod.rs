@@ -182,6 +182,15 @@ impl MmioTransport {
         self.device.update_rate_limiter(config)
     }
 
+    /// Changes the device's receive and/or transmit rate limiters.
+    pub fn update_rx_tx_rate_limiters(
+        &mut self,
+        rx: Option<&crate::rate_limiter::RateLimiterConfig>,
+        tx: Option<&crate::rate_limiter::RateLimiterConfig>,
+    ) -> Result<(), String> {
+        self.device.update_rx_tx_rate_limiters(rx, tx)
+    }
+
     /// The device's status register as the driver reads it.
     pub fn status(&self) -> u32 {
         if self.interrupt.needs_reset() {

@@ -13,6 +13,8 @@ use vmm_sys_util::eventfd::EventFd;
 const RX_EVT: u32 = 0;
 const TX_EVT: u32 = 1;
 const TAP: u32 = 2;
+const RX_TIMER: u32 = 3;
+const TX_TIMER: u32 = 4;
 
 /// The device thread's state.
 pub(super) struct NetThread {
@@ -102,6 +104,22 @@ impl MutEventSubscriber for NetThread {
                     }
                 }
             }
+            RX_TIMER => {
+                if let Some(l) = &self.io.limiters {
+                    crate::bus::lock(&l.rx).on_timer();
+                }
+                if !self.broken {
+                    watch.set(EventSet::IN, self.rx());
+                }
+            }
+            TX_TIMER => {
+                if let Some(l) = &self.io.limiters {
+                    crate::bus::lock(&l.tx).on_timer();
+                }
+                if !self.broken {
+                    watch.set(EventSet::OUT, self.tx());
+                }
+            }
             TAP => {
                 let set = events.event_set();
                 if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
@@ -145,6 +163,15 @@ impl MutEventSubscriber for NetThread {
         ] {
             if let Err(e) = ops.add(events) {
                 tracing::error!("virtio-net: cannot watch the {what}: {e:?}");
+            }
+        }
+        if let Some(l) = &self.io.limiters {
+            use std::os::fd::AsRawFd;
+            for (limiter, data) in [(&l.rx, RX_TIMER), (&l.tx, TX_TIMER)] {
+                let fd = crate::bus::lock(limiter).timer().as_raw_fd();
+                if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
+                    tracing::error!("virtio-net: cannot watch a rate limiter's timer: {e:?}");
+                }
             }
         }
     }

@@ -25,6 +25,10 @@ pub struct NetMetrics {
     pub tap_would_block: AtomicU64,
     /// Guest frames MMDS answered (they never reach the TAP).
     pub mmds_frames: AtomicU64,
+    /// Frames the transmit rate limiter made wait.
+    pub tx_throttled: AtomicU64,
+    /// Times the receive rate limiter stopped reception until its timer.
+    pub rx_throttled: AtomicU64,
 }
 
 impl Counters for NetMetrics {
@@ -41,6 +45,8 @@ impl Counters for NetMetrics {
             ("tx_errors", l(&self.tx_errors)),
             ("tap_would_block", l(&self.tap_would_block)),
             ("mmds_frames", l(&self.mmds_frames)),
+            ("tx_rate_limiter_throttled", l(&self.tx_throttled)),
+            ("rx_rate_limiter_throttled", l(&self.rx_throttled)),
         ]
     }
 }

@@ -23,18 +23,20 @@ mod tests;
 
 use super::worker::Worker;
 use super::{features, ActivateContext, ActivateError, VirtioDevice};
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use event_handler::NetThread;
 pub use metrics::NetMetrics;
-pub use rxtx::{NetIo, Rx};
+pub use rxtx::{NetIo, NetLimiters, Rx};
 use std::sync::Arc;
 use tap::{Tap, VNET_HDR_LEN};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
 
-/// What a network device thread calls on its TAP: vectored frame reads and writes.
+/// What a network device thread calls on its TAP: vectored frame reads and writes; and its
+/// rate limiters' timers.
 pub const SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
     by: "virtio-net",
-    syscalls: &[libc::SYS_readv, libc::SYS_writev],
+    syscalls: &[libc::SYS_readv, libc::SYS_writev, libc::SYS_timerfd_settime],
     with_arg: &[],
 };
 
@@ -84,6 +86,7 @@ pub struct Net {
     worker: Option<Worker>,
     metrics: Arc<NetMetrics>,
     mmds: Option<(mmds::SharedMmds, [u8; 4])>,
+    limiters: Option<NetLimiters>,
 }
 
 impl Net {
@@ -128,7 +131,22 @@ impl Net {
             worker: None,
             metrics,
             mmds: None,
+            limiters: None,
         }
+    }
+
+    /// Limits frames each way with `rx` (TAP to guest) and `tx` (guest to TAP). An interface
+    /// made with limiters (even ones that limit nothing) can have them changed while it runs.
+    pub fn with_rate_limiters(
+        mut self,
+        rx: &RateLimiterConfig,
+        tx: &RateLimiterConfig,
+    ) -> std::io::Result<Self> {
+        self.limiters = Some(NetLimiters {
+            rx: Arc::new(std::sync::Mutex::new(RateLimiter::new(rx)?)),
+            tx: Arc::new(std::sync::Mutex::new(RateLimiter::new(tx)?)),
+        });
+        Ok(self)
     }
 
     /// Answers MMDS at `ip` from `store` on this interface.
@@ -206,6 +224,9 @@ impl VirtioDevice for Net {
             self.metrics.clone(),
             ctx.acked_features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
         );
+        if let Some(l) = &self.limiters {
+            io.set_limiters(l.clone());
+        }
         // Without receive offloads the host sends at most an MTU-sized Ethernet frame (with a
         // VLAN tag); with them, up to 64 KiB.
         if offloads & !libc::TUN_F_CSUM == 0 {
@@ -228,6 +249,30 @@ impl VirtioDevice for Net {
         let state: persist::NetState = serde_json::from_value(state.clone())
             .map_err(|e| format!("net: bad snapshot state: {e}"))?;
         self.check_state(&state)
+    }
+
+    fn update_rx_tx_rate_limiters(
+        &mut self,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) -> Result<(), String> {
+        let Some(l) = &self.limiters else {
+            return Err(format!(
+                "network interface '{}' has no rate limiters",
+                self.config.id
+            ));
+        };
+        for (limiter, config) in [(&l.rx, rx), (&l.tx, tx)] {
+            if let Some(c) = config {
+                crate::bus::lock(limiter).update(c).map_err(|e| {
+                    format!(
+                        "network interface '{}': cannot change its rate limiter: {e}",
+                        self.config.id
+                    )
+                })?;
+            }
+        }
+        Ok(())
     }
 
     fn worker(&self) -> Option<&Worker> {

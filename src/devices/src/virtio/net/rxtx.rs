@@ -5,6 +5,7 @@ use super::metrics::NetMetrics;
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::{mmds, MAX_BUFFER, MAX_IOVECS, RX_BATCH, RX_QUEUE};
 use crate::metrics::add;
+use crate::rate_limiter::RateLimiter;
 use crate::virtio::buffers::{host_iovecs, read_at, write_at, Access, IoVec, Segment};
 use crate::virtio::GuestMemoryMmap;
 use std::os::fd::AsRawFd;
@@ -24,6 +25,8 @@ pub enum Rx {
     TapEmpty,
     /// The TAP failed; stop reading it until the guest posts buffers again.
     TapError,
+    /// The receive rate limiter is in debt: wait for its timer.
+    Throttled,
 }
 
 /// A posted receive chain: head, device-writable buffers, their total size.
@@ -60,6 +63,20 @@ pub struct NetIo {
     chain_list: Vec<RxChain>,
     iov: Vec<IoVec>,
     tx_segments: Vec<Segment>,
+    /// Receive and transmit rate limiters, when the interface has them.
+    pub(super) limiters: Option<NetLimiters>,
+    /// Payload bytes of the frame last delivered, for the receive limiter.
+    last_rx_bytes: usize,
+}
+
+/// An interface's receive and transmit rate limiters, shared with the device so that PATCH
+/// can change them while the guest runs.
+#[derive(Clone)]
+pub struct NetLimiters {
+    /// Frames from the TAP to the guest.
+    pub rx: Arc<std::sync::Mutex<RateLimiter>>,
+    /// Frames from the guest to the TAP.
+    pub tx: Arc<std::sync::Mutex<RateLimiter>>,
 }
 
 impl NetIo {
@@ -88,7 +105,14 @@ impl NetIo {
             chain_list: Vec::new(),
             iov: Vec::with_capacity(MAX_IOVECS + 1),
             tx_segments: Vec::new(),
+            limiters: None,
+            last_rx_bytes: 0,
         }
+    }
+
+    /// Limits what goes each way.
+    pub fn set_limiters(&mut self, limiters: NetLimiters) {
+        self.limiters = Some(limiters);
     }
 
     /// Where the receive and transmit queues stand; stashed receive chains count as not taken.
@@ -229,6 +253,7 @@ impl NetIo {
         mut chains: Vec<RxChain>,
         len: usize,
     ) -> Result<(), virtio_queue::Error> {
+        self.last_rx_bytes = len - VNET_HDR_LEN;
         let mut left = len;
         let mut used = 0;
         for c in &chains {
@@ -286,6 +311,22 @@ impl NetIo {
 
     /// Moves one frame from the TAP to the guest.
     pub fn receive(&mut self) -> Result<Rx, virtio_queue::Error> {
+        // A frame's size is known only once it is read, so received frames are charged after
+        // the fact and reception waits while the limiter is in debt.
+        if let Some(l) = &self.limiters {
+            if crate::bus::lock(&l.rx).is_throttled() {
+                add(&self.metrics.rx_throttled, 1);
+                return Ok(Rx::Throttled);
+            }
+        }
+        let rx = self.receive_one()?;
+        if let (Rx::Delivered, Some(l)) = (&rx, &self.limiters) {
+            crate::bus::lock(&l.rx).charge(self.last_rx_bytes as u64);
+        }
+        Ok(rx)
+    }
+
+    fn receive_one(&mut self) -> Result<Rx, virtio_queue::Error> {
         if let Some(frame) = self.held.take() {
             return self.deliver_held(frame);
         }
@@ -420,6 +461,16 @@ impl NetIo {
                     used = true;
                     continue;
                 }
+                if let Some(l) = &self.limiters {
+                    if !crate::bus::lock(&l.tx).consume((len - VNET_HDR_LEN) as u64) {
+                        // Taken again when the limiter's timer fires; guest notifications stay
+                        // off until then.
+                        self.iov = iov;
+                        add(&self.metrics.tx_throttled, 1);
+                        self.tx.go_to_previous_position();
+                        return Ok((used, false));
+                    }
+                }
                 // SAFETY: IoVec has iovec's layout; the buffers are guest memory that
                 // `self.mem` keeps mapped for the call, each within one region and one
                 // descriptor; writev only reads them.
@@ -468,6 +519,8 @@ impl NetIo {
                 Rx::Dropped => {}
                 Rx::TapEmpty => return Ok((used, true)),
                 Rx::TapError => return Ok((used, false)),
+                // The limiter's timer resumes reception.
+                Rx::Throttled => return Ok((used, false)),
                 Rx::NoBuffers => {
                     // Ask for a kick when buffers arrive; look again in case some just did.
                     if self.rx.enable_notification(&self.mem)? {
