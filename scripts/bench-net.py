@@ -56,6 +56,12 @@ def commands(tmp, size, count):
                          "-device", f"virtio-net-device,netdev=n0,mac={GUEST_MAC}",
                          "-device", "isa-debug-exit,iobase=0x501,iosize=1"],
     }
+    if size == 1500:
+        # Rate limiters: measured throughput against the configured 10 MB/s each way.
+        cmds["vireo, 10 MB/s limit"] = [
+            VIREO, "run", "--kernel", pvh, "--memory", "256", "--serial", "stdio",
+            "--net", f"tap=tapl,mac={GUEST_MAC},rx_bw=1000000/100,tx_bw=1000000/100",
+            "--cmdline", guest_args(size, count, "poweroff")]
     fc = peer("FIRECRACKER", "firecracker")
     if fc:
         import json
@@ -72,7 +78,8 @@ def commands(tmp, size, count):
     return cmds
 
 
-TAPS = {"vireo": "tapv", "qemu-microvm": "tapq", "firecracker": "tapf"}
+TAPS = {"vireo": "tapv", "qemu-microvm": "tapq", "firecracker": "tapf",
+        "vireo, 10 MB/s limit": "tapl"}
 
 
 def mac(s):
