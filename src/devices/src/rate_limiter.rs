@@ -71,6 +71,9 @@ impl Clock for MonotonicClock {
     }
 }
 
+/// A throttled queue waits at least this fraction of a bucket's refill time.
+const WAKE_FRACTION: u64 = 16;
+
 /// One bucket's state. `budget` may go negative: the debt of a request larger than the bucket.
 #[derive(Debug)]
 struct Bucket {
@@ -124,8 +127,18 @@ impl Bucket {
         }
     }
 
-    /// Nanoseconds until `tokens` can be paid (0 if now).
+    /// Nanoseconds until `tokens` can be paid (0 if now), but at least a sixteenth of the refill
+    /// time when there is a wait at all: a throttled queue then wakes for a batch of requests
+    /// rather than once per request, and the long-run rate is the same (tokens keep accruing).
     fn wait_ns(&self, tokens: u64) -> u64 {
+        match self.exact_wait_ns(tokens) {
+            0 => 0,
+            ns => ns.max(self.refill_ns / WAKE_FRACTION),
+        }
+    }
+
+    /// Nanoseconds until `tokens` can be paid (0 if now).
+    fn exact_wait_ns(&self, tokens: u64) -> u64 {
         let missing = self.needed(tokens) - self.budget;
         if missing <= 0 || i128::from(self.burst) >= i128::from(tokens) {
             return 0;
@@ -486,6 +499,29 @@ mod tests {
         clock.advance_ms(51);
         l.on_timer_for_test();
         assert!(l.consume(1));
+    }
+
+    #[test]
+    fn a_throttled_queue_wakes_for_a_batch_not_per_request() {
+        // 1000 bytes per 160 ms: the next 100-byte request could go in 16 ms, and that is
+        // also the shortest wait (a sixteenth of the refill time) ...
+        let (mut l, clock) = limiter(RateLimiterConfig {
+            bandwidth: bucket(1000, 160, None),
+            ops: None,
+        });
+        assert!(l.consume(1000));
+        assert!(!l.consume(100));
+        assert_eq!(armed_ms(&l), 16);
+        // ... but a 10-byte one, due in 1.6 ms, waits the 10 ms minimum too, and then finds
+        // tokens for several.
+        clock.advance_ms(16);
+        assert!(l.consume(100));
+        assert!(!l.consume(10));
+        assert_eq!(armed_ms(&l), 10);
+        clock.advance_ms(10);
+        for _ in 0..6 {
+            assert!(l.consume(10));
+        }
     }
 
     #[test]
