@@ -97,7 +97,12 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
         None => None,
     };
     let mem_size = config.mem_mib << 20;
-    let memory = Memory::anonymous(mem_size, config.track_dirty_pages)?;
+    let memory = Memory::anonymous_with(
+        mem_size,
+        config.track_dirty_pages,
+        config.huge_pages,
+        config.merge,
+    )?;
     // Devices before the kernel: they add to the kernel command line.
     let (vm, devices) = platform(config, &memory)?;
     let cmdline = format!("{}{}", config.cmdline, devices.cmdline());

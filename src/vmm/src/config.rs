@@ -44,6 +44,12 @@ pub struct VmConfig {
     /// Whether KVM logs the pages the guest writes, so that diff snapshots can be taken.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// What backs guest RAM: normal pages, transparent huge pages, or 2 MiB hugetlbfs pages.
+    #[serde(default)]
+    pub huge_pages: HugePages,
+    /// Mark guest RAM mergeable (KSM may share identical pages between VMs).
+    #[serde(default)]
+    pub merge: bool,
     /// A custom CPU template (`PUT /cpu-config`) applied to every vCPU.
     #[serde(default)]
     pub cpu_template: Option<crate::cpu_config::CpuTemplate>,
@@ -182,6 +188,31 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 
 /// The bounds of an advertised MTU (virtio's minimum, and what the header can carry).
 pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=65535;
+
+/// What backs guest RAM (Firecracker's `huge_pages`, plus transparent huge pages).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum HugePages {
+    /// 4 KiB pages.
+    #[default]
+    None,
+    /// 4 KiB pages the kernel may gather into transparent huge pages (MADV_HUGEPAGE).
+    Transparent,
+    /// 2 MiB pages from the host's hugetlbfs pool, reserved when the VM starts.
+    #[serde(rename = "2M")]
+    Huge2M,
+}
+
+impl HugePages {
+    /// Parses Firecracker's names: `None`, `2M`, and `Transparent`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "None" => Ok(Self::None),
+            "Transparent" => Ok(Self::Transparent),
+            "2M" => Ok(Self::Huge2M),
+            _ => Err(format!("huge_pages {s}: expected None, Transparent or 2M")),
+        }
+    }
+}
 
 /// One virtio-blk drive.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

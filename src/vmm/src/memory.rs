@@ -68,7 +68,52 @@ pub fn slots(size: u64) -> Result<Vec<(GuestAddress, usize, u64)>, Error> {
 impl Memory {
     /// Maps `size` bytes of anonymous guest RAM; pages are backed when first touched.
     pub fn anonymous(size: u64, track_dirty: bool) -> Result<Self, Error> {
-        let guest = Self::map(size, None)?;
+        Self::anonymous_with(size, track_dirty, crate::config::HugePages::None, false)
+    }
+
+    /// [`Memory::anonymous`] on the pages `huge` asks for, mergeable by KSM with `merge`.
+    pub fn anonymous_with(
+        size: u64,
+        track_dirty: bool,
+        huge: crate::config::HugePages,
+        merge: bool,
+    ) -> Result<Self, Error> {
+        use crate::config::HugePages;
+        use vm_memory::GuestMemoryRegion;
+        if huge == HugePages::Huge2M {
+            check_huge_pages(size)?;
+        }
+        let extra = if huge == HugePages::Huge2M {
+            libc::MAP_HUGETLB | libc::MAP_HUGE_2MB
+        } else {
+            0
+        };
+        let guest = Self::map_flags(size, None, extra)?;
+        let advice = [
+            (
+                huge == HugePages::Transparent,
+                libc::MADV_HUGEPAGE,
+                "MADV_HUGEPAGE",
+            ),
+            (merge, libc::MADV_MERGEABLE, "MADV_MERGEABLE"),
+        ];
+        for (wanted, advice, name) in advice {
+            if !wanted {
+                continue;
+            }
+            for region in guest.iter() {
+                // SAFETY: the range is one whole guest RAM mapping that `guest` owns; the advice
+                // only changes how the kernel backs it, not its contents.
+                let r =
+                    unsafe { libc::madvise(region.as_ptr().cast(), region.len() as usize, advice) };
+                if r != 0 {
+                    return Err(Error::Map {
+                        size,
+                        err: format!("{name}: {}", std::io::Error::last_os_error()),
+                    });
+                }
+            }
+        }
         Ok(Self {
             guest,
             track_dirty,
@@ -136,6 +181,11 @@ impl Memory {
     }
 
     fn map(size: u64, file: Option<&File>) -> Result<GuestMemoryMmap, Error> {
+        Self::map_flags(size, file, 0)
+    }
+
+    /// [`Memory::map`] with `extra` mmap flags for anonymous memory (huge pages).
+    fn map_flags(size: u64, file: Option<&File>, extra: i32) -> Result<GuestMemoryMmap, Error> {
         let err = |e: String| Error::Map { size, err: e };
         let mut regions = Vec::new();
         for (addr, len, offset) in slots(size)? {
@@ -148,9 +198,14 @@ impl Memory {
                     builder = builder.with_file_offset(FileOffset::new(f, offset));
                 }
                 None => {
-                    builder = builder.with_mmap_flags(
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    );
+                    // Huge pages are reserved at once (no MAP_NORESERVE): a pool too small is an
+                    // error now, not a SIGBUS when the guest touches the page it lacks.
+                    let flags = if extra != 0 {
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra
+                    } else {
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
+                    };
+                    builder = builder.with_mmap_flags(flags);
                 }
             }
             let region = builder.build().map_err(|e| err(e.to_string()))?;
@@ -161,6 +216,42 @@ impl Memory {
         }
         GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))
     }
+}
+
+/// Refuses a 2 MiB-page guest of `size` bytes the host's free huge pages cannot hold, saying
+/// how many it has and how to get more.
+fn check_huge_pages(size: u64) -> Result<(), Error> {
+    const HUGE: u64 = 2 << 20;
+    if !size.is_multiple_of(HUGE) {
+        return Err(Error::Map {
+            size,
+            err: "huge_pages 2M: the memory size must be a multiple of 2 MiB".into(),
+        });
+    }
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| -> Option<u64> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    };
+    let need = size / HUGE;
+    let free = field("HugePages_Free:").unwrap_or(0);
+    let page_kib = field("Hugepagesize:").unwrap_or(2048);
+    if page_kib != 2048 {
+        return Err(Error::Map {
+            size,
+            err: format!("huge_pages 2M: this host's default huge page size is {page_kib} KiB"),
+        });
+    }
+    if free < need {
+        return Err(Error::Map {
+            size,
+            err: format!(
+                "huge_pages 2M: the guest needs {need} free 2 MiB huge pages and the host has {free} (raise /proc/sys/vm/nr_hugepages)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The userfaultfd calls (linux/userfaultfd.h), which no crate vireo uses wraps.

@@ -50,7 +50,7 @@ pub struct MachineConfig {
     /// CPU template (not offered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
-    /// Huge page backing (only "None").
+    /// Huge page backing: "None", "Transparent" or "2M".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huge_pages: Option<String>,
 }
@@ -565,10 +565,14 @@ impl VmResources {
                 "cpu_template {t}: static CPU templates are not offered by vireo; give a custom template with PUT /cpu-config"
             ));
         }
-        if let Some(h) = m.huge_pages.as_deref().filter(|h| *h != "None") {
-            return err(format!(
-                "huge_pages {h}: huge pages are not supported by vireo yet"
-            ));
+        if let Some(h) = m.huge_pages.as_deref() {
+            let huge = crate::config::HugePages::parse(h).map_err(ResourceError)?;
+            if huge == crate::config::HugePages::Huge2M && !m.mem_size_mib.is_multiple_of(2) {
+                return err(format!(
+                    "huge_pages 2M: mem_size_mib {} is not a multiple of 2",
+                    m.mem_size_mib
+                ));
+            }
         }
         self.machine = m;
         Ok(())
@@ -815,6 +819,11 @@ impl VmResources {
             })
             .collect();
         Ok(VmConfig {
+            huge_pages: match self.machine.huge_pages.as_deref() {
+                Some(h) => crate::config::HugePages::parse(h).map_err(ResourceError)?,
+                None => crate::config::HugePages::None,
+            },
+            merge: false,
             kernel: PathBuf::from(&boot.kernel_image_path),
             initrd: boot.initrd_path.as_ref().map(PathBuf::from),
             cmdline,

@@ -71,6 +71,9 @@ pub enum Error {
         "the microVM must be paused before a snapshot is created (PATCH /vm with state Paused)"
     )]
     NotPaused,
+    /// Snapshots of hugetlbfs-backed memory are not written yet.
+    #[error("snapshots of a microVM on 2M huge pages are not supported by vireo yet (huge_pages None or Transparent can be snapshotted)")]
+    HugePages,
     /// Diff snapshots need dirty page tracking.
     #[error("a Diff snapshot needs dirty page tracking: set track_dirty_pages in machine-config before starting, or enable_diff_snapshots / track_dirty_pages when loading")]
     NoDirtyTracking,
@@ -384,6 +387,9 @@ impl RunningVm {
             return Err(Error::NotPaused);
         }
         let m = &self.machine;
+        if m.config.huge_pages == crate::config::HugePages::Huge2M {
+            return Err(Error::HugePages);
+        }
         if p.kind == SnapshotType::Diff && !m.memory.track_dirty {
             return Err(Error::NoDirtyTracking);
         }
