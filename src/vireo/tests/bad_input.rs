@@ -241,7 +241,7 @@ fn malformed_flags_are_usage_errors() {
     assert_eq!(r.code(), 2);
     assert!(
         r.stderr
-            .contains("invalid value 'lots' for '--memory <MIB>'"),
+            .contains("invalid value 'lots' for '--memory <SPEC>'"),
         "{}",
         r.stderr
     );
