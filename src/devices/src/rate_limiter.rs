@@ -214,19 +214,7 @@ impl RateLimiter {
     /// Takes a request of `bytes` bytes (one operation) if the buckets allow it now. If not,
     /// arms the timer for when they will, and the request must wait (returns false).
     pub fn consume(&mut self, bytes: u64) -> bool {
-        let now = self.clock.now_ns();
-        for b in [&mut self.bandwidth, &mut self.ops].into_iter().flatten() {
-            b.refill(now);
-        }
-        let bw_ok = self.bandwidth.as_ref().is_none_or(|b| b.can_pay(bytes));
-        let ops_ok = self.ops.as_ref().is_none_or(|b| b.can_pay(1));
-        if bw_ok && ops_ok {
-            if let Some(b) = &mut self.bandwidth {
-                b.pay(bytes);
-            }
-            if let Some(b) = &mut self.ops {
-                b.pay(1);
-            }
+        if self.try_take(bytes) {
             self.throttled = false;
             return true;
         }
@@ -256,16 +244,10 @@ impl RateLimiter {
     /// size is known only once it has moved (a received frame). When a bucket is left empty the
     /// limiter is throttled until the timer says it holds a token again.
     pub fn charge(&mut self, bytes: u64) {
-        let now = self.clock.now_ns();
-        for b in [&mut self.bandwidth, &mut self.ops].into_iter().flatten() {
-            b.refill(now);
+        if !self.refill() {
+            return;
         }
-        if let Some(b) = &mut self.bandwidth {
-            b.pay(bytes);
-        }
-        if let Some(b) = &mut self.ops {
-            b.pay(1);
-        }
+        self.pay(bytes);
         let wait = [&self.bandwidth, &self.ops]
             .into_iter()
             .flatten()
@@ -286,21 +268,38 @@ impl RateLimiter {
     /// timer: for output that is dropped rather than delayed (the serial console, whose vCPU
     /// must not block).
     pub fn try_take(&mut self, bytes: u64) -> bool {
-        let now = self.clock.now_ns();
-        for b in [&mut self.bandwidth, &mut self.ops].into_iter().flatten() {
-            b.refill(now);
+        if !self.refill() {
+            return true;
         }
         let ok = self.bandwidth.as_ref().is_none_or(|b| b.can_pay(bytes))
             && self.ops.as_ref().is_none_or(|b| b.can_pay(1));
         if ok {
-            if let Some(b) = &mut self.bandwidth {
-                b.pay(bytes);
-            }
-            if let Some(b) = &mut self.ops {
-                b.pay(1);
-            }
+            self.pay(bytes);
         }
         ok
+    }
+
+    /// Brings the buckets up to now; false when there is no bucket (nothing limits, and the
+    /// clock need not be read).
+    fn refill(&mut self) -> bool {
+        if self.bandwidth.is_none() && self.ops.is_none() {
+            return false;
+        }
+        let now = self.clock.now_ns();
+        for b in [&mut self.bandwidth, &mut self.ops].into_iter().flatten() {
+            b.refill(now);
+        }
+        true
+    }
+
+    /// Takes `bytes` from the bandwidth bucket and one operation from the ops bucket.
+    fn pay(&mut self, bytes: u64) {
+        if let Some(b) = &mut self.bandwidth {
+            b.pay(bytes);
+        }
+        if let Some(b) = &mut self.ops {
+            b.pay(1);
+        }
     }
 
     #[cfg(test)]

@@ -292,10 +292,11 @@ fn a_malformed_receive_chain_is_returned_empty_and_the_next_used() {
 }
 
 /// Limiters whose buckets refill so slowly that no token comes back during a test.
-fn limiters(rx: Option<(u64, u64)>, tx: Option<(u64, u64)>) -> super::NetLimiters {
+/// `rx` limits received bytes, `tx` sent frames.
+fn limiters(rx: Option<u64>, tx: Option<u64>) -> super::NetLimiters {
     use crate::rate_limiter::{RateLimiter, RateLimiterConfig, TokenBucketConfig};
-    let make = |b: Option<(u64, u64)>, ops: bool| {
-        let bucket = b.map(|(size, _)| TokenBucketConfig {
+    let make = |b: Option<u64>, ops: bool| {
+        let bucket = b.map(|size| TokenBucketConfig {
             size,
             one_time_burst: None,
             refill_time: 1_000_000_000,
@@ -323,7 +324,7 @@ fn limiters(rx: Option<(u64, u64)>, tx: Option<(u64, u64)>) -> super::NetLimiter
 fn transmit_waits_for_its_limiter_with_the_frame_left_in_the_ring() {
     let mut r = Rig::new(true);
     // Two frames, then nothing until the (distant) refill.
-    r.io.set_limiters(limiters(None, Some((2, 0))));
+    r.io.set_limiters(limiters(None, Some(2)));
     r.mem
         .write_slice(&frame(60, 1), GuestAddress(0x20000))
         .unwrap();
@@ -345,7 +346,7 @@ fn transmit_waits_for_its_limiter_with_the_frame_left_in_the_ring() {
 fn reception_stops_while_its_limiter_is_in_debt() {
     let mut r = Rig::new(true);
     // 1000 bytes: a 1500-byte frame goes (into debt), the next waits.
-    r.io.set_limiters(limiters(Some((1000, 0)), None));
+    r.io.set_limiters(limiters(Some(1000), None));
     r.post_rx(4, 2048);
     r.host.write_all(&frame(1500, 1)).unwrap();
     r.host.write_all(&frame(1500, 2)).unwrap();
