@@ -64,16 +64,24 @@ def commands(image, tmp):
     }
     fc = peer("FIRECRACKER", "firecracker")
     if fc:
-        cfg = os.path.join(tmp, "fc.json")
-        with open(cfg, "w") as f:
-            # Firecracker has no debug-exit port: the guest ends with the i8042 reset.
-            json.dump({"boot-source": {"kernel_image_path": os.path.join(IMAGES, "vireo-guest-pvh"),
-                                       "boot_args": "vireo.blkbench vireo.end=reset"},
-                       "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
-                       "drives": [{"drive_id": "d0", "path_on_host": image,
-                                   "is_root_device": False, "is_read_only": False}]}, f)
-        cmds["firecracker"] = [fc, "--no-api", "--config-file", cfg, "--level", "Error",
-                               "--log-path", os.path.join(tmp, "fc.log")]
+        # The same limits as vireo's limited rows, in Firecracker's own rate limiter.
+        limits = {"": None,
+                  ", bw limit 256 MiB/s": {"bandwidth": {"size": 33554432, "refill_time": 125}},
+                  ", ops limit 5000/s": {"ops": {"size": 500, "refill_time": 100}}}
+        for n, (suffix, limit) in enumerate(limits.items()):
+            drive = {"drive_id": "d0", "path_on_host": image, "is_root_device": False,
+                     "is_read_only": False}
+            if limit:
+                drive["rate_limiter"] = limit
+            cfg = os.path.join(tmp, f"fc{n}.json")
+            with open(cfg, "w") as f:
+                # Firecracker has no debug-exit port: the guest ends with the i8042 reset.
+                json.dump({"boot-source": {"kernel_image_path": os.path.join(IMAGES, "vireo-guest-pvh"),
+                                           "boot_args": "vireo.blkbench vireo.end=reset"},
+                           "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+                           "drives": [drive]}, f)
+            cmds["firecracker" + suffix] = [fc, "--no-api", "--config-file", cfg, "--level",
+                                            "Error", "--log-path", os.path.join(tmp, "fc.log")]
     return cmds
 
 

@@ -75,11 +75,27 @@ def commands(tmp, size, count):
                                                "guest_mac": GUEST_MAC}]}, f)
         cmds["firecracker"] = [fc, "--no-api", "--config-file", cfg, "--level", "Error",
                                "--log-path", os.path.join(tmp, "fc.log")]
+        if size == 1500:
+            # The same 10 MB/s each way, in Firecracker's own rate limiter.
+            limit = {"bandwidth": {"size": 1000000, "refill_time": 100}}
+            cfg = os.path.join(tmp, f"fcl-{size}.json")
+            with open(cfg, "w") as f:
+                json.dump({"boot-source": {"kernel_image_path": pvh,
+                                           "boot_args": guest_args(size, count, "reset")},
+                           "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+                           "drives": [],
+                           "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tapm",
+                                                   "guest_mac": GUEST_MAC,
+                                                   "rx_rate_limiter": limit,
+                                                   "tx_rate_limiter": limit}]}, f)
+            cmds["firecracker, 10 MB/s limit"] = [fc, "--no-api", "--config-file", cfg,
+                                                  "--level", "Error", "--log-path",
+                                                  os.path.join(tmp, "fcl.log")]
     return cmds
 
 
 TAPS = {"vireo": "tapv", "qemu-microvm": "tapq", "firecracker": "tapf",
-        "vireo, 10 MB/s limit": "tapl"}
+        "vireo, 10 MB/s limit": "tapl", "firecracker, 10 MB/s limit": "tapm"}
 
 
 def mac(s):

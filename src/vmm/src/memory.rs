@@ -88,7 +88,7 @@ impl Memory {
         } else {
             0
         };
-        let guest = Self::map_flags(size, None, extra)?;
+        let guest = Self::map(size, None, extra)?;
         let advice = [
             (
                 huge == HugePages::Transparent,
@@ -123,7 +123,7 @@ impl Memory {
 
     /// Maps `size` bytes of guest RAM privately from `file` (a snapshot's memory file).
     pub fn from_file(file: File, size: u64, track_dirty: bool) -> Result<Self, Error> {
-        let guest = Self::map(size, Some(&file))?;
+        let guest = Self::map(size, Some(&file), 0)?;
         Ok(Self {
             guest,
             track_dirty,
@@ -141,7 +141,7 @@ impl Memory {
         track_dirty: bool,
         socket: &std::path::Path,
     ) -> Result<Self, Error> {
-        let guest = Self::map(size, None)?;
+        let guest = Self::map(size, None, 0)?;
         let uffd = uffd::register(&guest).map_err(|e| Error::Uffd(format!("userfaultfd: {e}")))?;
         let mappings: Vec<serde_json::Value> = guest
             .iter()
@@ -180,12 +180,9 @@ impl Memory {
         })
     }
 
-    fn map(size: u64, file: Option<&File>) -> Result<GuestMemoryMmap, Error> {
-        Self::map_flags(size, file, 0)
-    }
-
-    /// [`Memory::map`] with `extra` mmap flags for anonymous memory (huge pages).
-    fn map_flags(size: u64, file: Option<&File>, extra: i32) -> Result<GuestMemoryMmap, Error> {
+    /// Maps the RAM slots of a `size`-byte guest, from `file` or anonymous with `extra` mmap
+    /// flags (huge pages).
+    fn map(size: u64, file: Option<&File>, extra: i32) -> Result<GuestMemoryMmap, Error> {
         let err = |e: String| Error::Map { size, err: e };
         let mut regions = Vec::new();
         for (addr, len, offset) in slots(size)? {

@@ -231,27 +231,12 @@ pub struct ThreadFilter {
 }
 
 impl ThreadFilter {
-    /// `program` for threads of kind `kind` (a name the log and `VIREO_SECCOMP_SELFTEST` use).
-    pub fn new(kind: &'static str, program: Option<Arc<BpfProgram>>) -> Self {
-        Self { kind, program }
-    }
-
     /// No filter (seccomp turned off, or unit tests).
     pub fn none(kind: &'static str) -> Self {
         Self {
             kind,
             program: None,
         }
-    }
-
-    /// The thread kind.
-    pub fn kind(&self) -> &'static str {
-        self.kind
-    }
-
-    /// Whether a program would be installed.
-    pub fn is_on(&self) -> bool {
-        self.program.is_some()
     }
 
     /// Installs the filter on the calling thread. A thread must not go on unconfined, so a
