@@ -6,6 +6,7 @@
 //! notifications arrive as eventfds (KVM ioeventfds, so the vCPU never leaves the kernel for
 //! them) and interrupts leave as an eventfd (a KVM irqfd).
 
+pub mod balloon;
 pub mod block;
 pub mod buffers;
 #[doc(hidden)]
@@ -149,6 +150,13 @@ pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// Largest size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
+    /// How many queues the driver sets up once it accepted `acked_features`: the first ones
+    /// of [`VirtioDevice::queue_max_sizes`] (a device whose queues depend on features has
+    /// fewer when they are declined; the rest need not be ready).
+    fn queues_in_use(&self, acked_features: u64) -> usize {
+        let _ = acked_features;
+        self.queue_max_sizes().len()
+    }
     /// Features offered (including [`features::COMMON`]).
     fn features(&self) -> u64;
     /// Reads device config space at `offset`; out-of-range bytes read as zero.

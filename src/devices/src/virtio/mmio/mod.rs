@@ -249,8 +249,9 @@ impl MmioTransport {
 
     fn build_queues(&self) -> Result<Vec<Queue>, usize> {
         let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
-        let mut out = Vec::with_capacity(self.queues.len());
-        for (i, c) in self.queues.iter().enumerate() {
+        let in_use = self.device.queues_in_use(self.driver_features);
+        let mut out = Vec::with_capacity(in_use);
+        for (i, c) in self.queues.iter().enumerate().take(in_use) {
             let mut q = Queue::new(c.max_size).map_err(|_| i)?;
             if !c.ready {
                 return Err(i);

@@ -177,8 +177,9 @@ impl MmioTransport {
             .restore(state.interrupt_status, state.needs_reset);
         if state.active {
             let event_idx = self.driver_features & crate::virtio::features::RING_EVENT_IDX != 0;
-            let mut queues = Vec::with_capacity(state.queues.len());
-            for (i, q) in state.queues.iter().enumerate() {
+            let in_use = self.device.queues_in_use(self.driver_features);
+            let mut queues = Vec::with_capacity(in_use);
+            for (i, q) in state.queues.iter().enumerate().take(in_use) {
                 let queue = Queue::try_from(QueueState {
                     max_size: q.max_size,
                     next_avail: q.next_avail,
