@@ -3,7 +3,7 @@
 
 use vmm::controller::VmmAction;
 use vmm::resources::{
-    BootSource, Drive, EntropyDevice, InstanceActionInfo, LoggerConfig, MachineConfig,
+    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice, InstanceActionInfo, LoggerConfig, MachineConfig,
     MachineConfigUpdate, MetricsConfig, MmdsConfig, NetworkInterface, PartialDrive,
     PartialNetworkInterface, SerialDevice, SnapshotCreateParams, SnapshotLoadParams, VmStateUpdate,
     VsockDevice,
@@ -152,8 +152,12 @@ pub fn parse_request(method: &str, path: &str, raw: &[u8]) -> Result<VmmAction, 
             Ok(VmmAction::PatchNetworkInterface(n))
         }
         ("PUT", ["vsock"]) => body::<VsockDevice>(&what, raw).map(VmmAction::PutVsock),
-        ("GET" | "PUT" | "PATCH", ["balloon"]) | ("GET" | "PATCH", ["balloon", "statistics"]) => {
-            not_yet("the balloon device")
+        ("PUT", ["balloon"]) => body::<BalloonConfig>(&what, raw).map(VmmAction::PutBalloon),
+        ("PATCH", ["balloon"]) => body::<BalloonUpdate>(&what, raw).map(VmmAction::PatchBalloon),
+        ("GET", ["balloon"]) => empty_body(VmmAction::GetBalloon),
+        ("GET", ["balloon", "statistics"]) => empty_body(VmmAction::GetBalloonStats),
+        ("PATCH", ["balloon", "statistics"]) => {
+            body::<BalloonStatsUpdate>(&what, raw).map(VmmAction::PatchBalloonStats)
         }
         ("PUT", ["snapshot", "create"]) => body::<SnapshotCreateParams>(&what, raw)?
             .into_params()
@@ -164,7 +168,7 @@ pub fn parse_request(method: &str, path: &str, raw: &[u8]) -> Result<VmmAction, 
         }
         ("GET", ["balloon", "hinting", "status"])
         | ("PATCH", ["balloon", "hinting", "start" | "stop"]) => {
-            not_yet("the balloon device (free page hinting)")
+            not_yet("free page hinting (the balloon supports free page reporting)")
         }
         ("PUT", ["cpu-config"]) => {
             body::<vmm::cpu_config::CpuConfig>(&what, raw).map(VmmAction::PutCpuConfig)
@@ -247,7 +251,12 @@ mod tests {
         let e = parse_request("PUT", "/vsock", b"{}").unwrap_err();
         assert!(e.contains("missing field `guest_cid`"), "{e}");
         let e = parse_request("PUT", "/balloon", b"{}").unwrap_err();
-        assert!(e.contains("not supported by vireo yet"), "{e}");
+        assert!(e.contains("missing field `amount_mib`"), "{e}");
+        let e = parse_request("PATCH", "/balloon/statistics", br#"{"stats_polling_interval_s":-1}"#)
+            .unwrap_err();
+        assert!(e.contains("invalid value"), "{e}");
+        let e = parse_request("PATCH", "/balloon/hinting/start", b"{}").unwrap_err();
+        assert!(e.contains("free page hinting"), "{e}");
         let e = parse_request("PUT", "/snapshot/create", b"{}").unwrap_err();
         assert!(e.contains("missing field `mem_file_path`"), "{e}");
         let e = parse_request(

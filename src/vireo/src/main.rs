@@ -279,6 +279,44 @@ struct RunArgs {
     /// and write `CONNECT <port>`; guest connections to host port P reach `PATH_P`.
     #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
     vsock: Option<vmm::config::VsockConfig>,
+    /// A virtio-balloon device:
+    /// size_mib=N[,deflate_on_oom=on][,stats_period_s=S][,reporting=on]. The guest gives N MiB
+    /// back to the host; with stats_period_s it reports its memory statistics every S seconds;
+    /// with reporting=on the host releases the free pages the guest reports.
+    #[arg(long, value_name = "SPEC", value_parser = parse_balloon)]
+    balloon: Option<devices::virtio::balloon::BalloonConfig>,
+}
+
+/// `size_mib=N[,deflate_on_oom=on][,stats_period_s=S][,reporting=on]`.
+fn parse_balloon(s: &str) -> Result<devices::virtio::balloon::BalloonConfig, String> {
+    let mut b = devices::virtio::balloon::BalloonConfig::default();
+    let mut size = false;
+    for item in s.split(',') {
+        match item.split_once('=') {
+            Some(("size_mib", v)) => {
+                b.amount_mib = v
+                    .parse()
+                    .map_err(|_| format!("size_mib={v}: expected a number of MiB"))?;
+                size = true;
+            }
+            Some(("deflate_on_oom", v)) => b.deflate_on_oom = parse_on_off("deflate_on_oom", v)?,
+            Some(("stats_period_s", v)) => {
+                b.stats_polling_interval_s = v.parse().map_err(|_| {
+                    format!("stats_period_s={v}: expected seconds from 0 to 65535")
+                })?
+            }
+            Some(("reporting", v)) => b.free_page_reporting = parse_on_off("reporting", v)?,
+            _ => {
+                return Err(format!(
+                    "'{item}' is not a balloon option: use size_mib=N[,deflate_on_oom=on][,stats_period_s=S][,reporting=on]"
+                ))
+            }
+        }
+    }
+    if !size {
+        return Err("the balloon needs size_mib=N (0 for an empty balloon)".into());
+    }
+    Ok(b)
 }
 
 /// `cid=N,uds=PATH`.
@@ -561,6 +599,7 @@ fn main() -> ExitCode {
                 serial_rate_limiter: args.serial_limit.unwrap_or_default(),
                 rng: args.rng || args.rng_limit.is_some(),
                 rng_rate_limiter: args.rng_limit.unwrap_or_default(),
+                balloon: args.balloon,
                 track_dirty_pages: false,
                 cpu_template: None,
                 nets: args

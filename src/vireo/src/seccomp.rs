@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use utils::seccomp::{compile, Allow, BpfProgram, Mode, ThreadKind, THREAD_BASICS, THREAD_SPAWN};
 
-use devices::virtio::{block, net, rng, vsock, worker};
+use devices::virtio::{balloon, block, net, rng, vsock, worker};
 
 /// The lists one kind of thread is allowed.
 fn lists(kind: ThreadKind) -> Vec<Allow> {
@@ -21,6 +21,7 @@ fn lists(kind: ThreadKind) -> Vec<Allow> {
         ThreadKind::Net => device(net::SECCOMP),
         ThreadKind::Vsock => device(vsock::SECCOMP),
         ThreadKind::Rng => device(rng::SECCOMP),
+        ThreadKind::Balloon => device(balloon::SECCOMP),
         ThreadKind::Console => vec![THREAD_BASICS, vmm::console::SECCOMP],
         ThreadKind::Metrics => vec![THREAD_BASICS, crate::telemetry::METRICS_SECCOMP],
         ThreadKind::Api => vec![THREAD_BASICS, THREAD_SPAWN, api::SECCOMP],
@@ -41,6 +42,7 @@ fn lists(kind: ThreadKind) -> Vec<Allow> {
             net::SECCOMP,
             vsock::SECCOMP,
             rng::SECCOMP,
+            balloon::SECCOMP,
             crate::telemetry::METRICS_SECCOMP,
         ],
     }
@@ -265,6 +267,7 @@ mod tests {
             ThreadKind::Net,
             ThreadKind::Vsock,
             ThreadKind::Rng,
+            ThreadKind::Balloon,
             ThreadKind::Metrics,
         ] {
             for c in calls(kind) {

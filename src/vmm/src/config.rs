@@ -59,6 +59,9 @@ pub struct VmConfig {
     pub mmds: Option<MmdsSetup>,
     /// The virtio-vsock device.
     pub vsock: Option<VsockConfig>,
+    /// The virtio-balloon device.
+    #[serde(default)]
+    pub balloon: Option<devices::virtio::balloon::BalloonConfig>,
 }
 
 /// A virtio-vsock device and the Unix socket its host side listens on.

@@ -3,7 +3,7 @@
 
 use crate::device_manager::{DeviceKind, DeviceUpdate};
 use crate::resources::{
-    ActionType, BootSource, Drive, EntropyDevice, LoggerConfig, MachineConfig, MachineConfigUpdate,
+    ActionType, BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice, LoggerConfig, MachineConfig, MachineConfigUpdate,
     MetricsConfig, MmdsConfig, NetworkInterface, PartialDrive, PartialNetworkInterface,
     ResourceError, SerialDevice, SnapshotLoadParams, VmResources, VmState, VsockDevice,
 };
@@ -45,6 +45,16 @@ pub enum VmmAction {
     GetMmds,
     /// `PUT /vsock`.
     PutVsock(VsockDevice),
+    /// `PUT /balloon`.
+    PutBalloon(BalloonConfig),
+    /// `PATCH /balloon`.
+    PatchBalloon(BalloonUpdate),
+    /// `GET /balloon`.
+    GetBalloon,
+    /// `GET /balloon/statistics`.
+    GetBalloonStats,
+    /// `PATCH /balloon/statistics`.
+    PatchBalloonStats(BalloonStatsUpdate),
     /// `PUT /entropy`.
     PutEntropy(EntropyDevice),
     /// `PUT /serial`.
@@ -108,6 +118,7 @@ fn fail<T>(msg: impl Into<String>) -> Result<T, ResourceError> {
 }
 
 const NOT_AFTER_START: &str = "is not supported after starting the microVM";
+const NOT_BEFORE_START: &str = "is not supported before starting the microVM";
 
 impl Controller {
     /// A controller for a VM not yet started.
@@ -217,6 +228,34 @@ impl Controller {
                 pre_boot("PUT /vsock")?;
                 self.resources.set_vsock(v).map(|_| VmmData::Empty)
             }
+            PutBalloon(b) => {
+                pre_boot("PUT /balloon")?;
+                self.resources.set_balloon(b).map(|_| VmmData::Empty)
+            }
+            PatchBalloon(u) => self.patch_balloon(u),
+            GetBalloon => {
+                let Some(b) = &self.resources.balloon else {
+                    return fail(crate::resources::NO_BALLOON);
+                };
+                let mut b = b.clone();
+                if let Some(secs) = self.vm.as_ref().and_then(|vm| vm.devices().balloon_stats_interval()) {
+                    b.stats_polling_interval_s = secs;
+                }
+                Ok(VmmData::Json(serde_json::to_value(b).unwrap_or(Value::Null)))
+            }
+            GetBalloonStats => self.balloon_stats(),
+            PatchBalloonStats(u) => {
+                let Some(vm) = &self.vm else {
+                    return fail(format!("PATCH /balloon/statistics {NOT_BEFORE_START}"));
+                };
+                if self.resources.balloon.is_none() {
+                    return fail(crate::resources::NO_BALLOON);
+                }
+                vm.devices()
+                    .set_balloon_stats_interval(u.stats_polling_interval_s)
+                    .map(|_| VmmData::Empty)
+                    .map_err(|e| ResourceError(e.to_string()))
+            }
             PutEntropy(e) => {
                 pre_boot("PUT /entropy")?;
                 self.resources.set_entropy(e).map(|_| VmmData::Empty)
@@ -311,6 +350,41 @@ impl Controller {
             .map_err(|e| ResourceError(format!("cannot start the microVM: {e}")))?;
         self.vm = Some(vm);
         Ok(())
+    }
+
+    fn patch_balloon(&mut self, u: BalloonUpdate) -> VmmResult {
+        let Some(vm) = &self.vm else {
+            return self.resources.update_balloon(u).map(|_| VmmData::Empty);
+        };
+        let Some(b) = self.resources.balloon.as_mut() else {
+            return fail(crate::resources::NO_BALLOON);
+        };
+        devices::virtio::balloon::check_target(u.amount_mib, vm.config().mem_mib)
+            .map_err(ResourceError)?;
+        vm.devices()
+            .set_balloon_target(u.amount_mib)
+            .map_err(|e| ResourceError(e.to_string()))?;
+        b.amount_mib = u.amount_mib;
+        Ok(VmmData::Empty)
+    }
+
+    fn balloon_stats(&self) -> VmmResult {
+        let Some(b) = &self.resources.balloon else {
+            return fail(crate::resources::NO_BALLOON);
+        };
+        let Some(vm) = &self.vm else {
+            return fail(format!("GET /balloon/statistics {NOT_BEFORE_START}"));
+        };
+        if b.stats_polling_interval_s == 0 {
+            return fail("Statistics for the balloon device are not enabled");
+        }
+        let stats = vm
+            .devices()
+            .balloon_stats()
+            .map_err(|e| ResourceError(e.to_string()))?;
+        Ok(VmmData::Json(
+            serde_json::to_value(stats).unwrap_or(Value::Null),
+        ))
     }
 
     fn patch_running_drive(&mut self, p: PartialDrive) -> VmmResult {

@@ -17,6 +17,7 @@ use crate::Error;
 use devices::acpi::vmgenid::VmGenId;
 use devices::bus::Bus;
 use devices::legacy::{i8042, power, serial, AcpiPmDevice, PowerDevice, Serial, I8042};
+use devices::virtio::balloon;
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::net::tap::Tap;
@@ -41,6 +42,8 @@ pub const VIRTIO_IRQ_MAX: u32 = GED_IRQ - 1;
 /// The kinds of device the API can address by ID.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceKind {
+    /// The virtio-balloon device (`PUT /balloon`; ID `balloon`).
+    Balloon,
     /// A virtio-blk drive (`PUT /drives/{id}`).
     Drive,
     /// The virtio-rng entropy device (`PUT /entropy`; ID `entropy`).
@@ -55,6 +58,7 @@ impl DeviceKind {
     /// The kind of thread that runs such a device (and the seccomp filter it installs).
     pub fn thread_kind(self) -> utils::seccomp::ThreadKind {
         match self {
+            DeviceKind::Balloon => utils::seccomp::ThreadKind::Balloon,
             DeviceKind::Drive => utils::seccomp::ThreadKind::Block,
             DeviceKind::Entropy => utils::seccomp::ThreadKind::Rng,
             DeviceKind::Interface => utils::seccomp::ThreadKind::Net,
@@ -65,6 +69,7 @@ impl DeviceKind {
     /// The kind as a snapshot names it.
     pub fn name(self) -> &'static str {
         match self {
+            DeviceKind::Balloon => "balloon device",
             DeviceKind::Drive => "drive",
             DeviceKind::Entropy => "entropy device",
             DeviceKind::Interface => "network interface",
@@ -142,6 +147,9 @@ pub struct DeviceManager {
     sockets: Vec<utils::unix_socket::OwnedPath>,
     /// Signalled when a driver sets DRIVER_OK: the VMM thread then activates the device.
     activate_evt: Arc<EventFd>,
+    /// The balloon, if the VM has one: its handle and its transport (for configuration
+    /// changes).
+    balloon: Option<(balloon::Handle, Arc<Mutex<MmioTransport>>)>,
 }
 
 impl DeviceManager {
@@ -250,6 +258,16 @@ impl DeviceManager {
                 Box::new(rng),
             )?;
         }
+        if let Some(b) = &config.balloon {
+            b.check(config.mem_mib).map_err(Error::InvalidConfig)?;
+            let device = balloon::Balloon::new(b).map_err(|e| {
+                Error::InvalidConfig(format!("balloon: cannot create the device: {e}"))
+            })?;
+            let handle = device.handle();
+            dm.add_virtio(vm, mem, DeviceKind::Balloon, "balloon".into(), Box::new(device))?;
+            let transport = dm.virtio.last().map(|e| e.transport.clone());
+            dm.balloon = transport.map(|t| (handle, t));
+        }
         Ok(dm)
     }
 
@@ -316,6 +334,7 @@ impl DeviceManager {
             events,
             sockets: Vec::new(),
             activate_evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?),
+            balloon: None,
         })
     }
 
@@ -421,6 +440,38 @@ impl DeviceManager {
             }
         }
         .map_err(Error::InvalidConfig)
+    }
+
+    fn balloon(&self) -> Result<&(balloon::Handle, Arc<Mutex<MmioTransport>>), Error> {
+        self.balloon
+            .as_ref()
+            .ok_or_else(|| Error::InvalidConfig("the microVM has no balloon device".into()))
+    }
+
+    /// Gives the balloon a new target and tells the driver.
+    pub fn set_balloon_target(&self, mib: u32) -> Result<(), Error> {
+        let (handle, transport) = self.balloon()?;
+        handle.set_target_mib(mib);
+        devices::bus::lock(transport).config_changed();
+        Ok(())
+    }
+
+    /// The balloon's size and the guest's latest statistics.
+    pub fn balloon_stats(&self) -> Result<balloon::BalloonStats, Error> {
+        Ok(self.balloon()?.0.stats())
+    }
+
+    /// The balloon's statistics interval now (the API may have changed it).
+    pub fn balloon_stats_interval(&self) -> Option<u16> {
+        self.balloon.as_ref().map(|(h, _)| h.stats_interval_s())
+    }
+
+    /// Changes the balloon's statistics interval.
+    pub fn set_balloon_stats_interval(&self, secs: u16) -> Result<(), Error> {
+        self.balloon()?
+            .0
+            .set_stats_interval_s(secs)
+            .map_err(Error::InvalidConfig)
     }
 
     /// The event a driver's DRIVER_OK signals; then call [`DeviceManager::activate_pending`].

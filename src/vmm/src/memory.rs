@@ -135,14 +135,18 @@ impl Memory {
     /// on `socket` fills, as Firecracker's Uffd backend does: the RAM is registered with a
     /// userfaultfd, which is sent to the handler (SCM_RIGHTS) with a JSON list of the regions
     /// (`base_host_virt_addr`, `size`, `offset` in the memory file, `page_size`, and the older
-    /// `page_size_kib`, which also holds bytes).
+    /// `page_size_kib`, which also holds bytes). With `remove_events` (a VM with a balloon) the
+    /// handler also gets UFFD_EVENT_REMOVE for every range the balloon releases, and must read
+    /// those events: the releasing thread waits until it has.
     pub fn from_uffd(
         size: u64,
         track_dirty: bool,
         socket: &std::path::Path,
+        remove_events: bool,
     ) -> Result<Self, Error> {
         let guest = Self::map(size, None, 0)?;
-        let uffd = uffd::register(&guest).map_err(|e| Error::Uffd(format!("userfaultfd: {e}")))?;
+        let uffd = uffd::register(&guest, remove_events)
+            .map_err(|e| Error::Uffd(format!("userfaultfd: {e}")))?;
         let mappings: Vec<serde_json::Value> = guest
             .iter()
             .zip(slots(size)?)
@@ -262,6 +266,7 @@ mod uffd {
     pub const PAGE: usize = 4096;
     const UFFD_API: u64 = 0xaa;
     const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+    const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 
     #[repr(C)]
     struct UffdioApi {
@@ -281,8 +286,9 @@ mod uffd {
     vmm_sys_util::ioctl_iowr_nr!(UFFDIO_API, 0xaa, 0x3f, UffdioApi);
     vmm_sys_util::ioctl_iowr_nr!(UFFDIO_REGISTER, 0xaa, 0x00, UffdioRegister);
 
-    /// A userfaultfd with every region of `mem` registered for missing-page faults.
-    pub fn register(mem: &GuestMemoryMmap) -> std::io::Result<File> {
+    /// A userfaultfd with every region of `mem` registered for missing-page faults, and
+    /// remove events if asked for.
+    pub fn register(mem: &GuestMemoryMmap, remove_events: bool) -> std::io::Result<File> {
         // SAFETY: the syscall takes only flags and returns a new descriptor or -1.
         let fd =
             unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
@@ -293,7 +299,11 @@ mod uffd {
         let file = unsafe { File::from_raw_fd(fd as i32) };
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: 0,
+            features: if remove_events {
+                UFFD_FEATURE_EVENT_REMOVE
+            } else {
+                0
+            },
             ioctls: 0,
         };
         // SAFETY: UFFDIO_API reads and writes exactly one `UffdioApi`, which outlives the call.

@@ -203,6 +203,27 @@ impl MmdsConfig {
     }
 }
 
+pub use devices::virtio::balloon::BalloonConfig;
+
+/// What a balloon request without a balloon is told (Firecracker's words).
+pub const NO_BALLOON: &str = "No balloon device found.";
+
+/// `PATCH /balloon`: a new target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    /// Target size in MiB.
+    pub amount_mib: u32,
+}
+
+/// `PATCH /balloon/statistics`: a new statistics interval.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    /// Seconds between statistics updates (statistics cannot be turned on or off after boot).
+    pub stats_polling_interval_s: u16,
+}
+
 /// `PUT /vsock`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -484,6 +505,8 @@ pub struct VmResources {
     pub mmds_config: Option<MmdsConfig>,
     /// The vsock device.
     pub vsock: Option<VsockDevice>,
+    /// The balloon, if configured (`PUT /balloon`).
+    pub balloon: Option<BalloonConfig>,
     /// Entropy device, if configured.
     pub entropy: Option<EntropyDevice>,
     /// Serial output.
@@ -506,6 +529,7 @@ impl VmResources {
             && self.interfaces.is_empty()
             && self.mmds_config.is_none()
             && self.vsock.is_none()
+            && self.balloon.is_none()
             && self.entropy.is_none()
             && self.cpu_config.is_none()
     }
@@ -769,6 +793,24 @@ impl VmResources {
         Ok(())
     }
 
+    /// Sets the balloon (`PUT /balloon`).
+    pub fn set_balloon(&mut self, b: BalloonConfig) -> Result<(), ResourceError> {
+        b.check(self.machine.mem_size_mib).map_err(ResourceError)?;
+        self.balloon = Some(b);
+        Ok(())
+    }
+
+    /// Changes the configured balloon's target (`PATCH /balloon` before boot).
+    pub fn update_balloon(&mut self, u: BalloonUpdate) -> Result<(), ResourceError> {
+        let mem = self.machine.mem_size_mib;
+        let Some(b) = self.balloon.as_mut() else {
+            return err(NO_BALLOON);
+        };
+        devices::virtio::balloon::check_target(u.amount_mib, mem).map_err(ResourceError)?;
+        b.amount_mib = u.amount_mib;
+        Ok(())
+    }
+
     /// Adds the entropy device.
     pub fn set_entropy(&mut self, e: EntropyDevice) -> Result<(), ResourceError> {
         self.entropy = Some(e);
@@ -876,6 +918,13 @@ impl VmResources {
                     tx_rate_limiter: n.tx_rate_limiter.unwrap_or_default(),
                 })
                 .collect(),
+            balloon: match &self.balloon {
+                Some(b) => {
+                    b.check(self.machine.mem_size_mib).map_err(ResourceError)?;
+                    Some(b.clone())
+                }
+                None => None,
+            },
             vsock: self.vsock.as_ref().map(|v| crate::config::VsockConfig {
                 cid: v.guest_cid,
                 uds: PathBuf::from(&v.uds_path),
@@ -893,7 +942,7 @@ impl VmResources {
     /// `GET /vm/config`: the configuration in Firecracker's FullVmConfiguration shape.
     pub fn full_config(&self) -> Value {
         serde_json::json!({
-            "balloon": null,
+            "balloon": self.balloon,
             "boot-source": self.boot_source,
             "cpu-config": self.cpu_config,
             "drives": self.drives,
@@ -923,7 +972,7 @@ pub struct ConfigFile {
     #[serde(rename = "network-interfaces", default)]
     network_interfaces: Vec<NetworkInterface>,
     vsock: Option<VsockDevice>,
-    balloon: Option<Value>,
+    balloon: Option<BalloonConfig>,
     entropy: Option<EntropyDevice>,
     serial: Option<SerialDevice>,
     logger: Option<LoggerConfig>,
@@ -942,10 +991,6 @@ impl ConfigFile {
     /// `mmds_limit` bytes.
     pub fn into_resources(self, mmds_limit: usize) -> Result<VmResources, ResourceError> {
         let unsupported = [
-            (
-                "balloon",
-                self.balloon.as_ref().is_some_and(|v| !v.is_null()),
-            ),
             ("pmem", self.pmem.as_ref().is_some_and(|v| !v.is_empty())),
             (
                 "memory-hotplug",
@@ -977,6 +1022,9 @@ impl ConfigFile {
         }
         if let Some(v) = self.vsock {
             r.set_vsock(v)?;
+        }
+        if let Some(b) = self.balloon {
+            r.set_balloon(b)?;
         }
         if let Some(e) = self.entropy {
             r.set_entropy(e)?;

@@ -149,6 +149,8 @@ pub enum ThreadKind {
     Vsock,
     /// The virtio-rng device thread.
     Rng,
+    /// The virtio-balloon device thread.
+    Balloon,
     /// The serial console's input thread.
     Console,
     /// The periodic metrics writer.
@@ -157,7 +159,7 @@ pub enum ThreadKind {
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 9] = [
+    pub const ALL: [ThreadKind; 10] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
@@ -165,6 +167,7 @@ impl ThreadKind {
         ThreadKind::Net,
         ThreadKind::Vsock,
         ThreadKind::Rng,
+        ThreadKind::Balloon,
         ThreadKind::Console,
         ThreadKind::Metrics,
     ];
@@ -179,6 +182,7 @@ impl ThreadKind {
             ThreadKind::Net => "net",
             ThreadKind::Vsock => "vsock",
             ThreadKind::Rng => "rng",
+            ThreadKind::Balloon => "balloon",
             ThreadKind::Console => "console",
             ThreadKind::Metrics => "metrics",
         }

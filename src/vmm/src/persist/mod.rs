@@ -532,8 +532,13 @@ impl RunningVm {
             MemBackend::File(path) => {
                 open_memory(path, snap.meta.mem_id, mem_size, p.track_dirty_pages)?
             }
-            MemBackend::Uffd(path) => Memory::from_uffd(mem_size, p.track_dirty_pages, path)
-                .map_err(|e| path_err("mem_backend", path, e))?,
+            MemBackend::Uffd(path) => {
+                // A balloon releases pages the handler filled: it must hear of it
+                // (UFFD_EVENT_REMOVE) and serve zeros on the next fault, as with Firecracker.
+                let removes = config.balloon.is_some();
+                Memory::from_uffd(mem_size, p.track_dirty_pages, path, removes)
+                    .map_err(|e| path_err("mem_backend", path, e))?
+            }
         };
         tracing::debug!(
             "restore: memory mapped at {} µs",

@@ -167,11 +167,17 @@ impl MmioTransport {
     /// changed (a new generation and a configuration interrupt).
     pub fn replace_backing(&mut self, path: &std::path::Path) -> Result<(), String> {
         self.device.replace_backing(path)?;
+        self.config_changed();
+        Ok(())
+    }
+
+    /// Tells the driver the device's configuration changed: a new generation, and a
+    /// configuration interrupt once the driver is live.
+    pub fn config_changed(&mut self) {
         self.config_generation = self.config_generation.wrapping_add(1);
         if self.active {
             self.interrupt.trigger(super::INTERRUPT_CONFIG);
         }
-        Ok(())
     }
 
     /// Changes the device's rate limiter.
