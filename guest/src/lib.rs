@@ -13,6 +13,7 @@
 //! * `vireo.firstbyte` — write one byte and power off at once (the boot benchmark);
 //! * `vireo.nohash` — do not hash the initrd (large ones take long at CPL0);
 //! * `vireo.count=N` — count N timer ticks, printing each (the snapshot tests; see `ticker`);
+//! * `vireo.balloontest=N` — drive the balloon (see `balloon`);
 //! * `vireo.touch=N` — write one byte in every 4 KiB page of N MiB from 16 MiB up (the jailer's
 //!   memory-limit test), then report `@touched mib=N`.
 //!
@@ -23,6 +24,7 @@
 
 pub mod acpi;
 pub mod apic;
+mod balloon;
 pub mod boot;
 mod devtest;
 mod entry;

@@ -3,10 +3,10 @@
 
 use vmm::controller::VmmAction;
 use vmm::resources::{
-    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice, InstanceActionInfo, LoggerConfig, MachineConfig,
-    MachineConfigUpdate, MetricsConfig, MmdsConfig, NetworkInterface, PartialDrive,
-    PartialNetworkInterface, SerialDevice, SnapshotCreateParams, SnapshotLoadParams, VmStateUpdate,
-    VsockDevice,
+    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice,
+    InstanceActionInfo, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
+    MmdsConfig, NetworkInterface, PartialDrive, PartialNetworkInterface, SerialDevice,
+    SnapshotCreateParams, SnapshotLoadParams, VmStateUpdate, VsockDevice,
 };
 
 /// Every (method, path) the server answers; `{..}` marks a path parameter. docs/api.yaml must
@@ -252,8 +252,12 @@ mod tests {
         assert!(e.contains("missing field `guest_cid`"), "{e}");
         let e = parse_request("PUT", "/balloon", b"{}").unwrap_err();
         assert!(e.contains("missing field `amount_mib`"), "{e}");
-        let e = parse_request("PATCH", "/balloon/statistics", br#"{"stats_polling_interval_s":-1}"#)
-            .unwrap_err();
+        let e = parse_request(
+            "PATCH",
+            "/balloon/statistics",
+            br#"{"stats_polling_interval_s":-1}"#,
+        )
+        .unwrap_err();
         assert!(e.contains("invalid value"), "{e}");
         let e = parse_request("PATCH", "/balloon/hinting/start", b"{}").unwrap_err();
         assert!(e.contains("free page hinting"), "{e}");

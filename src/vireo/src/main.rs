@@ -164,7 +164,7 @@ fn parse_id(s: &str) -> Result<String, String> {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a kernel and run it until the guest powers off or resets.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Snapshot the VM of a running vireo (through its API socket) into a directory.
     Snapshot(SnapshotArgs),
     /// Start a VM from a snapshot directory and run it until it ends.

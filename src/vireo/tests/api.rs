@@ -577,7 +577,8 @@ fn config_file_without_api() {
     let r = run_raw(&["--config-file", cfg.to_str().unwrap(), "--no-api"]);
     assert_eq!(r.code(), 1);
     assert!(
-        r.stderr.contains("balloon: a target of 100000 MiB is larger than the guest's memory"),
+        r.stderr
+            .contains("balloon: a target of 100000 MiB is larger than the guest's memory"),
         "{}",
         r.stderr
     );

@@ -3,9 +3,10 @@
 
 use crate::device_manager::{DeviceKind, DeviceUpdate};
 use crate::resources::{
-    ActionType, BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, MmdsConfig, NetworkInterface, PartialDrive, PartialNetworkInterface,
-    ResourceError, SerialDevice, SnapshotLoadParams, VmResources, VmState, VsockDevice,
+    ActionType, BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice,
+    LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, MmdsConfig, NetworkInterface,
+    PartialDrive, PartialNetworkInterface, ResourceError, SerialDevice, SnapshotLoadParams,
+    VmResources, VmState, VsockDevice,
 };
 use crate::{ExitReason, RunningVm, VmEvent};
 use serde_json::{json, Value};
@@ -238,10 +239,16 @@ impl Controller {
                     return fail(crate::resources::NO_BALLOON);
                 };
                 let mut b = b.clone();
-                if let Some(secs) = self.vm.as_ref().and_then(|vm| vm.devices().balloon_stats_interval()) {
+                if let Some(secs) = self
+                    .vm
+                    .as_ref()
+                    .and_then(|vm| vm.devices().balloon_stats_interval())
+                {
                     b.stats_polling_interval_s = secs;
                 }
-                Ok(VmmData::Json(serde_json::to_value(b).unwrap_or(Value::Null)))
+                Ok(VmmData::Json(
+                    serde_json::to_value(b).unwrap_or(Value::Null),
+                ))
             }
             GetBalloonStats => self.balloon_stats(),
             PatchBalloonStats(u) => {

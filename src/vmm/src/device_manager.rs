@@ -264,7 +264,13 @@ impl DeviceManager {
                 Error::InvalidConfig(format!("balloon: cannot create the device: {e}"))
             })?;
             let handle = device.handle();
-            dm.add_virtio(vm, mem, DeviceKind::Balloon, "balloon".into(), Box::new(device))?;
+            dm.add_virtio(
+                vm,
+                mem,
+                DeviceKind::Balloon,
+                "balloon".into(),
+                Box::new(device),
+            )?;
             let transport = dm.virtio.last().map(|e| e.transport.clone());
             dm.balloon = transport.map(|t| (handle, t));
         }

@@ -13,7 +13,6 @@ use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
 
 const INFLATE: usize = 0;
 const DEFLATE: usize = 1;
@@ -35,7 +34,6 @@ pub(super) struct BalloonThread {
     layout: QueueLayout,
     interrupt: Arc<Interrupt>,
     shared: Arc<Shared>,
-    timer: TimerFd,
     rearm: EventFd,
     /// The statistics buffer the device holds until the next interval.
     stats_head: Option<u16>,
@@ -55,7 +53,6 @@ impl BalloonThread {
             layout,
             interrupt: ctx.interrupt,
             shared,
-            timer: TimerFd::new().map_err(|e| ActivateError::Thread(e.into()))?,
             rearm,
             stats_head: None,
             broken: false,
@@ -73,8 +70,9 @@ impl BalloonThread {
             return;
         }
         let secs = self.shared.stats_interval_s.load(Ordering::SeqCst);
+        let mut timer = crate::bus::lock(&self.shared.timer);
         if secs == 0 {
-            let _ = self.timer.clear();
+            let _ = timer.clear();
             return;
         }
         let period = Duration::from_secs(u64::from(secs));
@@ -83,7 +81,7 @@ impl BalloonThread {
         } else {
             period
         };
-        if let Err(e) = self.timer.reset(first, Some(period)) {
+        if let Err(e) = timer.reset(first, Some(period)) {
             tracing::error!("virtio-balloon: cannot arm the statistics timer: {e}");
         }
     }
@@ -276,7 +274,8 @@ impl BalloonThread {
 
     /// The interval passed: the held statistics buffer goes back, and the driver refills it.
     fn on_timer(&mut self) {
-        let _ = self.timer.wait();
+        // Only this thread arms the timer, and it is readable: the read does not block.
+        let _ = crate::bus::lock(&self.shared.timer).wait();
         let (Some(q), Some(head)) = (self.layout.stats, self.stats_head.take()) else {
             return;
         };
@@ -341,8 +340,9 @@ impl MutEventSubscriber for BalloonThread {
             }
         }
         if self.layout.stats.is_some() {
+            let timer = std::os::fd::AsRawFd::as_raw_fd(&*crate::bus::lock(&self.shared.timer));
             for (fd, data) in [
-                (std::os::fd::AsRawFd::as_raw_fd(&self.timer), TIMER),
+                (timer, TIMER),
                 (std::os::fd::AsRawFd::as_raw_fd(&self.rearm), REARM),
             ] {
                 if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {

@@ -163,6 +163,9 @@ struct Shared {
     guest_stats: Mutex<[Option<u64>; 16]>,
     /// Wakes the device thread to re-arm its statistics timer.
     rearm: EventFd,
+    /// The statistics timer, made with the device (the VMM thread that activates it may not
+    /// create timers); only the device thread arms and reads it.
+    timer: Mutex<vmm_sys_util::timerfd::TimerFd>,
     metrics: Arc<BalloonMetrics>,
 }
 
@@ -234,6 +237,7 @@ impl Balloon {
                 stats_interval_s: AtomicU32::new(u32::from(config.stats_polling_interval_s)),
                 guest_stats: Mutex::new([None; 16]),
                 rearm: EventFd::new(libc::EFD_NONBLOCK)?,
+                timer: Mutex::new(vmm_sys_util::timerfd::TimerFd::new()?),
                 metrics,
             }),
             config: config.clone(),
