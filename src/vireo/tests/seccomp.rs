@@ -173,6 +173,13 @@ fn each_kind_of_thread_is_stopped_outside_its_list() {
         ),
         ("rng", boot(&["--rng"], "console=ttyS0 vireo.rngtest")),
         (
+            "balloon",
+            boot(
+                &["--balloon", "size_mib=1,stats_period_s=1"],
+                "console=ttyS0 vireo.balloontest=2",
+            ),
+        ),
+        (
             "vsock",
             boot(&["--vsock", &vsock], "console=ttyS0 vireo.vsocktest"),
         ),

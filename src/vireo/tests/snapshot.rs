@@ -800,8 +800,9 @@ fn the_command_line_snapshots_and_restores() {
 
 /// A page-fault handler as Firecracker's Uffd backend expects one: it listens on a Unix
 /// socket, receives the userfaultfd (SCM_RIGHTS) with the JSON list of regions, and fills each
-/// missing page from the memory file with UFFDIO_COPY. Returns the number of pages it filled
-/// once the VMM closes the userfaultfd (or `stop` is set).
+/// missing page from the memory file with UFFDIO_COPY, or with zeros (UFFDIO_ZEROPAGE) once
+/// a balloon removed it (UFFD_EVENT_REMOVE). Returns the number of pages it filled and the
+/// bytes removed once the VMM closes the userfaultfd (or `stop` is set).
 mod uffd_handler {
     use std::fs::File;
     use std::os::fd::AsRawFd;
@@ -812,6 +813,16 @@ mod uffd_handler {
 
     const PAGE: u64 = 4096;
     const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+    const UFFD_EVENT_REMOVE: u8 = 0x15;
+
+    #[repr(C)]
+    struct UffdioZeropage {
+        start: u64,
+        len: u64,
+        mode: u64,
+        zeropage: i64,
+    }
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_ZEROPAGE, 0xaa, 0x04, UffdioZeropage);
 
     #[repr(C)]
     struct UffdioCopy {
@@ -823,7 +834,7 @@ mod uffd_handler {
     }
     vmm_sys_util::ioctl_iowr_nr!(UFFDIO_COPY, 0xaa, 0x03, UffdioCopy);
 
-    pub fn serve(listener: UnixListener, mem: File, stop: Arc<AtomicBool>) -> u64 {
+    pub fn serve(listener: UnixListener, mem: File, stop: Arc<AtomicBool>) -> (u64, u64) {
         let (stream, _) = listener.accept().unwrap();
         let mut buf = vec![0u8; 4096];
         let (n, fd) = stream.recv_with_fd(&mut buf[..]).unwrap();
@@ -850,6 +861,7 @@ mod uffd_handler {
         };
         assert_ne!(src, libc::MAP_FAILED);
         let mut filled = 0;
+        let mut removed: Vec<(u64, u64)> = Vec::new();
         let mut msg = [0u8; 32];
         while !stop.load(Ordering::SeqCst) {
             let mut pfd = libc::pollfd {
@@ -871,10 +883,32 @@ mod uffd_handler {
                 Ok(0) => break,
                 Ok(_) | Err(_) => continue,
             }
+            let word = |at: usize| u64::from_le_bytes(msg[at..at + 8].try_into().unwrap());
+            if msg[0] == UFFD_EVENT_REMOVE {
+                removed.push((word(8), word(16)));
+                continue;
+            }
             if msg[0] != UFFD_EVENT_PAGEFAULT {
                 continue;
             }
-            let addr = u64::from_le_bytes(msg[16..24].try_into().unwrap()) & !(PAGE - 1);
+            let addr = word(16) & !(PAGE - 1);
+            if removed.iter().any(|&(a, b)| addr >= a && addr < b) {
+                let mut zero = UffdioZeropage {
+                    start: addr,
+                    len: PAGE,
+                    mode: 0,
+                    zeropage: 0,
+                };
+                // SAFETY: maps the zero page at one page of the registered range the VMM
+                // named; the ioctl reads and writes one `UffdioZeropage`.
+                let rc = unsafe {
+                    vmm_sys_util::ioctl::ioctl_with_mut_ref(&uffd, UFFDIO_ZEROPAGE(), &mut zero)
+                };
+                if rc == 0 {
+                    filled += 1;
+                }
+                continue;
+            }
             let r = regions
                 .iter()
                 .find(|r| {
@@ -902,13 +936,13 @@ mod uffd_handler {
         // SAFETY: unmaps what was mapped above.
         unsafe { libc::munmap(src, len) };
         drop(uffd);
-        filled
+        (filled, removed.iter().map(|(a, b)| b - a).sum())
     }
 
     pub fn start(
         sock: &std::path::Path,
         mem: &std::path::Path,
-    ) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
+    ) -> (Arc<AtomicBool>, std::thread::JoinHandle<(u64, u64)>) {
         let listener = UnixListener::bind(sock).unwrap();
         let file = File::open(mem).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -948,8 +982,9 @@ fn a_uffd_page_fault_handler_serves_a_restored_vm() {
     create(&c, "Full", &s2, &m2);
     assert_eq!(c.stop(libc::SIGTERM), Some(143));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let filled = handler.join().unwrap();
+    let (filled, removed) = handler.join().unwrap();
     assert!(filled > 1000, "the handler filled {filled} pages");
+    assert_eq!(removed, 0, "without a balloon nothing is removed");
     let c = Vireo::start("snap-uffd-again");
     let (code, body) = c.req("PUT", "/snapshot/load", &load_body(&s2, &m2, true));
     assert_eq!(code, 204, "{body}");
@@ -1438,5 +1473,139 @@ fn a_two_vcpu_vm_restores_with_both_cpus() {
     assert_eq!(code, 200);
     assert!(cfg.contains("\"vcpu_count\":2"), "{cfg}");
     assert_eq!(c.stop(libc::SIGTERM), Some(143));
+    let _ = std::fs::remove_dir_all(&files);
+}
+
+/// Boots the balloon test guest (16 MiB touched) with statistics every second, inflates it to
+/// 4 MiB and snapshots it paused.
+fn ballooned_snapshot(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let v = Vireo::start(name);
+    let pvh = guest("pvh");
+    ok(
+        &v,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count":1,"mem_size_mib":128}"#,
+    );
+    ok(
+        &v,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 vireo.balloontest=16"}}"#,
+            pvh.display()
+        ),
+    );
+    ok(
+        &v,
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib":0,"deflate_on_oom":false,"stats_polling_interval_s":1}"#,
+    );
+    ok(&v, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    wait_prefix(&v, "@balloon ready");
+    ok(&v, "PATCH", "/balloon", r#"{"amount_mib":4}"#);
+    let l = wait_prefix(&v, "@balloon inflated");
+    assert!(l.contains("actual=1024 ok=1 kept_intact=1"), "{l}");
+    // Statistics have arrived before the snapshot.
+    let end = Instant::now() + DEADLINE;
+    while !v
+        .req("GET", "/balloon/statistics", "")
+        .1
+        .contains("total_memory")
+    {
+        assert!(Instant::now() < end, "no statistics from the guest");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ok(&v, "PATCH", "/vm", r#"{"state":"Paused"}"#);
+    let files = scratch(&format!("{name}-files"));
+    let (state, mem) = (files.join("state"), files.join("mem"));
+    create(&v, "Full", &state, &mem);
+    kill9(v);
+    (files, state, mem)
+}
+
+/// On a restored VM the balloon keeps its size and statistics, gives more pages to the host
+/// and takes them all back; returns the bytes the balloon released there (from the metrics).
+fn balloon_after_restore(c: &Vireo, metrics: &Path) -> u64 {
+    let (_, body) = c.req("GET", "/balloon", "");
+    assert!(
+        body.contains(r#""amount_mib":4"#),
+        "{body} {:?}",
+        c.req("GET", "/balloon/statistics", "")
+    );
+    let (code, body) = c.req("GET", "/balloon/statistics", "");
+    assert_eq!(code, 200, "{body}");
+    let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(s["actual_mib"], 4, "{s}");
+    assert_eq!(s["total_memory"], 128u64 << 20, "restored statistics: {s}");
+    ok(c, "PATCH", "/balloon", r#"{"amount_mib":8}"#);
+    let l = wait_prefix(c, "@balloon inflated");
+    assert!(l.contains("actual=2048 ok=1 kept_intact=1"), "{l}");
+    ok(c, "PUT", "/actions", r#"{"action_type":"FlushMetrics"}"#);
+    let text = std::fs::read_to_string(metrics).unwrap();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let released = last["devices"]["balloon"]["released_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no balloon metrics: {last}"));
+    ok(c, "PATCH", "/balloon", r#"{"amount_mib":0}"#);
+    let l = wait_prefix(c, "@balloon deflated");
+    assert!(l.contains("actual=0 ok=1 rewritten=1"), "{l}");
+    wait_prefix(c, "@balloon done");
+    released
+}
+
+#[test]
+fn a_balloon_keeps_its_state_and_releases_file_backed_memory_after_a_restore() {
+    let (files, state, mem) = ballooned_snapshot("snap-balloon");
+    let c = Vireo::start("snap-balloon-restored");
+    let metrics = files.join("metrics");
+    ok(
+        &c,
+        "PUT",
+        "/metrics",
+        &format!(r#"{{"metrics_path":"{}"}}"#, metrics.display()),
+    );
+    ok(&c, "PUT", "/snapshot/load", &load_body(&state, &mem, true));
+    let released = balloon_after_restore(&c, &metrics);
+    assert_eq!(released, 4 << 20, "the 4 MiB given after the restore");
+    let mut c = c;
+    assert_eq!(wait_exit(&mut c.child).code(), Some(0));
+    let _ = std::fs::remove_dir_all(&files);
+}
+
+#[test]
+fn a_balloon_on_a_uffd_restored_vm_tells_the_page_fault_handler_what_it_releases() {
+    let (files, state, mem) = ballooned_snapshot("snap-balloon-uffd");
+    let sock = files.join("uffd.sock");
+    let (stop, handler) = uffd_handler::start(&sock, &mem);
+    let c = Vireo::start("snap-balloon-uffd-restored");
+    let metrics = files.join("metrics");
+    ok(
+        &c,
+        "PUT",
+        "/metrics",
+        &format!(r#"{{"metrics_path":"{}"}}"#, metrics.display()),
+    );
+    ok(
+        &c,
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"Uffd","backend_path":"{}"}},"resume_vm":true}}"#,
+            state.display(),
+            sock.display()
+        ),
+    );
+    let released = balloon_after_restore(&c, &metrics);
+    assert_eq!(released, 4 << 20);
+    let mut c = c;
+    assert_eq!(wait_exit(&mut c.child).code(), Some(0));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (_, removed) = handler.join().unwrap();
+    assert!(
+        removed >= 4 << 20,
+        "the handler heard of {removed} bytes removed, not the 4 MiB released"
+    );
     let _ = std::fs::remove_dir_all(&files);
 }

@@ -239,12 +239,14 @@ impl Controller {
                     return fail(crate::resources::NO_BALLOON);
                 };
                 let mut b = b.clone();
-                if let Some(secs) = self
-                    .vm
-                    .as_ref()
-                    .and_then(|vm| vm.devices().balloon_stats_interval())
-                {
-                    b.stats_polling_interval_s = secs;
+                // A running (or restored) balloon says what is in force now.
+                if let Some(devices) = self.vm.as_ref().map(|vm| vm.devices()) {
+                    if let Ok(stats) = devices.balloon_stats() {
+                        b.amount_mib = stats.target_mib;
+                    }
+                    if let Some(secs) = devices.balloon_stats_interval() {
+                        b.stats_polling_interval_s = secs;
+                    }
                 }
                 Ok(VmmData::Json(
                     serde_json::to_value(b).unwrap_or(Value::Null),
@@ -344,6 +346,7 @@ impl Controller {
         self.resources.machine.vcpu_count = config.vcpus;
         self.resources.machine.mem_size_mib = config.mem_mib;
         self.resources.machine.track_dirty_pages = config.track_dirty_pages;
+        self.resources.balloon = config.balloon.clone();
         self.vm = Some(vm);
         Ok(VmmData::Empty)
     }
