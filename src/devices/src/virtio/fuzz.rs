@@ -207,6 +207,39 @@ pub fn vsock_packets(data: &[u8]) {
     let _ = std::fs::remove_file(&path);
 }
 
+/// Lays `data` out as the balloon's four queues (a features byte, then per queue a 16-entry
+/// descriptor table and its avail ring) and the buffers they point at (page-number arrays,
+/// statistics, free ranges), and serves them with the balloon thread's own code: page numbers
+/// are checked, pages in the scratch guest memory released, statistics parsed.
+pub fn balloon_queues(data: &[u8]) {
+    use super::balloon::feature;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("fuzz memory");
+    let Some((&pick, mut rest)) = data.split_first() else {
+        return;
+    };
+    let features = super::features::COMMON
+        | if pick & 1 != 0 { feature::STATS_VQ } else { 0 }
+        | if pick & 2 != 0 { feature::REPORTING } else { 0 };
+    let count = 2 + usize::from(pick & 1) + usize::from((pick >> 1) & 1);
+    let ring_bytes = QUEUE as usize * 16 + 4 + 2 * QUEUE as usize;
+    let mut queues = Vec::new();
+    for q in 0..count {
+        let desc = 0x1000 * (q as u64 + 1);
+        let (ring, next) = rest.split_at(rest.len().min(ring_bytes));
+        let _ = mem.write_slice(ring, GuestAddress(desc));
+        rest = next;
+        let mut queue = Queue::new(QUEUE).expect("queue");
+        queue.set_size(QUEUE);
+        queue.set_ready(true);
+        queue.set_desc_table_address(Some(desc as u32), Some(0));
+        queue.set_avail_ring_address(Some((desc + 0x100) as u32), Some(0));
+        queue.set_used_ring_address(Some((desc + 0x200) as u32), Some(0));
+        queues.push(queue);
+    }
+    let _ = mem.write_slice(rest, GuestAddress(DATA));
+    super::balloon::fuzz_serve(&mem, queues, features);
+}
+
 /// Replays `data` as register accesses on an entropy device's MMIO window (7 bytes each:
 /// kind, offset, value) interleaved with writes to guest memory where the rings live.
 pub fn mmio_registers(data: &[u8]) {
@@ -269,11 +302,12 @@ mod tests {
     #[test]
     fn fuzz_corpora_replay() {
         type Entry = fn(&[u8]);
-        let targets: [(&str, Entry); 5] = [
+        let targets: [(&str, Entry); 6] = [
             ("block_request", super::block_request),
             ("net_chains", super::net_chains),
             ("mmds_frames", super::mmds_frames),
             ("vsock_packets", super::vsock_packets),
+            ("balloon_queues", super::balloon_queues),
             ("mmio_registers", super::mmio_registers),
         ];
         for (target, run) in targets {
@@ -444,6 +478,49 @@ mod tests {
     fn vsock_packets_survive_random_input() {
         for (seed, data) in inputs(0x0050_c4e7, iterations() / 10, 1024) {
             let r = std::panic::catch_unwind(|| super::vsock_packets(&data));
+            assert!(r.is_ok(), "panic on input #{seed}: {data:?}");
+        }
+    }
+
+    #[test]
+    fn balloon_queues_survive_random_and_structured_input() {
+        for (seed, data) in inputs(0xba11_00, iterations() / 3, 2048) {
+            let r = std::panic::catch_unwind(|| super::balloon_queues(&data));
+            assert!(r.is_ok(), "panic on input #{seed}: {data:?}");
+        }
+        // Valid chains on every queue, then mutated: an inflate chain of page numbers, a
+        // deflate chain, a statistics buffer and a free range.
+        let ring = 16 * 16 + 4 + 2 * 16;
+        let mut base = vec![3u8];
+        for (q, (addr, len, flags)) in [
+            (0x8000u64, 64u32, 0u16),
+            (0x8000, 16, 0),
+            (0x8100, 30, 0),
+            (0x0, 4096, 2),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut r = vec![0u8; ring];
+            r[..8].copy_from_slice(&addr.to_le_bytes());
+            r[8..12].copy_from_slice(&len.to_le_bytes());
+            r[12..14].copy_from_slice(&flags.to_le_bytes());
+            // avail: flags 0, idx 1, ring[0] = 0.
+            r[256 + 2] = 1;
+            let _ = q;
+            base.extend_from_slice(&r);
+        }
+        let pfns: Vec<u8> = (0..16u32).flat_map(|p| (p * 3).to_le_bytes()).collect();
+        base.extend_from_slice(&pfns);
+        for (seed, noise) in inputs(0xba11_01, iterations() / 3, 24) {
+            let mut data = base.clone();
+            for pair in noise.chunks(2) {
+                if let [pos, val] = pair {
+                    let i = *pos as usize * 7 % data.len();
+                    data[i] = *val;
+                }
+            }
+            let r = std::panic::catch_unwind(|| super::balloon_queues(&data));
             assert!(r.is_ok(), "panic on input #{seed}: {data:?}");
         }
     }

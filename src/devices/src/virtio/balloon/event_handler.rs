@@ -276,6 +276,11 @@ impl BalloonThread {
     fn on_timer(&mut self) {
         // Only this thread arms the timer, and it is readable: the read does not block.
         let _ = crate::bus::lock(&self.shared.timer).wait();
+        self.return_stats();
+    }
+
+    /// Hands the held statistics buffer back, so that the driver refills it.
+    pub(super) fn return_stats(&mut self) {
         let (Some(q), Some(head)) = (self.layout.stats, self.stats_head.take()) else {
             return;
         };
@@ -298,7 +303,7 @@ impl BalloonThread {
         self.interrupt.set_needs_reset();
     }
 
-    fn serve(&mut self, q: usize) {
+    pub(super) fn serve(&mut self, q: usize) {
         if self.broken {
             return;
         }

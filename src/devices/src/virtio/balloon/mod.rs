@@ -16,6 +16,58 @@ mod release;
 #[cfg(test)]
 mod tests;
 
+/// The fuzz entry point's device half: serves queues laid out by the caller with the real
+/// device thread's code (`features` picks which queues exist), then hands the statistics
+/// buffer back as the timer would.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn fuzz_serve(
+    mem: &super::GuestMemoryMmap,
+    queues: Vec<virtio_queue::Queue>,
+    features: u64,
+) {
+    // One device for every input: each new one would register its metrics again.
+    static SHARED: std::sync::OnceLock<Option<Arc<Shared>>> = std::sync::OnceLock::new();
+    let Some(shared) = SHARED
+        .get_or_init(|| {
+            Balloon::new(&BalloonConfig {
+                stats_polling_interval_s: 1,
+                free_page_reporting: true,
+                ..Default::default()
+            })
+            .ok()
+            .map(|b| b.shared)
+        })
+        .clone()
+    else {
+        return;
+    };
+    let evts: Vec<EventFd> = queues
+        .iter()
+        .filter_map(|_| EventFd::new(libc::EFD_NONBLOCK).ok())
+        .collect();
+    let Ok(irq) = EventFd::new(libc::EFD_NONBLOCK) else {
+        return;
+    };
+    let n = queues.len();
+    let ctx = ActivateContext {
+        mem: mem.clone(),
+        queues,
+        queue_evts: evts,
+        interrupt: Arc::new(super::Interrupt::new(irq)),
+        acked_features: features,
+        restored: false,
+        thread_filter: utils::seccomp::ThreadFilter::none("fuzz"),
+    };
+    let Ok(mut thread) = event_handler::BalloonThread::new(ctx, shared.clone()) else {
+        return;
+    };
+    for q in 0..n {
+        thread.serve(q);
+    }
+    thread.return_stats();
+    let _ = Handle(shared).stats();
+}
+
 use super::{features, ActivateContext, ActivateError, VirtioDevice};
 use metrics::BalloonMetrics;
 use serde::{Deserialize, Serialize};
