@@ -94,13 +94,13 @@ fn two_mib_pages_back_the_guest_or_it_is_refused_clearly() {
     assert_eq!(r.code(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("multiple of 2 MiB"), "{}", r.stderr);
 
-    // With 16 more pages in the pool, a 32 MiB guest runs on them.
+    // With 80 more pages in the pool, a 32 MiB guest runs on them.
     let before = std::fs::read_to_string("/proc/sys/vm/nr_hugepages").unwrap();
     let _pool = Pool(before.trim().to_owned());
-    let want = before.trim().parse::<u64>().unwrap() + 16;
+    let want = before.trim().parse::<u64>().unwrap() + 80;
     std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string()).unwrap();
     assert!(
-        meminfo("HugePages_Free:") >= 16,
+        meminfo("HugePages_Free:") >= 80,
         "the host could not grow its huge page pool"
     );
     let mut vm = ticking("32,huge_pages=2M");
@@ -111,6 +111,44 @@ fn two_mib_pages_back_the_guest_or_it_is_refused_clearly() {
         maps.iter()
             .any(|(size, page, _)| *page == 2048 && *size >= 32 << 10),
         "no 2 MiB-page mapping of the guest's RAM: {maps:?}"
+    );
+
+    // The balloon on huge pages: the guest touches 16 MiB (8 huge pages) and gives 8 MiB of
+    // them back in 4 KiB pages; the host releases the 4 whole huge pages they cover, which go
+    // back to the pool.
+    let in_use = |balloon: &str, line: &str| {
+        let free = meminfo("HugePages_Free:");
+        let (mut child, rx) = spawn_interactive(&[
+            "--kernel",
+            k,
+            "--memory",
+            "128,huge_pages=2M",
+            "--balloon",
+            balloon,
+            "--cmdline",
+            "console=ttyS0 vireo.balloontest=16",
+        ]);
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let l = rx
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("no {line} line"));
+            if l.starts_with(line) {
+                assert!(!l.contains("ok=0"), "{l}");
+                break;
+            }
+        }
+        let used = free - meminfo("HugePages_Free:");
+        let _ = child.kill();
+        let _ = child.wait();
+        used
+    };
+    let whole = in_use("size_mib=0", "@balloon ready");
+    let ballooned = in_use("size_mib=8", "@balloon inflated");
+    assert_eq!(
+        whole - ballooned,
+        4,
+        "huge pages in use: {whole} without the balloon, {ballooned} with 8 MiB in it"
     );
 }
 

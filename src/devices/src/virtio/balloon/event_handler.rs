@@ -40,6 +40,8 @@ pub(super) struct BalloonThread {
     broken: bool,
     pfns: Vec<u32>,
     bytes: Vec<u8>,
+    /// Given pages on 2 MiB hugetlbfs memory, until whole huge pages can be released.
+    huge: super::release::HugePages,
 }
 
 impl BalloonThread {
@@ -58,6 +60,7 @@ impl BalloonThread {
             broken: false,
             pfns: Vec::with_capacity(MAX_PFNS_PER_CHAIN),
             bytes: vec![0; MAX_PFNS_PER_CHAIN * 4],
+            huge: Default::default(),
         };
         thread.arm_timer(false);
         Ok(thread)
@@ -131,12 +134,7 @@ impl BalloonThread {
             }
             DEFLATE => {
                 add(&m.deflate_chains, 1);
-                let pages: u64 = descs
-                    .iter()
-                    .filter(|d| !d.2)
-                    .map(|d| u64::from(d.1) / 4)
-                    .sum();
-                add(&m.deflated_pages, pages);
+                self.deflate(descs);
             }
             _ if Some(q) == self.layout.stats => {
                 self.read_stats(descs);
@@ -207,8 +205,41 @@ impl BalloonThread {
                 n += 1;
             }
             add(&m.inflated_pages, n as u64);
-            self.release(addr, n as u64 * PAGE);
+            if super::release::is_huge(&self.mem, addr) {
+                for pfn in u64::from(start)..u64::from(start) + n as u64 {
+                    if let Some(huge) = self.huge.give(pfn) {
+                        self.release(huge, 2 << 20);
+                    }
+                }
+            } else {
+                self.release(addr, n as u64 * PAGE);
+            }
             i += n;
+        }
+    }
+
+    /// Counts the pages the guest takes back; on huge pages they no longer count towards
+    /// releasing theirs.
+    fn deflate(&mut self, descs: &[Desc]) {
+        let m = self.shared.metrics.clone();
+        for &(addr, len, writable) in descs {
+            if writable || len % 4 != 0 {
+                add(&m.bad_descriptors, 1);
+                continue;
+            }
+            let take = (len as usize).min(MAX_PFNS_PER_CHAIN * 4);
+            let buf = &mut self.bytes[..take];
+            if self.mem.read_slice(buf, addr).is_err() {
+                add(&m.bad_descriptors, 1);
+                continue;
+            }
+            add(&m.deflated_pages, take as u64 / 4);
+            for c in buf.chunks_exact(4) {
+                let pfn = u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                if super::release::is_huge(&self.mem, GuestAddress(pfn << PAGE_SHIFT)) {
+                    self.huge.take_back(pfn);
+                }
+            }
         }
     }
 

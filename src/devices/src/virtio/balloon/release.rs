@@ -94,3 +94,47 @@ fn release_in_region(
     }
     Ok(len)
 }
+
+/// Whether the guest page at `addr` is backed by a 2 MiB hugetlbfs page.
+pub(super) fn is_huge(mem: &GuestMemoryMmap, addr: GuestAddress) -> bool {
+    mem.find_region(addr)
+        .is_some_and(|r| r.flags() & libc::MAP_HUGETLB != 0)
+}
+
+/// The 4 KiB pages a guest gave up inside each 2 MiB huge page: a huge page can only be
+/// released once all 512 of its pages are in the balloon, and the driver gives them a few at
+/// a time (256 per chain for Linux), so they are counted across chains.
+#[derive(Default)]
+pub(super) struct HugePages {
+    given: std::collections::HashMap<u64, [u64; 8]>,
+}
+
+const SUBPAGES: u64 = HUGE_PAGE >> 12;
+
+impl HugePages {
+    /// Records page `pfn` as given; returns the address of its huge page once all of that
+    /// huge page is given.
+    pub(super) fn give(&mut self, pfn: u64) -> Option<GuestAddress> {
+        let huge = pfn / SUBPAGES;
+        let bit = pfn % SUBPAGES;
+        let bits = self.given.entry(huge).or_default();
+        bits[(bit / 64) as usize] |= 1 << (bit % 64);
+        if bits.iter().all(|w| *w == u64::MAX) {
+            self.given.remove(&huge);
+            return Some(GuestAddress(huge * HUGE_PAGE));
+        }
+        None
+    }
+
+    /// Forgets page `pfn` (the guest took it back).
+    pub(super) fn take_back(&mut self, pfn: u64) {
+        let huge = pfn / SUBPAGES;
+        let bit = pfn % SUBPAGES;
+        if let Some(bits) = self.given.get_mut(&huge) {
+            bits[(bit / 64) as usize] &= !(1 << (bit % 64));
+            if bits.iter().all(|w| *w == 0) {
+                self.given.remove(&huge);
+            }
+        }
+    }
+}

@@ -431,3 +431,19 @@ fn tempfile_in_tmp() -> std::fs::File {
 }
 
 use std::sync::atomic::Ordering;
+
+#[test]
+fn a_huge_page_is_released_once_all_its_pages_are_given() {
+    let mut h = release::HugePages::default();
+    let base = 3 * 512;
+    for pfn in base..base + 511 {
+        assert_eq!(h.give(pfn), None);
+    }
+    // One taken back and given again: still one short until the last.
+    h.take_back(base + 7);
+    assert_eq!(h.give(base + 511), None);
+    assert_eq!(h.give(base + 7), Some(GuestAddress(3 << 21)));
+    // Given twice counts once; a new round starts empty.
+    assert_eq!(h.give(base), None);
+    assert_eq!(h.give(base), None);
+}
