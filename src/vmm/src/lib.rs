@@ -164,7 +164,7 @@ const TOKEN_VCPU: u64 = 2;
 const TOKEN_QUIT: u64 = 3;
 const TOKEN_ACTIVATE: u64 = 4;
 /// Signal pipes use this plus the signal number.
-const TOKEN_SIGNAL_BASE: u64 = 100;
+const TOKEN_SIGNAL: u64 = 100;
 
 /// How long teardown waits for vCPU threads to leave KVM_RUN.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -206,7 +206,9 @@ pub const EXTERNAL_TOKEN_BASE: u64 = 1000;
 pub struct RunningVm {
     machine: builder::Machine,
     epoll: Epoll,
-    _signal_pipes: Vec<UnixStream>,
+    _signal_pipe: UnixStream,
+    /// The stop signal that arrived last.
+    signal_number: Arc<std::sync::atomic::AtomicUsize>,
     _vcpu_evt: EventFd,
     _quit_evt: EventFd,
     console: Option<console::Console>,
@@ -252,14 +254,18 @@ impl RunningVm {
                 )
                 .map_err(Error::EventLoop)
         };
-        // One pipe per signal so the event loop knows which one arrived.
-        let mut signal_pipes = Vec::new();
+        // One socket pair for every stop signal (sockets are kernel memory, which counts when
+        // thousands of VMs share a host); a flag, set first, says which signal it was.
+        let (signal_rx, signal_tx) = UnixStream::pair().map_err(Error::EventLoop)?;
+        let signal_number = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for sig in STOP_SIGNALS {
-            let (rx, tx) = UnixStream::pair().map_err(Error::EventLoop)?;
+            signal_hook::flag::register_usize(sig, signal_number.clone(), sig as usize)
+                .map_err(Error::EventLoop)?;
+            let tx = signal_tx.try_clone().map_err(Error::EventLoop)?;
             signal_hook::low_level::pipe::register(sig, tx).map_err(Error::EventLoop)?;
-            add(rx.as_raw_fd(), TOKEN_SIGNAL_BASE + sig as u64)?;
-            signal_pipes.push(rx);
         }
+        drop(signal_tx);
+        add(signal_rx.as_raw_fd(), TOKEN_SIGNAL)?;
         let vcpu_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         let quit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         add(machine.devices.events().reset.0.as_raw_fd(), TOKEN_RESET)?;
@@ -325,7 +331,8 @@ impl RunningVm {
         let mut vm = Self {
             machine,
             epoll,
-            _signal_pipes: signal_pipes,
+            _signal_pipe: signal_rx,
+            signal_number,
             _vcpu_evt: vcpu_evt,
             _quit_evt: quit_evt,
             console: Some(console),
@@ -398,9 +405,10 @@ impl RunningVm {
                         continue;
                     }
                     token if token >= EXTERNAL_TOKEN_BASE => return VmEvent::External(token),
-                    token if token > TOKEN_SIGNAL_BASE => {
-                        ExitReason::Signal((token - TOKEN_SIGNAL_BASE) as i32)
-                    }
+                    TOKEN_SIGNAL => ExitReason::Signal(
+                        self.signal_number
+                            .load(std::sync::atomic::Ordering::SeqCst) as i32,
+                    ),
                     _ => continue,
                 };
                 return VmEvent::Ended(reason);
