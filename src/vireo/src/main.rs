@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use vmm::{DriveConfig, ExitReason, SerialConfig, VmConfig};
 
+mod log;
 mod seccomp;
 mod telemetry;
 use telemetry::ProcessTelemetry;

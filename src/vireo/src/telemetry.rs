@@ -16,11 +16,7 @@ pub const METRICS_SECCOMP: Allow = Allow {
     syscalls: &[],
     with_arg: &[],
 };
-use tracing_subscriber::filter::{LevelFilter, Targets};
-use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{reload, Registry};
+use tracing::level_filters::LevelFilter;
 use vmm::controller::Telemetry;
 use vmm::resources::{LoggerConfig, MetricsConfig};
 
@@ -31,33 +27,17 @@ static LOST_LOGS: AtomicU64 = AtomicU64::new(0);
 #[derive(Clone, Default)]
 pub struct LogSink(Arc<Mutex<Option<File>>>);
 
-/// One log line being written.
-pub struct LogLine(Arc<Mutex<Option<File>>>);
-
-impl Write for LogLine {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+impl crate::log::Sink for LogSink {
+    fn write_line(&self, line: &[u8]) {
         let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let result = match guard.as_mut() {
-            Some(f) => f.write(buf),
-            None => std::io::stderr().write(buf),
+            Some(f) => f.write_all(line),
+            None => std::io::stderr().write_all(line),
         };
         if result.is_err() {
             // A full FIFO or a vanished reader must not block or stop vireo.
             LOST_LOGS.fetch_add(1, Ordering::Relaxed);
-            return Ok(buf.len());
         }
-        result
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for LogSink {
-    type Writer = LogLine;
-    fn make_writer(&'a self) -> LogLine {
-        LogLine(self.0.clone())
     }
 }
 
@@ -69,44 +49,18 @@ fn open_sink(path: &str) -> Result<File, String> {
         .map_err(|e| format!("cannot open {path}: {e}"))
 }
 
-type Filtered = tracing_subscriber::layer::Layered<reload::Layer<Targets, Registry>, Registry>;
-type FmtLayer = Box<dyn tracing_subscriber::Layer<Filtered> + Send + Sync>;
-
-/// Handles to what `PUT /logger` changes.
-pub struct LogControl {
-    filter: reload::Handle<Targets, Registry>,
-    format: reload::Handle<FmtLayer, Filtered>,
-}
-
-fn fmt_layer(sink: &LogSink, show_level: bool, show_origin: bool) -> FmtLayer {
-    Box::new(
-        tracing_subscriber::fmt::layer()
-            .with_writer(sink.clone())
-            .with_target(false)
-            .with_ansi(false)
-            .with_level(show_level)
-            .with_file(show_origin)
-            .with_line_number(show_origin),
-    )
-}
+/// What `PUT /logger` changes: the process's subscriber.
+pub type LogControl = Arc<crate::log::Logger<LogSink>>;
 
 /// Installs the process's tracing subscriber at `level`; returns what `PUT /logger` changes.
 pub fn init_logging(level: tracing::Level) -> (LogSink, LogControl) {
     let sink = LogSink::default();
-    let (filter, filter_handle) =
-        reload::Layer::new(Targets::new().with_default(LevelFilter::from_level(level)));
-    let (format, format_handle) = reload::Layer::new(fmt_layer(&sink, true, false));
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(format)
-        .init();
-    (
-        sink,
-        LogControl {
-            filter: filter_handle,
-            format: format_handle,
-        },
-    )
+    let logger = Arc::new(crate::log::Logger::new(
+        sink.clone(),
+        LevelFilter::from_level(level),
+    ));
+    let _ = tracing::dispatcher::set_global_default(tracing::Dispatch::new(logger.clone()));
+    (sink, logger)
 }
 
 /// The binary's side of [`Telemetry`].
@@ -271,23 +225,12 @@ impl Telemetry for ProcessTelemetry {
             self.level = level;
         }
         // A module filter keeps only that module's messages (Firecracker's semantics).
-        let targets = match &cfg.module {
-            Some(m) => Targets::new().with_target(m.clone(), self.level),
-            None => Targets::new().with_default(self.level),
-        };
-        self.log
-            .filter
-            .reload(targets)
-            .map_err(|e| format!("cannot change the log filter: {e}"))?;
-        let layer = fmt_layer(
-            &self.sink,
+        self.log.configure(
+            self.level,
+            cfg.module.clone(),
             cfg.show_level.unwrap_or(true),
             cfg.show_log_origin.unwrap_or(false),
         );
-        self.log
-            .format
-            .reload(layer)
-            .map_err(|e| format!("cannot change the log format: {e}"))?;
         if let Some(f) = file {
             // A forbidden system call is reported in the log file too.
             utils::seccomp::set_log_fd(std::os::fd::AsRawFd::as_raw_fd(&f));

@@ -406,8 +406,7 @@ impl RunningVm {
                     }
                     token if token >= EXTERNAL_TOKEN_BASE => return VmEvent::External(token),
                     TOKEN_SIGNAL => ExitReason::Signal(
-                        self.signal_number
-                            .load(std::sync::atomic::Ordering::SeqCst) as i32,
+                        self.signal_number.load(std::sync::atomic::Ordering::SeqCst) as i32,
                     ),
                     _ => continue,
                 };

@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Density benchmark: how many idle VMs this host holds at once, and what each costs.
+
+Each VM is vireo's test guest (PVH image) that halts in `hlt` at once (`vireo.end=hang`), with
+1 vCPU and 16 MiB, its serial output in a file. The script starts N VMs of one VMM one after
+another, waits until every guest has reported (`@end hang`), reads the host's memory figures,
+then stops them all, and goes on to the next VMM. Per-VM cost is the drop in MemAvailable
+divided by N (everything the host spent: the process, its page tables, KVM's kernel memory),
+with the parts of it that /proc/meminfo breaks out (anonymous pages, page tables, kernel
+stacks, unreclaimable slab, per-CPU) and the mean PSS of the processes.
+
+VMMs: vireo (static musl build) without an API socket and with one, Firecracker
+($FIRECRACKER, default ../shared/peers/firecracker, with --no-api and with an API socket) and
+QEMU's microvm machine (qemu-system-x86_64). Needs root (it raises kernel.pid_max for the run
+and restores it).
+
+    scripts/bench-density.py [--vireo N] [--vireo-api N] [--firecracker N] [--qemu N]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchlib import build, peer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUEST = os.path.join(ROOT, "guest/target/x86_64-unknown-none/release/vireo-guest-pvh")
+VIREO = os.path.join(ROOT, "target/x86_64-unknown-linux-musl/release/vireo")
+CMDLINE = "console=ttyS0 vireo.end=hang"
+MEM_MIB = 16
+FIELDS = ["MemAvailable", "AnonPages", "PageTables", "KernelStack", "SUnreclaim", "Percpu",
+          "SecPageTables"]
+
+
+def meminfo():
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            out[k] = int(v.split()[0])
+    return out
+
+
+def pss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def command(vmm, tmp, i):
+    serial = os.path.join(tmp, f"serial{i}")
+    if vmm == "vireo":
+        return [VIREO, "run", "--kernel", GUEST, "--memory", str(MEM_MIB), "--serial",
+                f"file:{serial}", "--cmdline", CMDLINE], serial, None
+    if vmm == "vireo-api":
+        sock = os.path.join(tmp, f"api{i}.sock")
+        cfg = os.path.join(tmp, "vireo.json")
+        return [VIREO, "--api-sock", sock, "--config-file", cfg], serial, sock
+    if vmm.startswith("firecracker"):
+        cfg = os.path.join(tmp, "fc.json")
+        if vmm == "firecracker-api":
+            sock = os.path.join(tmp, f"fc{i}.sock")
+            return [FC, "--api-sock", sock, "--config-file", cfg, "--level", "Error"], serial, sock
+        return [FC, "--no-api", "--config-file", cfg, "--level", "Error"], serial, None
+    if vmm == "qemu":
+        return ["qemu-system-x86_64", "-M",
+                "microvm,x-option-roms=off,pit=off,pic=off,rtc=off,isa-serial=on",
+                "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", str(MEM_MIB), "-smp", "1",
+                "-nodefaults", "-no-user-config", "-display", "none", "-serial", f"file:{serial}",
+                "-monitor", "none", "-kernel", GUEST, "-append", CMDLINE], serial, None
+    raise ValueError(vmm)
+
+
+def write_configs(tmp):
+    boot = {"boot-source": {"kernel_image_path": GUEST, "boot_args": CMDLINE},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": MEM_MIB}}
+    with open(os.path.join(tmp, "fc.json"), "w") as f:
+        json.dump(dict(boot, drives=[]), f)
+    # vireo with an API socket, booted from the same config file; its serial port goes to a
+    # file per VM through PUT /serial's file, which a config file cannot vary per VM, so the
+    # guests' output goes to stdout, redirected to the per-VM file.
+    with open(os.path.join(tmp, "vireo.json"), "w") as f:
+        json.dump(boot, f)
+
+
+def reported(serial):
+    try:
+        with open(serial, "rb") as f:
+            return b"@end hang" in f.read()
+    except OSError:
+        return False
+
+
+def run(vmm, n, tmp):
+    base = meminfo()
+    procs = []
+    serials = []
+    t0 = time.perf_counter()
+    failed = None
+    for i in range(n):
+        cmd, serial, _ = command(vmm, tmp, i)
+        out = subprocess.DEVNULL
+        if vmm in ("vireo-api", "firecracker", "firecracker-api"):
+            out = open(serial, "wb")
+        try:
+            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+        except OSError as e:
+            failed = f"VM {i}: {e}"
+            break
+        if out is not subprocess.DEVNULL:
+            out.close()
+        procs.append(p)
+        serials.append(serial)
+    # Every guest has reported, or some VMM ended: the host holds them all now.
+    pending = list(range(len(procs)))
+    deadline = time.time() + 120 + len(procs) * 0.05
+    while pending and time.time() < deadline:
+        still = []
+        for i in pending:
+            if reported(serials[i]):
+                continue
+            if procs[i].poll() is not None:
+                failed = failed or f"VM {i} ended with {procs[i].returncode}"
+                continue
+            still.append(i)
+        pending = still
+        if pending:
+            time.sleep(0.2)
+    up_s = time.perf_counter() - t0
+    up = len(procs) - len(pending) - sum(1 for p in procs if p.poll() is not None)
+    time.sleep(2)
+    after = meminfo()
+    pss = [pss_kib(p.pid) for p in procs[:200]]
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for p in procs:
+        p.wait()
+    for s in serials:
+        try:
+            os.unlink(s)
+        except OSError:
+            pass
+    for f in os.listdir(tmp):
+        if f.endswith(".sock"):
+            os.unlink(os.path.join(tmp, f))
+    time.sleep(2)
+    res = {"vmm": vmm, "asked": n, "up": up, "up_s": up_s, "failed": failed,
+           "pss_kib": sum(pss) / max(len(pss), 1)}
+    for k in FIELDS:
+        if k in base:
+            d = base[k] - after[k] if k == "MemAvailable" else after[k] - base[k]
+            res[k] = d / max(up, 1)
+    return res
+
+
+def main():
+    global FC
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--vireo", type=int, default=10000)
+    ap.add_argument("--vireo-api", type=int, default=1000)
+    ap.add_argument("--firecracker", type=int, default=1000)
+    ap.add_argument("--firecracker-api", type=int, default=0)
+    ap.add_argument("--qemu", type=int, default=100)
+    ap.add_argument("--no-build", action="store_true")
+    args = ap.parse_args()
+    if not args.no_build:
+        subprocess.run(["rustup", "target", "add", "x86_64-unknown-linux-musl"], cwd=ROOT,
+                       check=False, capture_output=True)
+        build(guest=True, musl=True)
+    FC = peer("FIRECRACKER", "firecracker")
+    runs = [("vireo", args.vireo), ("vireo-api", args.vireo_api)]
+    if FC:
+        runs += [("firecracker", args.firecracker), ("firecracker-api", args.firecracker_api)]
+    if shutil.which("qemu-system-x86_64"):
+        runs.append(("qemu", args.qemu))
+    with open("/proc/sys/kernel/pid_max") as f:
+        pid_max = f.read().strip()
+    with open("/proc/sys/kernel/pid_max", "w") as f:
+        f.write("4194304")
+    results = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_configs(tmp)
+            for vmm, n in runs:
+                if n <= 0:
+                    continue
+                r = run(vmm, n, tmp)
+                results.append(r)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+    finally:
+        with open("/proc/sys/kernel/pid_max", "w") as f:
+            f.write(pid_max)
+    print(f"idle VMs: test guest halted, 1 vCPU, {MEM_MIB} MiB; KiB per VM unless noted")
+    print("| VMM | asked | up | start rate (VMs/s) | MemAvailable drop | PSS | AnonPages |"
+          " PageTables | KernelStack | SUnreclaim | Percpu | failure |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        print(f"| {r['vmm']} | {r['asked']} | {r['up']} | {r['up'] / r['up_s']:.0f} |"
+              f" {r['MemAvailable']:.0f} | {r['pss_kib']:.0f} | {r['AnonPages']:.0f} |"
+              f" {r['PageTables']:.0f} | {r['KernelStack']:.0f} | {r['SUnreclaim']:.0f} |"
+              f" {r.get('Percpu', 0):.0f} | {r['failed'] or ''} |")
+
+
+if __name__ == "__main__":
+    main()
