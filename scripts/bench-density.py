@@ -34,8 +34,14 @@ GUEST = os.path.join(ROOT, "guest/target/x86_64-unknown-none/release/vireo-guest
 VIREO = os.path.join(ROOT, "target/x86_64-unknown-linux-musl/release/vireo")
 CMDLINE = "console=ttyS0 vireo.end=hang"
 MEM_MIB = 16
-FIELDS = ["MemAvailable", "AnonPages", "PageTables", "KernelStack", "SUnreclaim", "Percpu",
-          "SecPageTables"]
+FIELDS = ["MemAvailable", "AnonPages", "PageTables", "SecPageTables", "KernelStack", "SUnreclaim",
+          "VmallocUsed", "Percpu"]
+# What a VM costs the host, summed from the parts /proc/meminfo breaks out.
+PARTS = ["AnonPages", "PageTables", "SecPageTables", "KernelStack", "SUnreclaim", "VmallocUsed",
+         "Percpu"]
+# The same vireo built as a non-PIE static executable (no start-up relocations, so its data
+# pages stay shared between processes; its code sits at a fixed address): --nopie N.
+VIREO_NOPIE = os.path.join(ROOT, "target/nopie/x86_64-unknown-linux-musl/release/vireo")
 
 
 def meminfo():
@@ -60,8 +66,8 @@ def pss_kib(pid):
 
 def command(vmm, tmp, i):
     serial = os.path.join(tmp, f"serial{i}")
-    if vmm == "vireo":
-        return [VIREO, "run", "--kernel", GUEST, "--memory", str(MEM_MIB), "--serial",
+    if vmm in ("vireo", "vireo-nopie"):
+        return [VIREO if vmm == "vireo" else VIREO_NOPIE, "run", "--kernel", GUEST, "--memory", str(MEM_MIB), "--serial",
                 f"file:{serial}", "--cmdline", CMDLINE], serial, None
     if vmm == "vireo-api":
         sock = os.path.join(tmp, f"api{i}.sock")
@@ -165,6 +171,7 @@ def run(vmm, n, tmp):
         if k in base:
             d = base[k] - after[k] if k == "MemAvailable" else after[k] - base[k]
             res[k] = d / max(up, 1)
+    res["total"] = sum(res.get(k, 0) for k in PARTS)
     return res
 
 
@@ -173,6 +180,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vireo", type=int, default=10000)
     ap.add_argument("--vireo-api", type=int, default=1000)
+    ap.add_argument("--nopie", type=int, default=1000)
     ap.add_argument("--firecracker", type=int, default=1000)
     ap.add_argument("--firecracker-api", type=int, default=0)
     ap.add_argument("--qemu", type=int, default=100)
@@ -182,8 +190,15 @@ def main():
         subprocess.run(["rustup", "target", "add", "x86_64-unknown-linux-musl"], cwd=ROOT,
                        check=False, capture_output=True)
         build(guest=True, musl=True)
+        if args.nopie > 0:
+            env = dict(os.environ, RUSTFLAGS="-C relocation-model=static",
+                       CARGO_TARGET_DIR=os.path.join(ROOT, "target/nopie"))
+            subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo", "--target",
+                            "x86_64-unknown-linux-musl"], cwd=ROOT, env=env, check=True)
     FC = peer("FIRECRACKER", "firecracker")
     runs = [("vireo", args.vireo), ("vireo-api", args.vireo_api)]
+    if os.path.exists(VIREO_NOPIE):
+        runs.append(("vireo-nopie", args.nopie))
     if FC:
         runs += [("firecracker", args.firecracker), ("firecracker-api", args.firecracker_api)]
     if shutil.which("qemu-system-x86_64"):
@@ -206,14 +221,18 @@ def main():
         with open("/proc/sys/kernel/pid_max", "w") as f:
             f.write(pid_max)
     print(f"idle VMs: test guest halted, 1 vCPU, {MEM_MIB} MiB; KiB per VM unless noted")
-    print("| VMM | asked | up | start rate (VMs/s) | MemAvailable drop | PSS | AnonPages |"
-          " PageTables | KernelStack | SUnreclaim | Percpu | failure |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    fc = next((r for r in results if r["vmm"] == "firecracker"), None)
+    print("| VMM | asked | up | start rate (VMs/s) | host memory (sum) | vs Firecracker |"
+          " MemAvailable drop | PSS | AnonPages | PageTables + Sec | KernelStack | SUnreclaim |"
+          " VmallocUsed | failure |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
+        ratio = f"{r['total'] / fc['total']:.2f}x" if fc else ""
         print(f"| {r['vmm']} | {r['asked']} | {r['up']} | {r['up'] / r['up_s']:.0f} |"
-              f" {r['MemAvailable']:.0f} | {r['pss_kib']:.0f} | {r['AnonPages']:.0f} |"
-              f" {r['PageTables']:.0f} | {r['KernelStack']:.0f} | {r['SUnreclaim']:.0f} |"
-              f" {r.get('Percpu', 0):.0f} | {r['failed'] or ''} |")
+              f" {r['total']:.0f} | {ratio} | {r['MemAvailable']:.0f} | {r['pss_kib']:.0f} |"
+              f" {r['AnonPages']:.0f} | {r['PageTables'] + r.get('SecPageTables', 0):.0f} |"
+              f" {r['KernelStack']:.0f} | {r['SUnreclaim']:.0f} | {r.get('VmallocUsed', 0):.0f} |"
+              f" {r['failed'] or ''} |")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ fn virtio_modules() -> Vec<(String, Vec<u8>)> {
         "drivers/virtio/virtio_mmio.ko",
         "drivers/block/virtio_blk.ko",
         "drivers/char/hw_random/virtio-rng.ko",
+        "drivers/virtio/virtio_balloon.ko",
         "net/core/failover.ko",
         "drivers/net/net_failover.ko",
         "drivers/net/virtio_net.ko",
@@ -318,6 +319,47 @@ fn linux_uses_virtio_blk_and_rng() {
     assert_eq!(find("random").len(), 32);
     let written = std::fs::read(&disk).unwrap();
     assert_eq!(&written[4 * 512..4 * 512 + 16], b"guest-wrote-this");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[cfg_attr(
+    not(vireo_hw_virt),
+    ignore = "skipped: no vmx or svm in /proc/cpuinfo, so a Linux kernel cannot boot on this host"
+)]
+fn linux_inflates_the_balloon_it_is_given() {
+    let dir = scratch("linux-balloon");
+    // Linux takes the pages it gives to the balloon out of MemTotal (without
+    // deflate_on_oom), so the guest's own view shows the inflation.
+    let initrd = initramfs(
+        &dir,
+        "sleep 3\n\
+         echo \"VIREO-LINUX driver=$(ls /sys/bus/virtio/drivers/virtio_balloon | grep -c virtio)\"\n\
+         echo \"VIREO-LINUX after=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)\"\n\
+         echo VIREO-LINUX-DONE\n\
+         poweroff -f",
+    );
+    let (mut child, rx) = boot_linux(
+        &linux_kernel(),
+        &initrd,
+        &[
+            "--memory",
+            "256",
+            "--balloon",
+            "size_mib=64,stats_period_s=1",
+        ],
+    );
+    let mut seen = Vec::new();
+    wait_line(&rx, "VIREO-LINUX-DONE", &mut seen);
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    let find = |key: &str| linux_report(&seen, key);
+    assert_eq!(find("driver"), "1", "virtio_balloon bound the device");
+    let before: u64 = find("memtotal").parse().unwrap();
+    let after: u64 = find("after").parse().unwrap();
+    assert!(
+        before >= after + (60 << 10),
+        "MemTotal {before} KiB -> {after} KiB: the balloon did not take 64 MiB"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
