@@ -181,18 +181,30 @@ fn inflating_releases_guest_memory_on_the_host_and_deflating_gives_it_back() {
     assert_eq!(wait_exit(&mut child.child).code(), Some(0));
 }
 
-#[test]
-fn free_page_reporting_releases_what_the_guest_reports() {
-    let (mut child, rx) = spawn_interactive(&[
+/// `vireo run` of the balloon test guest in 128 MiB with `--balloon balloon`, `args` added to
+/// its command line.
+fn run_balloon(
+    balloon: &str,
+    args: &str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    spawn_interactive(&[
         "--kernel",
         guest("pvh").to_str().unwrap(),
         "--memory",
         "128",
         "--balloon",
-        "size_mib=0,reporting=on",
+        balloon,
         "--cmdline",
-        "console=ttyS0 vireo.balloontest=32 vireo.balloonreport",
-    ]);
+        &format!("console=ttyS0 {args}"),
+    ])
+}
+
+#[test]
+fn free_page_reporting_releases_what_the_guest_reports() {
+    let (mut child, rx) = run_balloon(
+        "size_mib=0,reporting=on",
+        "vireo.balloontest=32 vireo.balloonreport",
+    );
     let (reported, seen) = until(&rx, "@balloon reported");
     assert_eq!(field(&reported, "mib"), Some("16"), "{reported}");
     assert_eq!(field(&reported, "ok"), Some("1"), "{reported}");
@@ -211,16 +223,7 @@ fn free_page_reporting_releases_what_the_guest_reports() {
 
 #[test]
 fn a_balloon_given_on_the_command_line_is_inflated_at_boot() {
-    let (mut child, rx) = spawn_interactive(&[
-        "--kernel",
-        guest("pvh").to_str().unwrap(),
-        "--memory",
-        "128",
-        "--balloon",
-        "size_mib=8,deflate_on_oom=on",
-        "--cmdline",
-        "console=ttyS0 vireo.balloontest=16",
-    ]);
+    let (mut child, rx) = run_balloon("size_mib=8,deflate_on_oom=on", "vireo.balloontest=16");
     let (l, seen) = until(&rx, "@balloon inflated");
     assert_eq!(field(&l, "actual"), Some("2048"), "{l}");
     assert_eq!(field(&l, "ok"), Some("1"), "{l}");

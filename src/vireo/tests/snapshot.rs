@@ -1525,6 +1525,18 @@ fn ballooned_snapshot(name: &str) -> (PathBuf, PathBuf, PathBuf) {
     (files, state, mem)
 }
 
+/// Sends `c`'s metrics to a file in `dir`; returns its path.
+fn metrics_to(c: &Vireo, dir: &Path) -> PathBuf {
+    let metrics = dir.join("metrics");
+    ok(
+        c,
+        "PUT",
+        "/metrics",
+        &format!(r#"{{"metrics_path":"{}"}}"#, metrics.display()),
+    );
+    metrics
+}
+
 /// On a restored VM the balloon keeps its size and statistics, gives more pages to the host
 /// and takes them all back; returns the bytes the balloon released there (from the metrics).
 fn balloon_after_restore(c: &Vireo, metrics: &Path) -> u64 {
@@ -1559,13 +1571,7 @@ fn balloon_after_restore(c: &Vireo, metrics: &Path) -> u64 {
 fn a_balloon_keeps_its_state_and_releases_file_backed_memory_after_a_restore() {
     let (files, state, mem) = ballooned_snapshot("snap-balloon");
     let c = Vireo::start("snap-balloon-restored");
-    let metrics = files.join("metrics");
-    ok(
-        &c,
-        "PUT",
-        "/metrics",
-        &format!(r#"{{"metrics_path":"{}"}}"#, metrics.display()),
-    );
+    let metrics = metrics_to(&c, &files);
     ok(&c, "PUT", "/snapshot/load", &load_body(&state, &mem, true));
     let released = balloon_after_restore(&c, &metrics);
     assert_eq!(released, 4 << 20, "the 4 MiB given after the restore");
@@ -1580,13 +1586,7 @@ fn a_balloon_on_a_uffd_restored_vm_tells_the_page_fault_handler_what_it_releases
     let sock = files.join("uffd.sock");
     let (stop, handler) = uffd_handler::start(&sock, &mem);
     let c = Vireo::start("snap-balloon-uffd-restored");
-    let metrics = files.join("metrics");
-    ok(
-        &c,
-        "PUT",
-        "/metrics",
-        &format!(r#"{{"metrics_path":"{}"}}"#, metrics.display()),
-    );
+    let metrics = metrics_to(&c, &files);
     ok(
         &c,
         "PUT",
