@@ -862,37 +862,14 @@ mod uffd_handler {
         assert_ne!(src, libc::MAP_FAILED);
         let mut filled = 0;
         let mut removed: Vec<(u64, u64)> = Vec::new();
+        // Faults not served yet: a copy fails with EAGAIN while a remove event is pending
+        // (the balloon's madvise), and is tried again once the event is read.
+        let mut pending: Vec<u64> = Vec::new();
         let mut msg = [0u8; 32];
-        while !stop.load(Ordering::SeqCst) {
-            let mut pfd = libc::pollfd {
-                fd: uffd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one pollfd, valid for the call.
-            if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
-                continue;
-            }
-            if pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
-                break;
-            }
-            let mut f = &uffd;
-            use std::io::Read;
-            match f.read(&mut msg) {
-                Ok(32) => {}
-                Ok(0) => break,
-                Ok(_) | Err(_) => continue,
-            }
-            let word = |at: usize| u64::from_le_bytes(msg[at..at + 8].try_into().unwrap());
-            if msg[0] == UFFD_EVENT_REMOVE {
-                removed.push((word(8), word(16)));
-                continue;
-            }
-            if msg[0] != UFFD_EVENT_PAGEFAULT {
-                continue;
-            }
-            let addr = word(16) & !(PAGE - 1);
-            if removed.iter().any(|&(a, b)| addr >= a && addr < b) {
+        // Fills one faulting page: zeros where the balloon removed it, else the file's page.
+        // Returns false when it must be tried again.
+        let serve_one = |addr: u64, removed: &[(u64, u64)]| -> bool {
+            let rc = if removed.iter().any(|&(a, b)| addr >= a && addr < b) {
                 let mut zero = UffdioZeropage {
                     start: addr,
                     len: PAGE,
@@ -901,37 +878,64 @@ mod uffd_handler {
                 };
                 // SAFETY: maps the zero page at one page of the registered range the VMM
                 // named; the ioctl reads and writes one `UffdioZeropage`.
-                let rc = unsafe {
+                unsafe {
                     vmm_sys_util::ioctl::ioctl_with_mut_ref(&uffd, UFFDIO_ZEROPAGE(), &mut zero)
-                };
-                if rc == 0 {
-                    filled += 1;
                 }
-                continue;
-            }
-            let r = regions
-                .iter()
-                .find(|r| {
-                    let base = r["base_host_virt_addr"].as_u64().unwrap();
-                    addr >= base && addr < base + r["size"].as_u64().unwrap()
-                })
-                .expect("a fault inside a region");
-            let offset =
-                r["offset"].as_u64().unwrap() + addr - r["base_host_virt_addr"].as_u64().unwrap();
-            let mut copy = UffdioCopy {
-                dst: addr,
-                src: src as u64 + offset,
-                len: PAGE,
-                mode: 0,
-                copy: 0,
+            } else {
+                let r = regions
+                    .iter()
+                    .find(|r| {
+                        let base = r["base_host_virt_addr"].as_u64().unwrap();
+                        addr >= base && addr < base + r["size"].as_u64().unwrap()
+                    })
+                    .expect("a fault inside a region");
+                let offset = r["offset"].as_u64().unwrap() + addr
+                    - r["base_host_virt_addr"].as_u64().unwrap();
+                let mut copy = UffdioCopy {
+                    dst: addr,
+                    src: src as u64 + offset,
+                    len: PAGE,
+                    mode: 0,
+                    copy: 0,
+                };
+                // SAFETY: copies one page from the mapped file into the registered range the
+                // VMM named; the ioctl reads and writes one `UffdioCopy`.
+                unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&uffd, UFFDIO_COPY(), &mut copy) }
             };
-            // SAFETY: copies one page from the mapped file into the registered range the VMM
-            // named; the ioctl reads and writes one `UffdioCopy`.
-            let rc =
-                unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&uffd, UFFDIO_COPY(), &mut copy) };
-            if rc == 0 {
-                filled += 1;
+            rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN)
+        };
+        while !stop.load(Ordering::SeqCst) {
+            let mut pfd = libc::pollfd {
+                fd: uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let wait = if pending.is_empty() { 50 } else { 1 };
+            // SAFETY: one pollfd, valid for the call.
+            let ready = unsafe { libc::poll(&mut pfd, 1, wait) } > 0;
+            if ready && pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                break;
             }
+            if ready {
+                let mut f = &uffd;
+                use std::io::Read;
+                match f.read(&mut msg) {
+                    Ok(32) => {
+                        let word =
+                            |at: usize| u64::from_le_bytes(msg[at..at + 8].try_into().unwrap());
+                        if msg[0] == UFFD_EVENT_REMOVE {
+                            removed.push((word(8), word(16)));
+                        } else if msg[0] == UFFD_EVENT_PAGEFAULT {
+                            pending.push(word(16) & !(PAGE - 1));
+                        }
+                    }
+                    Ok(0) => break,
+                    Ok(_) | Err(_) => {}
+                }
+            }
+            let before = pending.len();
+            pending.retain(|&addr| !serve_one(addr, &removed));
+            filled += (before - pending.len()) as u64;
         }
         // SAFETY: unmaps what was mapped above.
         unsafe { libc::munmap(src, len) };
