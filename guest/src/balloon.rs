@@ -3,6 +3,8 @@
 //! * touch N MiB from 64 MiB up (one patterned byte per page) and report `@balloon ready`;
 //! * with `vireo.balloonreport`, report the upper half of those pages free (free page
 //!   reporting, 2 MiB blocks) and report `@balloon reported`;
+//! * when the host starts a free page hinting run (if negotiated), hint the upper half of those
+//!   pages, say STOP, wait for DONE, then write them anew and read back (`@balloon hinted`);
 //! * then follow the host's target: inflate by giving the touched pages (from the bottom),
 //!   checking that the pages kept still hold their bytes; deflate by taking pages back from
 //!   the top, writing them anew and reading back what was written;
@@ -26,6 +28,7 @@ const PAGE: u64 = 4096;
 const PER_CHAIN: u32 = 256;
 
 const F_STATS_VQ: u32 = 1 << 1;
+const F_FREE_PAGE_HINT: u32 = 1 << 3;
 const F_REPORTING: u32 = 1 << 5;
 
 struct Balloon {
@@ -33,6 +36,7 @@ struct Balloon {
     inflate: Queue,
     deflate: Queue,
     stats: Option<Queue>,
+    hint: Option<Queue>,
     report: Option<Queue>,
     actual: u32,
     refills: u64,
@@ -56,7 +60,7 @@ impl Balloon {
         if hi & 1 == 0 {
             return Err(b"no VERSION_1");
         }
-        let accept = lo & (F_STATS_VQ | F_REPORTING);
+        let accept = lo & (F_STATS_VQ | F_FREE_PAGE_HINT | F_REPORTING);
         set(0x24, 0);
         set(0x20, accept);
         set(0x24, 1);
@@ -82,6 +86,7 @@ impl Balloon {
         let inflate = next();
         let deflate = next();
         let stats = (accept & F_STATS_VQ != 0).then(&mut next);
+        let hint = (accept & F_FREE_PAGE_HINT != 0).then(&mut next);
         let report = (accept & F_REPORTING != 0).then(&mut next);
         apic::route_irq(irq, apic::VIRTIO_VECTOR, bsp);
         set(0x70, 15);
@@ -93,6 +98,7 @@ impl Balloon {
             inflate,
             deflate,
             stats,
+            hint,
             report,
             actual: 0,
             refills: 0,
@@ -132,8 +138,15 @@ impl Balloon {
         let (q, index) = match which {
             0 => (&mut self.inflate, 0),
             1 => (&mut self.deflate, 1),
+            3 => match self.hint.as_mut() {
+                Some(h) => (h, 2 + u32::from(self.stats.is_some())),
+                None => return false,
+            },
             _ => match self.report.as_mut() {
-                Some(r) => (r, 2 + u32::from(self.stats.is_some())),
+                Some(r) => (
+                    r,
+                    2 + u32::from(self.stats.is_some()) + u32::from(self.hint.is_some()),
+                ),
                 None => return false,
             },
         };
@@ -198,6 +211,40 @@ impl Balloon {
     }
 }
 
+/// One free page hinting run: the run's ID, the upper half of the touched pages in 2 MiB
+/// blocks, STOP; then, once the host says DONE, the pages are the guest's again: it writes them
+/// and reads back what it wrote.
+fn hint_run(b: &mut Balloon, base: u64, cmd: u32, mib: u64, pages: u64) {
+    poke::<u32>(PFNS, cmd);
+    let mut ok = b.run(3, PFNS, 4, false);
+    let first = pages / 2 / 512 * 512;
+    let mut at = TOUCH + first * PAGE;
+    let mut hinted = 0;
+    while at + (2 << 20) <= TOUCH + (mib << 20) {
+        ok &= b.run(3, at, 2 << 20, true);
+        at += 2 << 20;
+        hinted += 2;
+    }
+    poke::<u32>(PFNS, 0);
+    ok &= b.run(3, PFNS, 4, false);
+    let mut waited = 0;
+    while peek::<u32>(base + 0x108) != 1 && waited < 30 {
+        b.idle(1000, pages);
+        waited += 1;
+    }
+    let done = peek::<u32>(base + 0x108) == 1;
+    for p in first..pages {
+        poke::<u8>(TOUCH + p * PAGE, pattern(p, 0x33));
+    }
+    puts(b"@balloon hinted");
+    field(b"run", u64::from(cmd), false);
+    field(b"mib", hinted, false);
+    field(b"ok", u64::from(ok), false);
+    field(b"done", u64::from(done), false);
+    field(b"rewritten", u64::from(check(first, pages, 0x33)), false);
+    puts(b"\n");
+}
+
 fn parse(v: &[u8]) -> u64 {
     v.iter()
         .take_while(|c| c.is_ascii_digit())
@@ -228,6 +275,7 @@ pub fn test(info: &crate::boot::BootInfo, base: u64, irq: u32, bsp: u8) {
     puts(b"@balloon ready");
     field(b"touched_mib", mib, false);
     field(b"stats", u64::from(b.stats.is_some()), false);
+    field(b"hinting", u64::from(b.hint.is_some()), false);
     field(b"reporting", u64::from(b.report.is_some()), false);
     puts(b"\n");
     if info.has_option(b"vireo.balloonreport") {
@@ -247,7 +295,15 @@ pub fn test(info: &crate::boot::BootInfo, base: u64, irq: u32, bsp: u8) {
     }
     let mut inflated = false;
     let mut quiet = 0;
+    let mut last_run = 1;
     loop {
+        let cmd = peek::<u32>(base + 0x108);
+        if b.hint.is_some() && cmd >= 2 && cmd != last_run {
+            last_run = cmd;
+            hint_run(&mut b, base, cmd, mib, pages);
+            quiet = 0;
+            continue;
+        }
         let target = peek::<u32>(base + 0x100);
         let actual = b.actual;
         let want = (u64::from(target).min(pages) as u32).saturating_sub(actual);

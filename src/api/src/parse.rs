@@ -3,10 +3,10 @@
 
 use vmm::controller::VmmAction;
 use vmm::resources::{
-    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice,
-    InstanceActionInfo, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    MmdsConfig, NetworkInterface, PartialDrive, PartialNetworkInterface, SerialDevice,
-    SnapshotCreateParams, SnapshotLoadParams, VmStateUpdate, VsockDevice,
+    BalloonConfig, BalloonStartCmd, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive,
+    EntropyDevice, InstanceActionInfo, LoggerConfig, MachineConfig, MachineConfigUpdate,
+    MetricsConfig, MmdsConfig, NetworkInterface, PartialDrive, PartialNetworkInterface,
+    SerialDevice, SnapshotCreateParams, SnapshotLoadParams, VmStateUpdate, VsockDevice,
 };
 
 /// Every (method, path) the server answers; `{..}` marks a path parameter. docs/api.yaml must
@@ -166,10 +166,15 @@ pub fn parse_request(method: &str, path: &str, raw: &[u8]) -> Result<VmmAction, 
         ("PUT", ["snapshot", "load"]) => {
             body::<SnapshotLoadParams>(&what, raw).map(VmmAction::LoadSnapshot)
         }
-        ("GET", ["balloon", "hinting", "status"])
-        | ("PATCH", ["balloon", "hinting", "start" | "stop"]) => {
-            not_yet("free page hinting (the balloon supports free page reporting)")
+        ("PATCH", ["balloon", "hinting", "start"]) => {
+            if raw.iter().all(u8::is_ascii_whitespace) {
+                Ok(VmmAction::StartBalloonHinting(BalloonStartCmd::default()))
+            } else {
+                body::<BalloonStartCmd>(&what, raw).map(VmmAction::StartBalloonHinting)
+            }
         }
+        ("GET", ["balloon", "hinting", "status"]) => empty_body(VmmAction::GetBalloonHinting),
+        ("PATCH", ["balloon", "hinting", "stop"]) => empty_body(VmmAction::StopBalloonHinting),
         ("PUT", ["cpu-config"]) => {
             body::<vmm::cpu_config::CpuConfig>(&what, raw).map(VmmAction::PutCpuConfig)
         }
@@ -259,8 +264,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("invalid value"), "{e}");
-        let e = parse_request("PATCH", "/balloon/hinting/start", b"{}").unwrap_err();
-        assert!(e.contains("free page hinting"), "{e}");
+        let e = parse_request("PATCH", "/balloon/hinting/start", br#"{"x":1}"#).unwrap_err();
+        assert!(e.contains("unknown field `x`"), "{e}");
+        assert!(parse_request("PATCH", "/balloon/hinting/start", b"").is_ok());
         let e = parse_request("PUT", "/snapshot/create", b"{}").unwrap_err();
         assert!(e.contains("missing field `mem_file_path`"), "{e}");
         let e = parse_request(

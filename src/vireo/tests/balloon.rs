@@ -287,12 +287,6 @@ fn bad_balloon_settings_are_refused_by_name() {
         (
             "PUT",
             "/balloon",
-            r#"{"amount_mib":1,"deflate_on_oom":false,"free_page_hinting":true}"#,
-            "free_page_hinting is not supported",
-        ),
-        (
-            "PUT",
-            "/balloon",
             r#"{"amount_mib":4097,"deflate_on_oom":false}"#,
             "larger than the guest's memory",
         ),
@@ -322,4 +316,76 @@ fn bad_balloon_settings_are_refused_by_name() {
     );
     assert_eq!(code, 400, "{answer}");
     assert!(answer.contains("Cannot enable/disable"), "{answer}");
+}
+
+#[test]
+fn a_free_page_hinting_run_releases_what_the_guest_hints() {
+    let v = Vireo::start("balloon-hint");
+    configure(
+        &v,
+        "vireo.balloontest=32",
+        r#"{"amount_mib":0,"deflate_on_oom":false,"free_page_hinting":true}"#,
+    );
+    let (code, answer) = v.req("PATCH", "/balloon/hinting/start", "");
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer.contains("not supported before starting"), "{answer}");
+    start(&v);
+    let ready = line(&v, "@balloon ready");
+    assert_eq!(field(&ready, "hinting"), Some("1"), "{ready}");
+    let pid = v.child.id();
+    let before = guest_rss(pid, 128 * MIB);
+    let status = |v: &Vireo| {
+        let (code, body) = v.req("GET", "/balloon/hinting/status", "");
+        assert_eq!(code, 200, "{body}");
+        json(&body)
+    };
+    assert_eq!(status(&v)["host_cmd"], 1, "no run yet");
+
+    // A run the host ends itself: the guest hints 16 MiB and says STOP; until the host says
+    // DONE those pages are the host's, released.
+    let (code, body) = v.req(
+        "PATCH",
+        "/balloon/hinting/start",
+        r#"{"acknowledge_on_stop":false}"#,
+    );
+    assert_eq!(code, 204, "{body}");
+    let end = Instant::now() + Duration::from_secs(30);
+    while status(&v).get("guest_cmd") != Some(&serde_json::json!(0)) {
+        assert!(
+            Instant::now() < end,
+            "the guest never said STOP: {}",
+            status(&v)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = status(&v);
+    assert_eq!(s["host_cmd"], 2, "{s}");
+    let during = guest_rss(pid, 128 * MIB);
+    assert!(
+        before - during >= 15 * MIB,
+        "RSS of guest RAM fell by {} KiB, not about 16 MiB",
+        (before - during) >> 10
+    );
+    let (code, body) = v.req("PATCH", "/balloon/hinting/stop", "");
+    assert_eq!(code, 204, "{body}");
+    let hinted = line(&v, "@balloon hinted");
+    assert!(
+        hinted.contains("run=2 mib=16 ok=1 done=1 rewritten=1"),
+        "{hinted}"
+    );
+
+    // A run acknowledged at the guest's STOP (the default).
+    let (code, body) = v.req("PATCH", "/balloon/hinting/start", "");
+    assert_eq!(code, 204, "{body}");
+    let hinted = line(&v, "@balloon hinted");
+    assert!(
+        hinted.contains("run=3 mib=16 ok=1 done=1 rewritten=1"),
+        "{hinted}"
+    );
+    let s = status(&v);
+    assert_eq!(
+        (s["host_cmd"].clone(), s["guest_cmd"].clone()),
+        (1.into(), 0.into()),
+        "{s}"
+    );
 }

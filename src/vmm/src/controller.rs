@@ -3,10 +3,10 @@
 
 use crate::device_manager::{DeviceKind, DeviceUpdate};
 use crate::resources::{
-    ActionType, BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice,
-    LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, MmdsConfig, NetworkInterface,
-    PartialDrive, PartialNetworkInterface, ResourceError, SerialDevice, SnapshotLoadParams,
-    VmResources, VmState, VsockDevice,
+    ActionType, BalloonConfig, BalloonStartCmd, BalloonStatsUpdate, BalloonUpdate, BootSource,
+    Drive, EntropyDevice, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
+    MmdsConfig, NetworkInterface, PartialDrive, PartialNetworkInterface, ResourceError,
+    SerialDevice, SnapshotLoadParams, VmResources, VmState, VsockDevice,
 };
 use crate::{ExitReason, RunningVm, VmEvent};
 use serde_json::{json, Value};
@@ -56,6 +56,12 @@ pub enum VmmAction {
     GetBalloonStats,
     /// `PATCH /balloon/statistics`.
     PatchBalloonStats(BalloonStatsUpdate),
+    /// `PATCH /balloon/hinting/start`.
+    StartBalloonHinting(BalloonStartCmd),
+    /// `GET /balloon/hinting/status`.
+    GetBalloonHinting,
+    /// `PATCH /balloon/hinting/stop`.
+    StopBalloonHinting,
     /// `PUT /entropy`.
     PutEntropy(EntropyDevice),
     /// `PUT /serial`.
@@ -265,6 +271,29 @@ impl Controller {
                     .map(|_| VmmData::Empty)
                     .map_err(|e| ResourceError(e.to_string()))
             }
+            StartBalloonHinting(c) => {
+                let devices = self.hinting("PATCH /balloon/hinting/start")?;
+                devices
+                    .start_balloon_hinting(c.acknowledge_on_stop.unwrap_or(true))
+                    .map(|_| VmmData::Empty)
+                    .map_err(|e| ResourceError(e.to_string()))
+            }
+            GetBalloonHinting => {
+                let devices = self.hinting("GET /balloon/hinting/status")?;
+                let status = devices
+                    .balloon_hinting_status()
+                    .map_err(|e| ResourceError(e.to_string()))?;
+                Ok(VmmData::Json(
+                    serde_json::to_value(status).unwrap_or(Value::Null),
+                ))
+            }
+            StopBalloonHinting => {
+                let devices = self.hinting("PATCH /balloon/hinting/stop")?;
+                devices
+                    .stop_balloon_hinting()
+                    .map(|_| VmmData::Empty)
+                    .map_err(|e| ResourceError(e.to_string()))
+            }
             PutEntropy(e) => {
                 pre_boot("PUT /entropy")?;
                 self.resources.set_entropy(e).map(|_| VmmData::Empty)
@@ -376,6 +405,22 @@ impl Controller {
             .map_err(|e| ResourceError(e.to_string()))?;
         b.amount_mib = u.amount_mib;
         Ok(VmmData::Empty)
+    }
+
+    /// The running VM's devices, for a hinting request on a balloon configured with it.
+    fn hinting(&self, what: &str) -> Result<&crate::device_manager::DeviceManager, ResourceError> {
+        let Some(b) = &self.resources.balloon else {
+            return fail(crate::resources::NO_BALLOON);
+        };
+        let Some(vm) = &self.vm else {
+            return fail(format!("{what} {NOT_BEFORE_START}"));
+        };
+        if !b.free_page_hinting {
+            return fail(
+                "the balloon's free page hinting was not enabled when the device was configured",
+            );
+        }
+        Ok(vm.devices())
     }
 
     fn balloon_stats(&self) -> VmmResult {

@@ -480,6 +480,27 @@ impl DeviceManager {
             .map_err(Error::InvalidConfig)
     }
 
+    /// Starts a free page hinting run and tells the driver.
+    pub fn start_balloon_hinting(&self, ack_on_stop: bool) -> Result<(), Error> {
+        let (handle, transport) = self.balloon()?;
+        handle.start_hinting(ack_on_stop);
+        devices::bus::lock(transport).config_changed();
+        Ok(())
+    }
+
+    /// Ends the hinting run and tells the driver.
+    pub fn stop_balloon_hinting(&self) -> Result<(), Error> {
+        let (handle, transport) = self.balloon()?;
+        handle.stop_hinting();
+        devices::bus::lock(transport).config_changed();
+        Ok(())
+    }
+
+    /// Where free page hinting stands.
+    pub fn balloon_hinting_status(&self) -> Result<balloon::HintingStatus, Error> {
+        Ok(self.balloon()?.0.hinting_status())
+    }
+
     /// The event a driver's DRIVER_OK signals; then call [`DeviceManager::activate_pending`].
     pub fn activation_event(&self) -> &EventFd {
         &self.activate_evt

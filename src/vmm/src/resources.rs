@@ -216,6 +216,15 @@ pub struct BalloonUpdate {
     pub amount_mib: u32,
 }
 
+/// `PATCH /balloon/hinting/start`'s optional body.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStartCmd {
+    /// Answer the guest's STOP with DONE at once, ending the run (default true).
+    #[serde(default)]
+    pub acknowledge_on_stop: Option<bool>,
+}
+
 /// `PATCH /balloon/statistics`: a new statistics interval.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -207,7 +207,7 @@ pub fn vsock_packets(data: &[u8]) {
     let _ = std::fs::remove_file(&path);
 }
 
-/// Lays `data` out as the balloon's four queues (a features byte, then per queue a 16-entry
+/// Lays `data` out as the balloon's queues (a features byte, then per queue a 16-entry
 /// descriptor table and its avail ring) and the buffers they point at (page-number arrays,
 /// statistics, free ranges), and serves them with the balloon thread's own code: page numbers
 /// are checked, pages in the scratch guest memory released, statistics parsed.
@@ -219,8 +219,13 @@ pub fn balloon_queues(data: &[u8]) {
     };
     let features = super::features::COMMON
         | if pick & 1 != 0 { feature::STATS_VQ } else { 0 }
-        | if pick & 2 != 0 { feature::REPORTING } else { 0 };
-    let count = 2 + usize::from(pick & 1) + usize::from((pick >> 1) & 1);
+        | if pick & 2 != 0 { feature::REPORTING } else { 0 }
+        | if pick & 4 != 0 {
+            feature::FREE_PAGE_HINT
+        } else {
+            0
+        };
+    let count = 2 + (pick & 7).count_ones() as usize;
     let ring_bytes = QUEUE as usize * 16 + 4 + 2 * QUEUE as usize;
     let mut queues = Vec::new();
     for q in 0..count {

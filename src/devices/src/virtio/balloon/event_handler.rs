@@ -149,6 +149,7 @@ impl BalloonThread {
                 }
                 return Ok(false);
             }
+            _ if Some(q) == self.layout.hinting => self.hint(descs),
             _ if Some(q) == self.layout.reporting => self.report(descs),
             _ => {}
         }
@@ -240,6 +241,49 @@ impl BalloonThread {
                     self.huge.take_back(pfn);
                 }
             }
+        }
+    }
+
+    /// A chain of the hinting queue: the guest's command (a 4-byte buffer it wrote: the run's
+    /// ID when it starts hinting, STOP when it has finished) or hinted free blocks, released
+    /// while they belong to the run in progress.
+    fn hint(&mut self, descs: &[Desc]) {
+        let m = self.shared.metrics.clone();
+        for &(addr, len, writable) in descs {
+            if !writable {
+                let mut b = [0u8; 4];
+                if len != 4 || self.mem.read_slice(&mut b, addr).is_err() {
+                    add(&m.bad_descriptors, 1);
+                    continue;
+                }
+                let cmd = u32::from_le_bytes(b);
+                self.shared.guest_hint_cmd.store(cmd, Ordering::SeqCst);
+                if cmd == super::HINT_CMD_STOP
+                    && self.shared.ack_on_stop.load(Ordering::SeqCst)
+                    && self.shared.hint_cmd.load(Ordering::SeqCst) >= 2
+                {
+                    self.shared
+                        .hint_cmd
+                        .store(super::HINT_CMD_DONE, Ordering::SeqCst);
+                    self.interrupt.trigger(crate::virtio::INTERRUPT_CONFIG);
+                }
+                continue;
+            }
+            let run = self.shared.hint_cmd.load(Ordering::SeqCst);
+            if run < 2 || self.shared.guest_hint_cmd.load(Ordering::SeqCst) != run {
+                // A hint from a run that is over: the guest may be using the page again.
+                add(&m.stale_hints, 1);
+                continue;
+            }
+            if addr.0 % PAGE != 0
+                || u64::from(len) % PAGE != 0
+                || !self.mem.check_range(addr, len as usize)
+            {
+                add(&m.bad_descriptors, 1);
+                continue;
+            }
+            add(&m.hinted_bytes, u64::from(len));
+            self.release(addr, u64::from(len));
         }
     }
 

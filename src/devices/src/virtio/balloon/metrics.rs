@@ -30,6 +30,10 @@ pub struct BalloonMetrics {
     pub reports: AtomicU64,
     /// Bytes of free pages the guest reported.
     pub reported_bytes: AtomicU64,
+    /// Bytes of free pages the guest hinted during a run.
+    pub hinted_bytes: AtomicU64,
+    /// Hints that arrived after their run ended (ignored).
+    pub stale_hints: AtomicU64,
 }
 
 impl Counters for BalloonMetrics {
@@ -48,6 +52,8 @@ impl Counters for BalloonMetrics {
             ("unknown_stats", l(&self.unknown_stats)),
             ("reports", l(&self.reports)),
             ("reported_bytes", l(&self.reported_bytes)),
+            ("hinted_bytes", l(&self.hinted_bytes)),
+            ("stale_hints", l(&self.stale_hints)),
         ]
     }
 }

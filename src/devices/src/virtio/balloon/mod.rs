@@ -4,7 +4,8 @@
 //!
 //! Queues, in the order the driver numbers them (a queue whose feature was not negotiated takes
 //! no index, as Linux's virtio-mmio driver counts): inflate, deflate, statistics (with
-//! `VIRTIO_BALLOON_F_STATS_VQ`), reporting (with `VIRTIO_BALLOON_F_REPORTING`).
+//! `VIRTIO_BALLOON_F_STATS_VQ`), free page hints (with `VIRTIO_BALLOON_F_FREE_PAGE_HINT`),
+//! reporting (with `VIRTIO_BALLOON_F_REPORTING`).
 //!
 //! The VMM talks to a running balloon through its [`Handle`]: a new target, a new statistics
 //! interval, the latest statistics.
@@ -32,6 +33,7 @@ pub(crate) fn fuzz_serve(
             Balloon::new(&BalloonConfig {
                 stats_polling_interval_s: 1,
                 free_page_reporting: true,
+                free_page_hinting: true,
                 ..Default::default()
             })
             .ok()
@@ -61,6 +63,8 @@ pub(crate) fn fuzz_serve(
     let Ok(mut thread) = event_handler::BalloonThread::new(ctx, shared.clone()) else {
         return;
     };
+    // A hinting run in progress, so that hints are taken.
+    Handle(shared.clone()).start_hinting(true);
     for q in 0..n {
         thread.serve(q);
     }
@@ -106,6 +110,8 @@ pub mod feature {
     pub const STATS_VQ: u64 = 1 << 1;
     /// The driver gives pages back when the guest runs out of memory.
     pub const DEFLATE_ON_OOM: u64 = 1 << 2;
+    /// The driver hints free pages during a run the host starts.
+    pub const FREE_PAGE_HINT: u64 = 1 << 3;
     /// The driver reports free pages, which the host releases.
     pub const REPORTING: u64 = 1 << 5;
 }
@@ -142,8 +148,9 @@ pub struct BalloonConfig {
     /// turned on after boot).
     #[serde(default)]
     pub stats_polling_interval_s: u16,
-    /// Free page hinting (not supported; accepted only as `false`).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    /// Free page hinting: during a run the host starts (`/balloon/hinting/start`), the guest
+    /// hints free pages, which the host releases.
+    #[serde(default)]
     pub free_page_hinting: bool,
     /// Free page reporting: the guest reports free pages and the host releases them.
     #[serde(default)]
@@ -153,12 +160,6 @@ pub struct BalloonConfig {
 impl BalloonConfig {
     /// Checks the configuration against a guest of `mem_mib` MiB.
     pub fn check(&self, mem_mib: u64) -> Result<(), String> {
-        if self.free_page_hinting {
-            return Err(
-                "balloon: free_page_hinting is not supported by vireo; use free_page_reporting"
-                    .into(),
-            );
-        }
         check_target(self.amount_mib, mem_mib)
     }
 
@@ -170,6 +171,9 @@ impl BalloonConfig {
         }
         if self.stats_polling_interval_s > 0 {
             f |= feature::STATS_VQ;
+        }
+        if self.free_page_hinting {
+            f |= feature::FREE_PAGE_HINT;
         }
         if self.free_page_reporting {
             f |= feature::REPORTING;
@@ -205,6 +209,23 @@ pub struct BalloonStats {
     pub guest: std::collections::BTreeMap<String, u64>,
 }
 
+/// `free_page_hint_cmd_id` values (virtio 1.2, 5.5.6.7): the driver stops hinting.
+pub const HINT_CMD_STOP: u32 = 0;
+/// The host is done with the hinted pages; the driver may use them again.
+pub const HINT_CMD_DONE: u32 = 1;
+/// The first run's command ID; later runs count up from it.
+const HINT_CMD_FIRST: u32 = 2;
+
+/// Where free page hinting stands (Firecracker's `GET /balloon/hinting/status` body).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HintingStatus {
+    /// The last command the host gave.
+    pub host_cmd: u32,
+    /// The last command the guest sent back, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_cmd: Option<u32>,
+}
+
 /// What the VMM and the device thread share.
 #[derive(Debug)]
 struct Shared {
@@ -215,6 +236,14 @@ struct Shared {
     guest_stats: Mutex<[Option<u64>; 16]>,
     /// Wakes the device thread to re-arm its statistics timer.
     rearm: EventFd,
+    /// The hinting command the host gave last (`free_page_hint_cmd_id`).
+    hint_cmd: AtomicU32,
+    /// The last run's command ID (0: none yet).
+    last_run: AtomicU32,
+    /// The command the guest sent back last (`u32::MAX`: none yet).
+    guest_hint_cmd: AtomicU32,
+    /// Answer the guest's STOP with DONE at once.
+    ack_on_stop: std::sync::atomic::AtomicBool,
     /// The statistics timer, made with the device (the VMM thread that activates it may not
     /// create timers); only the device thread arms and reads it.
     timer: Mutex<vmm_sys_util::timerfd::TimerFd>,
@@ -250,6 +279,31 @@ impl Handle {
             .store(u32::from(secs), Ordering::SeqCst);
         let _ = self.0.rearm.write(1);
         Ok(())
+    }
+
+    /// Starts a free page hinting run; the caller then tells the driver its configuration
+    /// changed. With `ack_on_stop` the run ends (DONE) as soon as the guest says it stopped.
+    pub fn start_hinting(&self, ack_on_stop: bool) {
+        self.0.ack_on_stop.store(ack_on_stop, Ordering::SeqCst);
+        let last = self.0.last_run.load(Ordering::SeqCst);
+        let next = last.checked_add(1).unwrap_or(0).max(HINT_CMD_FIRST);
+        self.0.last_run.store(next, Ordering::SeqCst);
+        self.0.hint_cmd.store(next, Ordering::SeqCst);
+    }
+
+    /// Ends the hinting run: the guest may use the hinted pages again; the caller then tells
+    /// the driver its configuration changed.
+    pub fn stop_hinting(&self) {
+        self.0.hint_cmd.store(HINT_CMD_DONE, Ordering::SeqCst);
+    }
+
+    /// Where hinting stands.
+    pub fn hinting_status(&self) -> HintingStatus {
+        let guest = self.0.guest_hint_cmd.load(Ordering::SeqCst);
+        HintingStatus {
+            host_cmd: self.0.hint_cmd.load(Ordering::SeqCst),
+            guest_cmd: (guest != u32::MAX).then_some(guest),
+        }
     }
 
     /// Target and actual size, and the guest's latest counters.
@@ -289,6 +343,10 @@ impl Balloon {
                 stats_interval_s: AtomicU32::new(u32::from(config.stats_polling_interval_s)),
                 guest_stats: Mutex::new([None; 16]),
                 rearm: EventFd::new(libc::EFD_NONBLOCK)?,
+                hint_cmd: AtomicU32::new(HINT_CMD_DONE),
+                last_run: AtomicU32::new(0),
+                guest_hint_cmd: AtomicU32::new(u32::MAX),
+                ack_on_stop: std::sync::atomic::AtomicBool::new(false),
                 timer: Mutex::new(vmm_sys_util::timerfd::TimerFd::new()?),
                 metrics,
             }),
@@ -302,8 +360,8 @@ impl Balloon {
         Handle(self.shared.clone())
     }
 
-    fn config_image(&self) -> [u8; 8] {
-        let mut image = [0u8; 8];
+    fn config_image(&self) -> [u8; 12] {
+        let mut image = [0u8; 12];
         image[..4].copy_from_slice(
             &self
                 .shared
@@ -311,13 +369,14 @@ impl Balloon {
                 .load(Ordering::SeqCst)
                 .to_le_bytes(),
         );
-        image[4..].copy_from_slice(
+        image[4..8].copy_from_slice(
             &self
                 .shared
                 .actual_pages
                 .load(Ordering::SeqCst)
                 .to_le_bytes(),
         );
+        image[8..].copy_from_slice(&self.shared.hint_cmd.load(Ordering::SeqCst).to_le_bytes());
         image
     }
 }
@@ -326,6 +385,7 @@ impl Balloon {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct QueueLayout {
     pub stats: Option<usize>,
+    pub hinting: Option<usize>,
     pub reporting: Option<usize>,
 }
 
@@ -339,16 +399,23 @@ impl QueueLayout {
             })
         };
         let stats = take(acked & feature::STATS_VQ != 0);
+        let hinting = take(acked & feature::FREE_PAGE_HINT != 0);
         let reporting = take(acked & feature::REPORTING != 0);
-        Self { stats, reporting }
+        Self {
+            stats,
+            hinting,
+            reporting,
+        }
     }
 
     pub(crate) fn count(self) -> usize {
-        2 + usize::from(self.stats.is_some()) + usize::from(self.reporting.is_some())
+        2 + usize::from(self.stats.is_some())
+            + usize::from(self.hinting.is_some())
+            + usize::from(self.reporting.is_some())
     }
 }
 
-const QUEUE_SIZES: [u16; 4] = [QUEUE_SIZE; 4];
+const QUEUE_SIZES: [u16; 5] = [QUEUE_SIZE; 5];
 
 impl VirtioDevice for Balloon {
     fn device_type(&self) -> u32 {

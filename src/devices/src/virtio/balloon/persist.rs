@@ -18,6 +18,10 @@ pub struct BalloonState {
     pub stats_polling_interval_s: u16,
     /// The guest's counters by tag.
     pub guest_stats: Vec<Option<u64>>,
+    /// Free page hinting: the host's and the guest's last commands, the last run's ID, and
+    /// whether the guest's STOP ends the run at once.
+    #[serde(default)]
+    pub hinting: Option<(u32, u32, u32, bool)>,
 }
 
 impl Balloon {
@@ -27,6 +31,12 @@ impl Balloon {
             actual_pages: self.shared.actual_pages.load(Ordering::SeqCst),
             stats_polling_interval_s: self.handle().stats_interval_s(),
             guest_stats: crate::bus::lock(&self.shared.guest_stats).to_vec(),
+            hinting: Some((
+                self.shared.hint_cmd.load(Ordering::SeqCst),
+                self.shared.guest_hint_cmd.load(Ordering::SeqCst),
+                self.shared.last_run.load(Ordering::SeqCst),
+                self.shared.ack_on_stop.load(Ordering::SeqCst),
+            )),
         }
     }
 
@@ -60,6 +70,12 @@ impl Balloon {
         self.shared
             .stats_interval_s
             .store(u32::from(state.stats_polling_interval_s), Ordering::SeqCst);
+        if let Some((host, guest, run, ack)) = state.hinting {
+            self.shared.hint_cmd.store(host, Ordering::SeqCst);
+            self.shared.guest_hint_cmd.store(guest, Ordering::SeqCst);
+            self.shared.last_run.store(run, Ordering::SeqCst);
+            self.shared.ack_on_stop.store(ack, Ordering::SeqCst);
+        }
         let mut stats = crate::bus::lock(&self.shared.guest_stats);
         *stats = [None; 16];
         for (slot, v) in stats.iter_mut().zip(&state.guest_stats) {

@@ -24,9 +24,9 @@ struct Rig {
     mem: GuestMemoryMmap,
     handle: Handle,
     metrics: Arc<BalloonMetrics>,
-    next_desc: [u16; 4],
-    avail: [u16; 4],
-    used: [u16; 4],
+    next_desc: [u16; 5],
+    avail: [u16; 5],
+    used: [u16; 5],
 }
 
 impl Rig {
@@ -53,9 +53,9 @@ impl Rig {
             mem,
             handle,
             metrics,
-            next_desc: [0; 4],
-            avail: [0; 4],
-            used: [0; 4],
+            next_desc: [0; 5],
+            avail: [0; 5],
+            used: [0; 5],
         };
         let offered = rig.features();
         let features = offered & (accept | features::COMMON);
@@ -331,6 +331,7 @@ fn features_follow_the_configuration() {
         QueueLayout::for_features(c.features()),
         QueueLayout {
             stats: Some(2),
+            hinting: None,
             reporting: Some(3)
         }
     );
@@ -339,13 +340,19 @@ fn features_follow_the_configuration() {
         .unwrap_err()
         .contains("larger than the guest's memory (64 MiB)"));
     assert!(config(64).check(64).is_ok());
-    let e = BalloonConfig {
+    let h = BalloonConfig {
         free_page_hinting: true,
+        free_page_reporting: true,
         ..config(0)
-    }
-    .check(64)
-    .unwrap_err();
-    assert!(e.contains("free_page_hinting is not supported"), "{e}");
+    };
+    assert_eq!(
+        QueueLayout::for_features(h.features()),
+        QueueLayout {
+            stats: None,
+            hinting: Some(2),
+            reporting: Some(3)
+        }
+    );
 }
 
 #[test]
@@ -446,4 +453,52 @@ fn a_huge_page_is_released_once_all_its_pages_are_given() {
     // Given twice counts once; a new round starts empty.
     assert_eq!(h.give(base), None);
     assert_eq!(h.give(base), None);
+}
+
+#[test]
+fn hinted_pages_are_released_during_a_run_and_stop_is_acknowledged() {
+    let cfg = BalloonConfig {
+        free_page_hinting: true,
+        ..config(0)
+    };
+    let mut rig = Rig::new(cfg, feature::FREE_PAGE_HINT);
+    assert_eq!(rig.read(0x108), HINT_CMD_DONE, "no run yet");
+    fill(&rig.mem, VICTIM, 4 << 20, 0x66);
+    rig.handle.start_hinting(true);
+    assert_eq!(rig.read(0x108), 2, "the first run's command ID");
+    // The guest starts: its command, then a hinted block.
+    rig.mem.write_obj(2u32, GuestAddress(BUFS)).unwrap();
+    rig.post(2, &[(BUFS, 4, false)]);
+    assert!(rig.used(2, 5000).is_some());
+    rig.post(2, &[(VICTIM, 2 << 20, true)]);
+    assert!(rig.used(2, 5000).is_some());
+    assert!(
+        all(&rig.mem, VICTIM, 2 << 20, 0),
+        "the hinted block is released"
+    );
+    // STOP: acknowledged with DONE at once.
+    rig.mem
+        .write_obj(HINT_CMD_STOP, GuestAddress(BUFS))
+        .unwrap();
+    rig.post(2, &[(BUFS, 4, false)]);
+    assert!(rig.used(2, 5000).is_some());
+    assert_eq!(
+        rig.handle.hinting_status(),
+        HintingStatus {
+            host_cmd: HINT_CMD_DONE,
+            guest_cmd: Some(HINT_CMD_STOP)
+        }
+    );
+    assert_eq!(rig.read(0x108), HINT_CMD_DONE);
+    // A hint that comes after the run: the page may be in use again, so it is kept.
+    rig.post(2, &[(VICTIM + (2 << 20), 2 << 20, true)]);
+    assert!(rig.used(2, 5000).is_some());
+    assert!(all(&rig.mem, VICTIM + (2 << 20), 2 << 20, 0x66));
+    assert_eq!(rig.metrics.stale_hints.load(Ordering::Relaxed), 1);
+    assert_eq!(rig.metrics.hinted_bytes.load(Ordering::Relaxed), 2 << 20);
+    // The next run counts up.
+    rig.handle.start_hinting(false);
+    assert_eq!(rig.read(0x108), 3);
+    rig.handle.stop_hinting();
+    assert_eq!(rig.read(0x108), HINT_CMD_DONE);
 }
