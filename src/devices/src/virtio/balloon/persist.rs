@@ -1,5 +1,5 @@
 //! The balloon's snapshot state: target and actual size, the statistics interval (the API may
-//! have changed it) and the guest's last statistics. A statistics buffer the device held is
+//! have changed it), the guest's last statistics and where free page hinting stood. A statistics buffer the device held is
 //! saved as not taken, so the restored device takes it from the ring again.
 
 use super::{Balloon, PAGES_PER_MIB};
@@ -18,10 +18,23 @@ pub struct BalloonState {
     pub stats_polling_interval_s: u16,
     /// The guest's counters by tag.
     pub guest_stats: Vec<Option<u64>>,
-    /// Free page hinting: the host's and the guest's last commands, the last run's ID, and
-    /// whether the guest's STOP ends the run at once.
+    /// Where free page hinting stood.
     #[serde(default)]
-    pub hinting: Option<(u32, u32, u32, bool)>,
+    pub hinting: Option<HintingState>,
+}
+
+/// Free page hinting in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HintingState {
+    /// The host's last command (`free_page_hint_cmd_id`).
+    pub host_cmd: u32,
+    /// The guest's last command (`u32::MAX`: none).
+    pub guest_cmd: u32,
+    /// The last run's ID.
+    pub last_run: u32,
+    /// Whether the guest's STOP ends the run at once.
+    pub ack_on_stop: bool,
 }
 
 impl Balloon {
@@ -31,12 +44,12 @@ impl Balloon {
             actual_pages: self.shared.actual_pages.load(Ordering::SeqCst),
             stats_polling_interval_s: self.handle().stats_interval_s(),
             guest_stats: crate::bus::lock(&self.shared.guest_stats).to_vec(),
-            hinting: Some((
-                self.shared.hint_cmd.load(Ordering::SeqCst),
-                self.shared.guest_hint_cmd.load(Ordering::SeqCst),
-                self.shared.last_run.load(Ordering::SeqCst),
-                self.shared.ack_on_stop.load(Ordering::SeqCst),
-            )),
+            hinting: Some(HintingState {
+                host_cmd: self.shared.hint_cmd.load(Ordering::SeqCst),
+                guest_cmd: self.shared.guest_hint_cmd.load(Ordering::SeqCst),
+                last_run: self.shared.last_run.load(Ordering::SeqCst),
+                ack_on_stop: self.shared.ack_on_stop.load(Ordering::SeqCst),
+            }),
         }
     }
 
@@ -70,11 +83,15 @@ impl Balloon {
         self.shared
             .stats_interval_s
             .store(u32::from(state.stats_polling_interval_s), Ordering::SeqCst);
-        if let Some((host, guest, run, ack)) = state.hinting {
-            self.shared.hint_cmd.store(host, Ordering::SeqCst);
-            self.shared.guest_hint_cmd.store(guest, Ordering::SeqCst);
-            self.shared.last_run.store(run, Ordering::SeqCst);
-            self.shared.ack_on_stop.store(ack, Ordering::SeqCst);
+        if let Some(h) = &state.hinting {
+            self.shared.hint_cmd.store(h.host_cmd, Ordering::SeqCst);
+            self.shared
+                .guest_hint_cmd
+                .store(h.guest_cmd, Ordering::SeqCst);
+            self.shared.last_run.store(h.last_run, Ordering::SeqCst);
+            self.shared
+                .ack_on_stop
+                .store(h.ack_on_stop, Ordering::SeqCst);
         }
         let mut stats = crate::bus::lock(&self.shared.guest_stats);
         *stats = [None; 16];
