@@ -9,7 +9,9 @@ divided by N (everything the host spent: the process, its page tables, KVM's ker
 with the parts of it that /proc/meminfo breaks out (anonymous pages, page tables, kernel
 stacks, unreclaimable slab, per-CPU) and the mean PSS of the processes.
 
-VMMs: vireo (static musl build) without an API socket and with one, Firecracker
+VMMs: vireo (static musl build) without an API socket and with one, non-PIE, and with
+`--memory 16,merge=on` while the kernel's same-page merging runs (KSM is switched on, fast, for
+that run only, everything unmerged after, and the host's settings restored), Firecracker
 ($FIRECRACKER, default ../shared/peers/firecracker, with --no-api and with an API socket) and
 QEMU's microvm machine (qemu-system-x86_64). Needs root (it raises kernel.pid_max for the run
 and restores it).
@@ -66,8 +68,10 @@ def pss_kib(pid):
 
 def command(vmm, tmp, i):
     serial = os.path.join(tmp, f"serial{i}")
-    if vmm in ("vireo", "vireo-nopie"):
-        return [VIREO if vmm == "vireo" else VIREO_NOPIE, "run", "--kernel", GUEST, "--memory", str(MEM_MIB), "--serial",
+    if vmm in ("vireo", "vireo-nopie", "vireo-merge", "vireo-nopie-merge"):
+        binary = VIREO_NOPIE if "nopie" in vmm else VIREO
+        memory = f"{MEM_MIB},merge=on" if vmm.endswith("merge") else str(MEM_MIB)
+        return [binary, "run", "--kernel", GUEST, "--memory", memory, "--serial",
                 f"file:{serial}", "--cmdline", CMDLINE], serial, None
     if vmm == "vireo-api":
         sock = os.path.join(tmp, f"api{i}.sock")
@@ -129,6 +133,28 @@ class Proc:
         return self.returncode
 
 
+KSM = "/sys/kernel/mm/ksm"
+
+
+def ksm(name, value=None):
+    path = os.path.join(KSM, name)
+    if value is None:
+        with open(path) as f:
+            return f.read().strip()
+    with open(path, "w") as f:
+        f.write(str(value))
+    return None
+
+
+def ksm_settle():
+    """Waits until KSM has scanned every mergeable page twice since now (a page merges on the
+    scan after the one that saw it unchanged)."""
+    start = int(ksm("full_scans"))
+    deadline = time.time() + 300
+    while int(ksm("full_scans")) < start + 3 and time.time() < deadline:
+        time.sleep(0.5)
+
+
 def run(vmm, n, tmp):
     base = meminfo()
     procs = []
@@ -172,6 +198,8 @@ def run(vmm, n, tmp):
             time.sleep(0.2)
     up_s = time.perf_counter() - t0
     up = len(procs) - len(pending) - sum(1 for p in procs if p.poll() is not None)
+    if vmm.endswith("merge"):
+        ksm_settle()
     res_spawn_s = spawn_s
     time.sleep(2)
     after = meminfo()
@@ -209,6 +237,8 @@ def main():
     ap.add_argument("--vireo", type=int, default=10000)
     ap.add_argument("--vireo-api", type=int, default=1000)
     ap.add_argument("--nopie", type=int, default=1000)
+    ap.add_argument("--merge", type=int, default=1000,
+                    help="VMs with --memory ...,merge=on while the kernel's KSM runs")
     ap.add_argument("--firecracker", type=int, default=1000)
     ap.add_argument("--firecracker-api", type=int, default=0)
     ap.add_argument("--qemu", type=int, default=100)
@@ -227,6 +257,10 @@ def main():
     runs = [("vireo", args.vireo), ("vireo-api", args.vireo_api)]
     if os.path.exists(VIREO_NOPIE):
         runs.append(("vireo-nopie", args.nopie))
+    if os.path.exists(KSM):
+        runs.append(("vireo-merge", args.merge))
+        if os.path.exists(VIREO_NOPIE):
+            runs.append(("vireo-nopie-merge", args.merge))
     if FC:
         runs += [("firecracker", args.firecracker), ("firecracker-api", args.firecracker_api)]
     if shutil.which("qemu-system-x86_64"):
@@ -236,18 +270,35 @@ def main():
     with open("/proc/sys/kernel/pid_max", "w") as f:
         f.write("4194304")
     results = []
+    saved_ksm = {k: ksm(k) for k in ("run", "pages_to_scan", "sleep_millisecs")} \
+        if os.path.exists(KSM) else {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             write_configs(tmp)
             for vmm, n in runs:
                 if n <= 0:
                     continue
+                if vmm.endswith("merge"):
+                    # KSM on, scanning fast, for this run only.
+                    ksm("pages_to_scan", 5000)
+                    ksm("sleep_millisecs", 10)
+                    ksm("run", 1)
                 r = run(vmm, n, tmp)
+                if vmm.endswith("merge"):
+                    r["ksm_pages_sharing"] = int(ksm("pages_sharing"))
+                    r["ksm_pages_shared"] = int(ksm("pages_shared"))
+                    ksm("run", 2)  # unmerge everything
+                    ksm("run", 0)
                 results.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
     finally:
         with open("/proc/sys/kernel/pid_max", "w") as f:
             f.write(pid_max)
+        for k, v in saved_ksm.items():
+            if k != "run":
+                ksm(k, v)
+        if saved_ksm:
+            ksm("run", saved_ksm["run"])
     print(f"idle VMs: test guest halted, 1 vCPU, {MEM_MIB} MiB; KiB per VM unless noted")
     fc = next((r for r in results if r["vmm"] == "firecracker"), None)
     print("| VMM | asked | up | start rate (VMs/s) | host memory (sum) | vs Firecracker |"
