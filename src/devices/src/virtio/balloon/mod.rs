@@ -80,7 +80,7 @@ use std::sync::{Arc, Mutex};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use release::release_range;
+use release::release_range;
 
 /// What the balloon's thread calls: releasing guest pages (madvise, or an anonymous mapping
 /// over a file-backed range) and its statistics timer.
