@@ -12,6 +12,7 @@ pub mod buffers;
 #[doc(hidden)]
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
+pub mod mem;
 pub mod mmio;
 pub mod net;
 pub mod rng;
