@@ -37,7 +37,8 @@ impl MemState {
         }
         let blocks = s.layout.blocks();
         if self.plugged.len() != blocks.div_ceil(64) as usize
-            || (blocks % 64 != 0 && self.plugged.last().is_some_and(|w| w >> (blocks % 64) != 0))
+            || (!blocks.is_multiple_of(64)
+                && self.plugged.last().is_some_and(|w| w >> (blocks % 64) != 0))
         {
             return Err("virtio-mem: the snapshot's block map does not fit the region".into());
         }
