@@ -245,6 +245,51 @@ pub fn balloon_queues(data: &[u8]) {
     super::balloon::fuzz_serve(&mem, queues, features);
 }
 
+/// Serves `data`, cut into 24-byte virtio-mem requests, against a block map whose requested
+/// size is set from the first two bytes; the backend refuses every seventh call, as a host
+/// that cannot map or release memory might.
+pub fn mem_requests(data: &[u8]) {
+    use super::mem::{Backend, BlockState, MemLayout, Request, REQUEST_SIZE};
+    struct Flaky(u32);
+    impl Backend for Flaky {
+        fn plug(&mut self, _offset: u64, _len: u64) -> Result<(), String> {
+            self.0 += 1;
+            if self.0 % 7 == 0 {
+                Err("refused".into())
+            } else {
+                Ok(())
+            }
+        }
+        fn unplug(&mut self, offset: u64, len: u64) -> Result<(), String> {
+            self.plug(offset, len)
+        }
+    }
+    let Some((head, rest)) = data.split_first_chunk::<2>() else {
+        return;
+    };
+    let layout = MemLayout {
+        addr: 1 << 32,
+        region_size: 256 << 20,
+        block_size: 2 << 20,
+        slot_size: 128 << 20,
+    };
+    let mut state = BlockState::new(layout);
+    let _ = state.set_requested_size(u64::from(u16::from_le_bytes(*head) % 129) * (2 << 20));
+    let mut backend = Flaky(0);
+    for chunk in rest.chunks_exact(REQUEST_SIZE) {
+        let mut raw = [0u8; REQUEST_SIZE];
+        raw.copy_from_slice(chunk);
+        // Addresses mostly inside the region, so that the block map is reached.
+        let mut r = Request::parse(&raw);
+        if raw[23] & 1 == 0 {
+            r.addr = layout.addr + (r.addr % layout.region_size);
+        }
+        let _ = state.handle(&r, &mut backend);
+        assert!(state.plugged_size() <= layout.region_size);
+    }
+    let _ = state.config_image();
+}
+
 /// Replays `data` as register accesses on an entropy device's MMIO window (7 bytes each:
 /// kind, offset, value) interleaved with writes to guest memory where the rings live.
 pub fn mmio_registers(data: &[u8]) {
@@ -307,12 +352,13 @@ mod tests {
     #[test]
     fn fuzz_corpora_replay() {
         type Entry = fn(&[u8]);
-        let targets: [(&str, Entry); 6] = [
+        let targets: [(&str, Entry); 7] = [
             ("block_request", super::block_request),
             ("net_chains", super::net_chains),
             ("mmds_frames", super::mmds_frames),
             ("vsock_packets", super::vsock_packets),
             ("balloon_queues", super::balloon_queues),
+            ("mem_requests", super::mem_requests),
             ("mmio_registers", super::mmio_registers),
         ];
         for (target, run) in targets {
@@ -526,6 +572,14 @@ mod tests {
                 }
             }
             let r = std::panic::catch_unwind(|| super::balloon_queues(&data));
+            assert!(r.is_ok(), "panic on input #{seed}: {data:?}");
+        }
+    }
+
+    #[test]
+    fn mem_requests_survive_random_input() {
+        for (seed, data) in inputs(0x0000_3e3e, iterations(), 1024) {
+            let r = std::panic::catch_unwind(|| super::mem_requests(&data));
             assert!(r.is_ok(), "panic on input #{seed}: {data:?}");
         }
     }
