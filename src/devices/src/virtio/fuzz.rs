@@ -254,7 +254,7 @@ pub fn mem_requests(data: &[u8]) {
     impl Backend for Flaky {
         fn plug(&mut self, _offset: u64, _len: u64) -> Result<(), String> {
             self.0 += 1;
-            if self.0 % 7 == 0 {
+            if self.0.is_multiple_of(7) {
                 Err("refused".into())
             } else {
                 Ok(())
