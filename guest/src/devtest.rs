@@ -477,6 +477,9 @@ pub fn run(info: &BootInfo, cmdline: &[u8], bsp: u8) {
             blk_test(i, *dev, bsp);
         } else if id == ID_RNG && info.has_option(b"vireo.rngtest") {
             rng_test(i, *dev, bsp);
+        } else if id == 24 && info.has_option(b"vireo.memtest") {
+            crate::mem::test(i, *dev, bsp);
+            return;
         } else if id == 5 && info.has_option(b"vireo.balloontest") {
             crate::balloon::test(info, dev.base, dev.irq, bsp);
             return;

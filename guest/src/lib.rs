@@ -14,6 +14,7 @@
 //! * `vireo.nohash` — do not hash the initrd (large ones take long at CPL0);
 //! * `vireo.count=N` — count N timer ticks, printing each (the snapshot tests; see `ticker`);
 //! * `vireo.balloontest=N` — drive the balloon (see `balloon`);
+//! * `vireo.memtest` — drive the virtio-mem device (see `mem`);
 //! * `vireo.touch=N` — write one byte in every 4 KiB page of N MiB from 16 MiB up (the jailer's
 //!   memory-limit test), then report `@touched mib=N`.
 //!
@@ -29,6 +30,7 @@ pub mod boot;
 mod devtest;
 mod entry;
 pub mod io;
+mod mem;
 pub mod mp;
 mod net;
 mod ring;

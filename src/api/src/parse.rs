@@ -5,8 +5,9 @@ use vmm::controller::VmmAction;
 use vmm::resources::{
     BalloonConfig, BalloonStartCmd, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive,
     EntropyDevice, InstanceActionInfo, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, MmdsConfig, NetworkInterface, PartialDrive, PartialNetworkInterface,
-    SerialDevice, SnapshotCreateParams, SnapshotLoadParams, VmStateUpdate, VsockDevice,
+    MemoryHotplugConfig, MemoryHotplugSizeUpdate, MetricsConfig, MmdsConfig, NetworkInterface,
+    PartialDrive, PartialNetworkInterface, SerialDevice, SnapshotCreateParams, SnapshotLoadParams,
+    VmStateUpdate, VsockDevice,
 };
 
 /// Every (method, path) the server answers; `{..}` marks a path parameter. docs/api.yaml must
@@ -183,7 +184,13 @@ pub fn parse_request(method: &str, path: &str, raw: &[u8]) -> Result<VmmAction, 
         ("PUT", ["mmds"]) => body::<serde_json::Value>(&what, raw).map(VmmAction::PutMmds),
         ("PATCH", ["mmds"]) => body::<serde_json::Value>(&what, raw).map(VmmAction::PatchMmds),
         ("PUT", ["mmds", "config"]) => body::<MmdsConfig>(&what, raw).map(VmmAction::PutMmdsConfig),
-        ("GET" | "PUT" | "PATCH", ["hotplug", "memory"]) => not_yet("memory hotplug (virtio-mem)"),
+        ("PUT", ["hotplug", "memory"]) => {
+            body::<MemoryHotplugConfig>(&what, raw).map(VmmAction::PutHotplug)
+        }
+        ("PATCH", ["hotplug", "memory"]) => {
+            body::<MemoryHotplugSizeUpdate>(&what, raw).map(VmmAction::PatchHotplug)
+        }
+        ("GET", ["hotplug", "memory"]) => empty_body(VmmAction::GetHotplug),
         _ if ROUTES.iter().any(|(_, p)| route_matches(p, trimmed)) => Err(format!(
             "{what}: method {method} is not allowed on this path"
         )),

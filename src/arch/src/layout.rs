@@ -156,6 +156,23 @@ pub fn low_ram_end(mem_size: u64) -> u64 {
     mem_size.min(MMIO_GAP_START)
 }
 
+/// Where a memory hotplug region of `size` bytes goes for a guest of `mem_size` bytes: after
+/// RAM, aligned to `align`, below the MMIO gap if it fits there, else above 4 GiB. It is not in
+/// the memory map the guest gets; the virtio-mem device announces it.
+pub fn hotplug_base(mem_size: u64, size: u64, align: u64) -> u64 {
+    let ram_end = if mem_size <= MMIO_GAP_START {
+        mem_size
+    } else {
+        MMIO_GAP_END + (mem_size - MMIO_GAP_START)
+    };
+    let low = ram_end.next_multiple_of(align);
+    if ram_end <= MMIO_GAP_START && low.saturating_add(size) <= MMIO_GAP_START {
+        low
+    } else {
+        ram_end.max(MMIO_GAP_END).next_multiple_of(align)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +228,16 @@ mod tests {
             }
         }
         assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    }
+
+    #[test]
+    fn hotplug_regions_follow_ram() {
+        let m = 128 << 20;
+        assert_eq!(hotplug_base(128 << 20, 256 << 20, m), 128 << 20);
+        assert_eq!(hotplug_base(100 << 20, 256 << 20, m), 128 << 20);
+        // Too big for the space below the gap: above 4 GiB.
+        assert_eq!(hotplug_base(2 << 30, 2 << 30, m), 4 << 30);
+        // RAM above 4 GiB already: after it.
+        assert_eq!(hotplug_base(5 << 30, 1 << 30, m), 6 << 30);
     }
 }

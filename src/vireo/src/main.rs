@@ -601,6 +601,7 @@ fn main() -> ExitCode {
                 rng: args.rng || args.rng_limit.is_some(),
                 rng_rate_limiter: args.rng_limit.unwrap_or_default(),
                 balloon: args.balloon,
+                hotplug: None,
                 track_dirty_pages: false,
                 cpu_template: None,
                 nets: args

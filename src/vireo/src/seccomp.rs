@@ -22,6 +22,7 @@ fn lists(kind: ThreadKind) -> Vec<Allow> {
         ThreadKind::Vsock => device(vsock::SECCOMP),
         ThreadKind::Rng => device(rng::SECCOMP),
         ThreadKind::Balloon => device(balloon::SECCOMP),
+        ThreadKind::Mem => device(vmm::hotplug::SECCOMP),
         ThreadKind::Console => vec![THREAD_BASICS, vmm::console::SECCOMP],
         ThreadKind::Metrics => vec![THREAD_BASICS, crate::telemetry::METRICS_SECCOMP],
         ThreadKind::Api => vec![THREAD_BASICS, THREAD_SPAWN, api::SECCOMP],
@@ -43,6 +44,7 @@ fn lists(kind: ThreadKind) -> Vec<Allow> {
             vsock::SECCOMP,
             rng::SECCOMP,
             balloon::SECCOMP,
+            vmm::hotplug::SECCOMP,
             crate::telemetry::METRICS_SECCOMP,
         ],
     }
@@ -268,6 +270,7 @@ mod tests {
             ThreadKind::Vsock,
             ThreadKind::Rng,
             ThreadKind::Balloon,
+            ThreadKind::Mem,
             ThreadKind::Metrics,
         ] {
             for c in calls(kind) {

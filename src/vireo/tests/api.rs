@@ -1179,9 +1179,10 @@ fn firecracker_route_table(dir: &Path) -> Vec<RouteCase> {
         ("PUT", "/mmds/config", "/mmds/config", r#"{"network_interfaces":["eth0"]}"#.into(), 400, "network interface 'eth0' does not exist"),
         ("PUT", "/entropy", "/entropy", "{}".into(), 204, ""),
         ("PUT", "/serial", "/serial", format!(r#"{{"serial_out_path":"{serial}"}}"#), 204, ""),
-        ("PUT", "/hotplug/memory", "/hotplug/memory", r#"{"total_size_mib":1024}"#.into(), 400, MISSING),
-        ("PATCH", "/hotplug/memory", "/hotplug/memory", r#"{"requested_size_mib":0}"#.into(), 400, MISSING),
-        ("GET", "/hotplug/memory", "/hotplug/memory", String::new(), 400, MISSING),
+        ("GET", "/hotplug/memory", "/hotplug/memory", String::new(), 400, "memory hotplug is not configured"),
+        ("PUT", "/hotplug/memory", "/hotplug/memory", r#"{"total_size_mib":1024}"#.into(), 204, ""),
+        ("PATCH", "/hotplug/memory", "/hotplug/memory", r#"{"requested_size_mib":0}"#.into(), 400, "not supported before starting"),
+        ("GET", "/hotplug/memory", "/hotplug/memory", String::new(), 200, r#""total_size_mib":1024"#),
         // As Firecracker, the TAP is opened when the interface is configured.
         ("PUT", "/network-interfaces/{iface_id}", "/network-interfaces/eth0", r#"{"iface_id":"eth0","host_dev_name":"vireo-none0"}"#.into(), 400, "TAP device vireo-none0 does not exist"),
         ("PATCH", "/network-interfaces/{iface_id}", "/network-interfaces/eth0", r#"{"iface_id":"eth0"}"#.into(), 400, "network interface 'eth0' does not exist"),

@@ -207,3 +207,147 @@ fn bad_memory_options_and_api_values_are_refused() {
     );
     v.stop(libc::SIGTERM);
 }
+
+/// Resident anonymous KiB of `pid` (the hotplug region may share a mapping with RAM).
+fn rss_anon_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Waits for a line of `v` starting with `want`.
+fn line(v: &Vireo, want: &str) -> String {
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    loop {
+        match v
+            .lines
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+        {
+            Ok(l) if l.starts_with(want) => return l,
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("no {want:?}; saw {seen:#?}"),
+        }
+    }
+}
+
+#[test]
+fn hotplugged_memory_becomes_guest_ram_and_unplugged_memory_goes_back() {
+    let v = Vireo::start("mem-hotplug");
+    let kernel = guest("pvh").display().to_string();
+    let ok = |method: &str, path: &str, body: &str| {
+        let (code, answer) = v.req(method, path, body);
+        assert_eq!(code, 204, "{method} {path}: {answer}");
+    };
+    ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count":1,"mem_size_mib":128}"#,
+    );
+    ok(
+        "PUT",
+        "/boot-source",
+        &format!(r#"{{"kernel_image_path":"{kernel}","boot_args":"console=ttyS0 vireo.memtest"}}"#),
+    );
+    for (body, want) in [
+        (
+            r#"{"total_size_mib":256,"slot_size_mib":64}"#,
+            "at least 128 MiB",
+        ),
+        (r#"{"total_size_mib":200}"#, "multiple of the slot size"),
+        (
+            r#"{"total_size_mib":256,"block_size_mib":3}"#,
+            "power of two",
+        ),
+        (r#"{"total_size_mib":256,"x":1}"#, "unknown field `x`"),
+    ] {
+        let (code, answer) = v.req("PUT", "/hotplug/memory", body);
+        assert_eq!(code, 400, "{body}: {answer}");
+        assert!(answer.contains(want), "{body}: {answer}");
+    }
+    let (code, answer) = v.req("GET", "/hotplug/memory", "");
+    assert_eq!(code, 400, "{answer}");
+    ok("PUT", "/hotplug/memory", r#"{"total_size_mib":256}"#);
+    let (code, answer) = v.req("PATCH", "/hotplug/memory", r#"{"requested_size_mib":64}"#);
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer.contains("not supported before starting"), "{answer}");
+    ok("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    let ready = line(&v, "@mem ready");
+    // After 128 MiB of RAM, aligned to the 128 MiB slot.
+    assert!(
+        ready.contains("block=2097152 addr=0x8000000 region=268435456 inaccessible=1"),
+        "{ready}"
+    );
+    let pid = v.child.id();
+    let before = rss_anon_kib(pid);
+
+    // Plug 64 MiB: the guest writes every page of it and reads it back.
+    ok("PATCH", "/hotplug/memory", r#"{"requested_size_mib":64}"#);
+    let plugged = line(&v, "@mem plugged");
+    assert!(
+        plugged.contains("mib=64 resp=0 verified=1 state=0"),
+        "{plugged}"
+    );
+    let resident = rss_anon_kib(pid);
+    assert!(
+        resident >= before + (64 << 10),
+        "{before} -> {resident} KiB resident"
+    );
+    let (code, status) = v.req("GET", "/hotplug/memory", "");
+    assert_eq!(code, 200, "{status}");
+    let s: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(
+        (
+            s["total_size_mib"].as_u64(),
+            s["slot_size_mib"].as_u64(),
+            s["block_size_mib"].as_u64()
+        ),
+        (Some(256), Some(128), Some(2)),
+        "{s}"
+    );
+    assert_eq!(
+        (
+            s["plugged_size_mib"].as_u64(),
+            s["requested_size_mib"].as_u64()
+        ),
+        (Some(64), Some(64))
+    );
+    for (body, want) in [
+        (r#"{"requested_size_mib":512}"#, "cannot be requested"),
+        (r#"{"requested_size_mib":3}"#, "cannot be requested"),
+    ] {
+        let (code, answer) = v.req("PATCH", "/hotplug/memory", body);
+        assert_eq!(code, 400, "{body}: {answer}");
+        assert!(answer.contains(want), "{answer}");
+    }
+    // Not snapshotted yet: refused by name.
+    ok("PATCH", "/vm", r#"{"state":"Paused"}"#);
+    let (code, answer) = v.req(
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_path":"{}","mem_file_path":"{}"}}"#,
+            v.dir.join("s").display(),
+            v.dir.join("m").display()
+        ),
+    );
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer.contains("memory hotplug"), "{answer}");
+    ok("PATCH", "/vm", r#"{"state":"Resumed"}"#);
+
+    // Unplug all: the host releases it and the guest ends.
+    ok("PATCH", "/hotplug/memory", r#"{"requested_size_mib":0}"#);
+    let unplugged = line(&v, "@mem unplugged");
+    assert!(unplugged.contains("mib=0 resp=0"), "{unplugged}");
+    let after = rss_anon_kib(pid);
+    assert!(
+        after + (63 << 10) <= resident,
+        "released: {resident} -> {after} KiB"
+    );
+    line(&v, "@mem done");
+    let mut v = v;
+    assert_eq!(wait_exit(&mut v.child).code(), Some(0));
+}

@@ -188,6 +188,19 @@ fn each_kind_of_thread_is_stopped_outside_its_list() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         assert_stopped(kind, &selftest(kind, &args));
     }
+    // The memory hotplug device's thread (configured through a config file).
+    let hotplug = dir.join("hotplug.json");
+    let json = serde_json::json!({
+        "boot-source": { "kernel_image_path": guest("pvh"), "boot_args": "console=ttyS0 vireo.memtest" },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": 128 },
+        "memory-hotplug": { "total_size_mib": 128 }
+    });
+    write_file(&hotplug, json.to_string().as_bytes());
+    let r = selftest(
+        "mem",
+        &["--config-file", hotplug.to_str().unwrap(), "--no-api"],
+    );
+    assert_stopped("mem", &r);
     // The API thread confines itself before it serves anyone.
     let sock = dir.join("api.sock");
     let r = selftest("api", &["--api-sock", sock.to_str().unwrap()]);

@@ -97,12 +97,16 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
         None => None,
     };
     let mem_size = config.mem_mib << 20;
-    let memory = Memory::anonymous_with(
+    let mut memory = Memory::anonymous_with(
         mem_size,
         config.track_dirty_pages,
         config.huge_pages,
         config.merge,
     )?;
+    if let Some(h) = &config.hotplug {
+        let layout = h.layout(config.mem_mib).map_err(Error::InvalidConfig)?;
+        memory.add_hotplug(vm_memory::GuestAddress(layout.addr), layout.region_size)?;
+    }
     // Devices before the kernel: they add to the kernel command line.
     let (vm, devices) = platform(config, &memory)?;
     let cmdline = format!("{}{}", config.cmdline, devices.cmdline());
@@ -163,7 +167,7 @@ pub(crate) fn platform(config: &VmConfig, memory: &Memory) -> Result<(Vm, Device
             vm.max_vcpus()
         )));
     }
-    vm.register_memory(&memory.guest, memory.track_dirty)?;
+    vm.register_memory(&memory.guest, memory.track_dirty, memory.hotplug)?;
     vm.setup_irqchip()?;
     tracing::debug!("guest memory and interrupt controllers ready");
     let devices = DeviceManager::create(config, &vm, &memory.guest)?;

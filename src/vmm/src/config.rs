@@ -62,6 +62,52 @@ pub struct VmConfig {
     /// The virtio-balloon device.
     #[serde(default)]
     pub balloon: Option<devices::virtio::balloon::BalloonConfig>,
+    /// Memory hotplug (a virtio-mem device and its region).
+    #[serde(default)]
+    pub hotplug: Option<HotplugConfig>,
+}
+
+/// Memory hotplug: a region of `total_mib` after RAM that the guest plugs in blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HotplugConfig {
+    /// Size of the region in MiB.
+    pub total_mib: u64,
+    /// What the host makes guest RAM at a time, in MiB (at least 128: Linux's memory block).
+    pub slot_mib: u64,
+    /// What the guest plugs at a time, in MiB.
+    pub block_mib: u64,
+}
+
+impl HotplugConfig {
+    /// Where the region lies for a guest of `mem_mib` MiB, checked.
+    pub fn layout(&self, mem_mib: u64) -> Result<devices::virtio::mem::MemLayout, String> {
+        if self.slot_mib < 128 {
+            return Err(format!(
+                "memory hotplug: the slot size ({} MiB) must be at least 128 MiB",
+                self.slot_mib
+            ));
+        }
+        let mib = |v: u64| {
+            v.checked_mul(1 << 20)
+                .ok_or_else(|| format!("memory hotplug: {v} MiB is too large"))
+        };
+        let (region_size, slot_size, block_size) = (
+            mib(self.total_mib)?,
+            mib(self.slot_mib)?,
+            mib(self.block_mib)?,
+        );
+        let layout = devices::virtio::mem::MemLayout {
+            addr: arch::layout::hotplug_base(mib(mem_mib)?, region_size, slot_size),
+            region_size,
+            block_size,
+            slot_size,
+        };
+        layout.check()?;
+        if layout.blocks() > u64::from(u32::MAX) {
+            return Err("memory hotplug: too many blocks; use larger ones".into());
+        }
+        Ok(layout)
+    }
 }
 
 /// A virtio-vsock device and the Unix socket its host side listens on.

@@ -4,9 +4,10 @@
 use crate::device_manager::{DeviceKind, DeviceUpdate};
 use crate::resources::{
     ActionType, BalloonConfig, BalloonStartCmd, BalloonStatsUpdate, BalloonUpdate, BootSource,
-    Drive, EntropyDevice, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    MmdsConfig, NetworkInterface, PartialDrive, PartialNetworkInterface, ResourceError,
-    SerialDevice, SnapshotLoadParams, VmResources, VmState, VsockDevice,
+    Drive, EntropyDevice, LoggerConfig, MachineConfig, MachineConfigUpdate, MemoryHotplugConfig,
+    MemoryHotplugSizeUpdate, MetricsConfig, MmdsConfig, NetworkInterface, PartialDrive,
+    PartialNetworkInterface, ResourceError, SerialDevice, SnapshotLoadParams, VmResources, VmState,
+    VsockDevice,
 };
 use crate::{ExitReason, RunningVm, VmEvent};
 use serde_json::{json, Value};
@@ -62,6 +63,12 @@ pub enum VmmAction {
     GetBalloonHinting,
     /// `PATCH /balloon/hinting/stop`.
     StopBalloonHinting,
+    /// `PUT /hotplug/memory`.
+    PutHotplug(MemoryHotplugConfig),
+    /// `PATCH /hotplug/memory`.
+    PatchHotplug(MemoryHotplugSizeUpdate),
+    /// `GET /hotplug/memory`.
+    GetHotplug,
     /// `PUT /entropy`.
     PutEntropy(EntropyDevice),
     /// `PUT /serial`.
@@ -126,6 +133,7 @@ fn fail<T>(msg: impl Into<String>) -> Result<T, ResourceError> {
 
 const NOT_AFTER_START: &str = "is not supported after starting the microVM";
 const NOT_BEFORE_START: &str = "is not supported before starting the microVM";
+const NO_HOTPLUG: &str = "memory hotplug is not configured (PUT /hotplug/memory first)";
 
 impl Controller {
     /// A controller for a VM not yet started.
@@ -293,6 +301,39 @@ impl Controller {
                     .stop_balloon_hinting()
                     .map(|_| VmmData::Empty)
                     .map_err(|e| ResourceError(e.to_string()))
+            }
+            PutHotplug(h) => {
+                pre_boot("PUT /hotplug/memory")?;
+                self.resources.set_hotplug(h).map(|_| VmmData::Empty)
+            }
+            PatchHotplug(u) => {
+                if self.resources.hotplug.is_none() {
+                    return fail(NO_HOTPLUG);
+                }
+                let Some(vm) = &self.vm else {
+                    return fail(format!("PATCH /hotplug/memory {NOT_BEFORE_START}"));
+                };
+                vm.devices()
+                    .set_hotplug_requested(u.requested_size_mib)
+                    .map(|_| VmmData::Empty)
+                    .map_err(|e| ResourceError(e.to_string()))
+            }
+            GetHotplug => {
+                let Some(h) = &self.resources.hotplug else {
+                    return fail(NO_HOTPLUG);
+                };
+                let (plugged, requested) = self
+                    .vm
+                    .as_ref()
+                    .and_then(|vm| vm.devices().hotplug_sizes())
+                    .unwrap_or((0, 0));
+                Ok(VmmData::Json(json!({
+                    "total_size_mib": h.total_size_mib,
+                    "slot_size_mib": h.slot_size_mib,
+                    "block_size_mib": h.block_size_mib,
+                    "plugged_size_mib": plugged >> 20,
+                    "requested_size_mib": requested >> 20,
+                })))
             }
             PutEntropy(e) => {
                 pre_boot("PUT /entropy")?;

@@ -46,6 +46,8 @@ pub enum DeviceKind {
     Balloon,
     /// A virtio-blk drive (`PUT /drives/{id}`).
     Drive,
+    /// The virtio-mem device of memory hotplug (`PUT /hotplug/memory`; ID `memory-hotplug`).
+    Memory,
     /// The virtio-rng entropy device (`PUT /entropy`; ID `entropy`).
     Entropy,
     /// A virtio-net interface (`PUT /network-interfaces/{id}`).
@@ -60,6 +62,7 @@ impl DeviceKind {
         match self {
             DeviceKind::Balloon => utils::seccomp::ThreadKind::Balloon,
             DeviceKind::Drive => utils::seccomp::ThreadKind::Block,
+            DeviceKind::Memory => utils::seccomp::ThreadKind::Mem,
             DeviceKind::Entropy => utils::seccomp::ThreadKind::Rng,
             DeviceKind::Interface => utils::seccomp::ThreadKind::Net,
             DeviceKind::Vsock => utils::seccomp::ThreadKind::Vsock,
@@ -71,6 +74,7 @@ impl DeviceKind {
         match self {
             DeviceKind::Balloon => "balloon device",
             DeviceKind::Drive => "drive",
+            DeviceKind::Memory => "memory hotplug device",
             DeviceKind::Entropy => "entropy device",
             DeviceKind::Interface => "network interface",
             DeviceKind::Vsock => "vsock device",
@@ -150,6 +154,8 @@ pub struct DeviceManager {
     /// The balloon, if the VM has one: its handle and its transport (for configuration
     /// changes).
     balloon: Option<(balloon::Handle, Arc<Mutex<MmioTransport>>)>,
+    /// The memory hotplug device: its block state and its transport.
+    hotplug: Option<(devices::virtio::mem::SharedState, Arc<Mutex<MmioTransport>>)>,
 }
 
 impl DeviceManager {
@@ -274,6 +280,32 @@ impl DeviceManager {
             let transport = dm.virtio.last().map(|e| e.transport.clone());
             dm.balloon = transport.map(|t| (handle, t));
         }
+        if let Some(h) = &config.hotplug {
+            let layout = h.layout(config.mem_mib).map_err(Error::InvalidConfig)?;
+            let host = {
+                use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+                mem.find_region(vm_memory::GuestAddress(layout.addr))
+                    .filter(|r| r.start_addr().0 == layout.addr && r.len() == layout.region_size)
+                    .map(|r| r.as_ptr() as u64)
+                    .ok_or_else(|| {
+                        Error::InvalidConfig("memory hotplug: the region is not mapped".into())
+                    })?
+            };
+            let fd = vm.try_clone_fd().map_err(Error::EventFd)?;
+            let backend =
+                crate::hotplug::SlotBackend::new(fd, layout, host, config.track_dirty_pages);
+            let device = devices::virtio::mem::VirtioMem::new(layout, Box::new(backend));
+            let state = device.state();
+            dm.add_virtio(
+                vm,
+                mem,
+                DeviceKind::Memory,
+                "memory-hotplug".into(),
+                Box::new(device),
+            )?;
+            let transport = dm.virtio.last().map(|e| e.transport.clone());
+            dm.hotplug = transport.map(|t| (state, t));
+        }
         Ok(dm)
     }
 
@@ -341,6 +373,7 @@ impl DeviceManager {
             sockets: Vec::new(),
             activate_evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?),
             balloon: None,
+            hotplug: None,
         })
     }
 
@@ -499,6 +532,27 @@ impl DeviceManager {
     /// Where free page hinting stands.
     pub fn balloon_hinting_status(&self) -> Result<balloon::HintingStatus, Error> {
         Ok(self.balloon()?.0.hinting_status())
+    }
+
+    /// Asks the guest to plug `mib` MiB of hotplug memory.
+    pub fn set_hotplug_requested(&self, mib: u64) -> Result<(), Error> {
+        let (state, transport) = self
+            .hotplug
+            .as_ref()
+            .ok_or_else(|| Error::InvalidConfig("the microVM has no memory hotplug".into()))?;
+        devices::bus::lock(state)
+            .set_requested_size(mib.saturating_mul(1 << 20))
+            .map_err(Error::InvalidConfig)?;
+        devices::bus::lock(transport).config_changed();
+        Ok(())
+    }
+
+    /// Plugged and requested bytes of hotplug memory.
+    pub fn hotplug_sizes(&self) -> Option<(u64, u64)> {
+        self.hotplug.as_ref().map(|(state, _)| {
+            let s = devices::bus::lock(state);
+            (s.plugged_size(), s.requested_size())
+        })
     }
 
     /// The event a driver's DRIVER_OK signals; then call [`DeviceManager::activate_pending`].

@@ -11,6 +11,7 @@ pub mod console;
 pub mod controller;
 pub mod cpu_config;
 pub mod device_manager;
+pub mod hotplug;
 pub mod memory;
 pub mod persist;
 pub mod resources;

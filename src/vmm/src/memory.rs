@@ -38,6 +38,9 @@ pub struct Memory {
     pub track_dirty: bool,
     /// Where pages the guest has not written yet come from.
     pub backing: Backing,
+    /// The memory hotplug region, if any: part of `guest` (devices reach what the guest
+    /// plugs), but guest RAM only where its slots are plugged.
+    pub hotplug: Option<GuestAddress>,
 }
 
 /// Where a VM's memory pages come from before the guest writes them.
@@ -118,6 +121,7 @@ impl Memory {
             guest,
             track_dirty,
             backing: Backing::Anonymous,
+            hotplug: None,
         })
     }
 
@@ -128,6 +132,7 @@ impl Memory {
             guest,
             track_dirty,
             backing: Backing::File(file),
+            hotplug: None,
         })
     }
 
@@ -181,7 +186,28 @@ impl Memory {
             guest,
             track_dirty,
             backing: Backing::Uffd(uffd),
+            hotplug: None,
         })
+    }
+
+    /// Adds the memory hotplug region, `size` bytes at `addr`: anonymous, backed only where the
+    /// guest writes.
+    pub fn add_hotplug(&mut self, addr: GuestAddress, size: u64) -> Result<(), Error> {
+        let err = |e: String| Error::Map { size, err: e };
+        let len = usize::try_from(size).map_err(|e| err(e.to_string()))?;
+        let region = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        let region = GuestRegionMmap::new(region, addr)
+            .ok_or_else(|| err("the hotplug region ends past the address space".into()))?;
+        self.guest = self
+            .guest
+            .insert_region(std::sync::Arc::new(region))
+            .map_err(|e| err(e.to_string()))?;
+        self.hotplug = Some(addr);
+        Ok(())
     }
 
     /// Maps the RAM slots of a `size`-byte guest, from `file` or anonymous with `extra` mmap

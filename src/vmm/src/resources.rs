@@ -225,6 +225,47 @@ pub struct BalloonStartCmd {
     pub acknowledge_on_stop: Option<bool>,
 }
 
+/// `PUT /hotplug/memory` (Firecracker's MemoryHotplugConfig).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryHotplugConfig {
+    /// Size of the hotplug region in MiB.
+    pub total_size_mib: u64,
+    /// Host granularity in MiB (default 128, at least 128).
+    #[serde(default = "default_slot_mib")]
+    pub slot_size_mib: u64,
+    /// Guest granularity in MiB (default 2, at least 2).
+    #[serde(default = "default_block_mib")]
+    pub block_size_mib: u64,
+}
+
+fn default_slot_mib() -> u64 {
+    128
+}
+
+fn default_block_mib() -> u64 {
+    2
+}
+
+impl MemoryHotplugConfig {
+    /// The VM configuration's form.
+    pub fn config(&self) -> crate::config::HotplugConfig {
+        crate::config::HotplugConfig {
+            total_mib: self.total_size_mib,
+            slot_mib: self.slot_size_mib,
+            block_mib: self.block_size_mib,
+        }
+    }
+}
+
+/// `PATCH /hotplug/memory`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryHotplugSizeUpdate {
+    /// The size the guest should plug, in MiB.
+    pub requested_size_mib: u64,
+}
+
 /// `PATCH /balloon/statistics`: a new statistics interval.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -516,6 +557,8 @@ pub struct VmResources {
     pub vsock: Option<VsockDevice>,
     /// The balloon, if configured (`PUT /balloon`).
     pub balloon: Option<BalloonConfig>,
+    /// Memory hotplug, if configured (`PUT /hotplug/memory`).
+    pub hotplug: Option<MemoryHotplugConfig>,
     /// Entropy device, if configured.
     pub entropy: Option<EntropyDevice>,
     /// Serial output.
@@ -539,6 +582,7 @@ impl VmResources {
             && self.mmds_config.is_none()
             && self.vsock.is_none()
             && self.balloon.is_none()
+            && self.hotplug.is_none()
             && self.entropy.is_none()
             && self.cpu_config.is_none()
     }
@@ -809,6 +853,15 @@ impl VmResources {
         Ok(())
     }
 
+    /// Sets memory hotplug (`PUT /hotplug/memory`); the sizes are checked now.
+    pub fn set_hotplug(&mut self, h: MemoryHotplugConfig) -> Result<(), ResourceError> {
+        h.config()
+            .layout(self.machine.mem_size_mib)
+            .map_err(ResourceError)?;
+        self.hotplug = Some(h);
+        Ok(())
+    }
+
     /// Changes the configured balloon's target (`PATCH /balloon` before boot).
     pub fn update_balloon(&mut self, u: BalloonUpdate) -> Result<(), ResourceError> {
         let mem = self.machine.mem_size_mib;
@@ -934,6 +987,14 @@ impl VmResources {
                 }
                 None => None,
             },
+            hotplug: match &self.hotplug {
+                Some(h) => {
+                    let c = h.config();
+                    c.layout(self.machine.mem_size_mib).map_err(ResourceError)?;
+                    Some(c)
+                }
+                None => None,
+            },
             vsock: self.vsock.as_ref().map(|v| crate::config::VsockConfig {
                 cid: v.guest_cid,
                 uds: PathBuf::from(&v.uds_path),
@@ -958,7 +1019,7 @@ impl VmResources {
             "entropy": self.entropy,
             "logger": self.logger,
             "machine-config": self.machine,
-            "memory-hotplug": null,
+            "memory-hotplug": self.hotplug,
             "metrics": self.metrics,
             "mmds-config": self.mmds_config,
             "network-interfaces": self.interfaces,
@@ -992,20 +1053,14 @@ pub struct ConfigFile {
     cpu_config: Option<crate::cpu_config::CpuConfig>,
     pmem: Option<Vec<Value>>,
     #[serde(rename = "memory-hotplug")]
-    memory_hotplug: Option<Value>,
+    memory_hotplug: Option<MemoryHotplugConfig>,
 }
 
 impl ConfigFile {
     /// Parses and applies a config file, naming the first problem; MMDS holds at most
     /// `mmds_limit` bytes.
     pub fn into_resources(self, mmds_limit: usize) -> Result<VmResources, ResourceError> {
-        let unsupported = [
-            ("pmem", self.pmem.as_ref().is_some_and(|v| !v.is_empty())),
-            (
-                "memory-hotplug",
-                self.memory_hotplug.as_ref().is_some_and(|v| !v.is_null()),
-            ),
-        ];
+        let unsupported = [("pmem", self.pmem.as_ref().is_some_and(|v| !v.is_empty()))];
         if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
             return err(format!("{name}: this device is not supported by vireo yet"));
         }
@@ -1034,6 +1089,9 @@ impl ConfigFile {
         }
         if let Some(b) = self.balloon {
             r.set_balloon(b)?;
+        }
+        if let Some(h) = self.memory_hotplug {
+            r.set_hotplug(h)?;
         }
         if let Some(e) = self.entropy {
             r.set_entropy(e)?;

@@ -151,6 +151,8 @@ pub enum ThreadKind {
     Rng,
     /// The virtio-balloon device thread.
     Balloon,
+    /// The virtio-mem (memory hotplug) device thread.
+    Mem,
     /// The serial console's input thread.
     Console,
     /// The periodic metrics writer.
@@ -159,7 +161,7 @@ pub enum ThreadKind {
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 10] = [
+    pub const ALL: [ThreadKind; 11] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
@@ -168,6 +170,7 @@ impl ThreadKind {
         ThreadKind::Vsock,
         ThreadKind::Rng,
         ThreadKind::Balloon,
+        ThreadKind::Mem,
         ThreadKind::Console,
         ThreadKind::Metrics,
     ];
@@ -183,6 +186,7 @@ impl ThreadKind {
             ThreadKind::Vsock => "vsock",
             ThreadKind::Rng => "rng",
             ThreadKind::Balloon => "balloon",
+            ThreadKind::Mem => "mem",
             ThreadKind::Console => "console",
             ThreadKind::Metrics => "metrics",
         }

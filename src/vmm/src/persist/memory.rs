@@ -252,7 +252,7 @@ mod tests {
         let size = 4u64 << 20;
         let vm = Vm::new().unwrap();
         let mem = Memory::anonymous(size, true).unwrap();
-        vm.register_memory(&mem.guest, true).unwrap();
+        vm.register_memory(&mem.guest, true, None).unwrap();
         reset_dirty(&mem, &vm).unwrap();
         mem.guest.write_obj(0xabu8, GuestAddress(0x3004)).unwrap();
         let mut iov = Vec::new();
@@ -299,7 +299,7 @@ mod tests {
         let size = 4u64 << 20;
         let vm = Vm::new().unwrap();
         let mem = Memory::anonymous(size, true).unwrap();
-        vm.register_memory(&mem.guest, true).unwrap();
+        vm.register_memory(&mem.guest, true, None).unwrap();
         mem.guest.write_obj(7u64, GuestAddress(0x1000)).unwrap();
         mem.guest.write_obj(0u64, GuestAddress(0x2000)).unwrap();
         mem.guest.write_obj(9u64, GuestAddress(0x30_0000)).unwrap();

@@ -74,6 +74,9 @@ pub enum Error {
     /// Snapshots of hugetlbfs-backed memory are not written yet.
     #[error("snapshots of a microVM on 2M huge pages are not supported by vireo yet (huge_pages None or Transparent can be snapshotted)")]
     HugePages,
+    /// Snapshots of a VM with memory hotplug are not written yet.
+    #[error("snapshots of a microVM with memory hotplug are not supported by vireo yet")]
+    Hotplug,
     /// Diff snapshots need dirty page tracking.
     #[error("a Diff snapshot needs dirty page tracking: set track_dirty_pages in machine-config before starting, or enable_diff_snapshots / track_dirty_pages when loading")]
     NoDirtyTracking,
@@ -389,6 +392,9 @@ impl RunningVm {
         let m = &self.machine;
         if m.config.huge_pages == crate::config::HugePages::Huge2M {
             return Err(Error::HugePages);
+        }
+        if m.config.hotplug.is_some() {
+            return Err(Error::Hotplug);
         }
         if p.kind == SnapshotType::Diff && !m.memory.track_dirty {
             return Err(Error::NoDirtyTracking);

@@ -25,6 +25,7 @@ pub const KVM_GET_IRQCHIP: u64 = iowr(0x62, size_of::<kvm_irqchip>());
 pub const KVM_GET_CLOCK: u64 = ior(0x7c, size_of::<kvm_clock_data>());
 pub const KVM_GET_PIT2: u64 = ior(0x9f, size_of::<kvm_pit_state2>());
 pub const KVM_RUN: u64 = io(0x80);
+pub const KVM_SET_USER_MEMORY_REGION: u64 = iow(0x46, size_of::<kvm_userspace_memory_region>());
 pub const KVM_GET_REGS: u64 = ior(0x81, size_of::<kvm_regs>());
 pub const KVM_GET_SREGS: u64 = ior(0x83, size_of::<kvm_sregs>());
 pub const KVM_GET_MSRS: u64 = iowr(0x88, size_of::<kvm_msrs>());

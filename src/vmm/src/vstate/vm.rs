@@ -160,10 +160,17 @@ impl Vm {
         &self.supported_cpuid
     }
 
-    /// Hands every region of `mem` to KVM as a memory slot; with `log_dirty`, KVM records the
-    /// pages the guest writes (read with [`Vm::dirty_pages`]).
-    pub fn register_memory(&self, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), Error> {
-        for (slot, region) in mem.iter().enumerate() {
+    /// Hands every RAM region of `mem` (all but the one at `hotplug`, whose slots are
+    /// registered as the guest plugs them) to KVM as a memory slot; with `log_dirty`, KVM
+    /// records the pages the guest writes (read with [`Vm::dirty_pages`]).
+    pub fn register_memory(
+        &self,
+        mem: &GuestMemoryMmap,
+        log_dirty: bool,
+        hotplug: Option<vm_memory::GuestAddress>,
+    ) -> Result<(), Error> {
+        let ram = mem.iter().filter(|r| Some(r.start_addr()) != hotplug);
+        for (slot, region) in ram.enumerate() {
             let slot = slot as u32;
             let addr = region.start_addr().0;
             let size = region.len();
@@ -189,6 +196,19 @@ impl Vm {
             })?;
         }
         Ok(())
+    }
+
+    /// A duplicate of the VM's descriptor, for a device thread that changes memory slots
+    /// (memory hotplug).
+    pub fn try_clone_fd(&self) -> std::io::Result<std::fs::File> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: dup(2) of a descriptor this VM owns; the new one is owned by the File.
+        let fd = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor nothing else owns.
+        Ok(unsafe { std::fs::File::from_raw_fd(fd) })
     }
 
     /// The pages of memory slot `slot` (`size` bytes) the guest wrote since the last call, one

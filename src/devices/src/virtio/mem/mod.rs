@@ -3,10 +3,7 @@
 //!
 //! The device keeps which blocks are plugged and answers the driver's requests; what plugging
 //! and unplugging mean for the host (making a range guest RAM, releasing it) is the
-//! [`Backend`]'s, which the VMM provides.
-//!
-//! Work in progress: the model and its request handling are complete and tested here; the VMM
-//! does not register the device yet (see the closing notes of issue 9).
+//! [`Backend`]'s, which the VMM provides (`vmm::hotplug`).
 
 pub mod persist;
 #[cfg(test)]
