@@ -286,6 +286,43 @@ struct RunArgs {
     /// with reporting=on the host releases the free pages the guest reports.
     #[arg(long, value_name = "SPEC", value_parser = parse_balloon)]
     balloon: Option<devices::virtio::balloon::BalloonConfig>,
+    /// Memory hotplug (a virtio-mem device):
+    /// total_mib=N[,slot_mib=S][,block_mib=B][,requested_mib=R]. A region of N MiB after RAM
+    /// (slots of S MiB, default 128; blocks of B MiB, default 2), of which the guest is asked
+    /// to plug R MiB from boot.
+    #[arg(long, value_name = "SPEC", value_parser = parse_hotplug)]
+    memory_hotplug: Option<vmm::config::HotplugConfig>,
+}
+
+/// `total_mib=N[,slot_mib=S][,block_mib=B][,requested_mib=R]`.
+fn parse_hotplug(s: &str) -> Result<vmm::config::HotplugConfig, String> {
+    let mut h = vmm::config::HotplugConfig {
+        total_mib: 0,
+        slot_mib: 128,
+        block_mib: 2,
+        requested_mib: 0,
+    };
+    for item in s.split(',') {
+        let (key, v) = item.split_once('=').unwrap_or((item, ""));
+        let slot = match key {
+            "total_mib" => &mut h.total_mib,
+            "slot_mib" => &mut h.slot_mib,
+            "block_mib" => &mut h.block_mib,
+            "requested_mib" => &mut h.requested_mib,
+            _ => {
+                return Err(format!(
+                    "'{item}' is not a memory hotplug option: use total_mib=N[,slot_mib=S][,block_mib=B][,requested_mib=R]"
+                ))
+            }
+        };
+        *slot = v
+            .parse()
+            .map_err(|_| format!("{key}={v}: expected a number of MiB"))?;
+    }
+    if h.total_mib == 0 {
+        return Err("memory hotplug needs total_mib=N".into());
+    }
+    Ok(h)
 }
 
 /// `size_mib=N[,deflate_on_oom=on][,stats_period_s=S][,reporting=on]`.
@@ -601,7 +638,7 @@ fn main() -> ExitCode {
                 rng: args.rng || args.rng_limit.is_some(),
                 rng_rate_limiter: args.rng_limit.unwrap_or_default(),
                 balloon: args.balloon,
-                hotplug: None,
+                hotplug: args.memory_hotplug,
                 track_dirty_pages: false,
                 cpu_template: None,
                 nets: args

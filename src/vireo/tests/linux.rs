@@ -92,6 +92,7 @@ fn virtio_modules() -> Vec<(String, Vec<u8>)> {
         "drivers/block/virtio_blk.ko",
         "drivers/char/hw_random/virtio-rng.ko",
         "drivers/virtio/virtio_balloon.ko",
+        "drivers/virtio/virtio_mem.ko",
         "net/core/failover.ko",
         "drivers/net/net_failover.ko",
         "drivers/net/virtio_net.ko",
@@ -359,6 +360,49 @@ fn linux_inflates_the_balloon_it_is_given() {
     assert!(
         before >= after + (60 << 10),
         "MemTotal {before} KiB -> {after} KiB: the balloon did not take 64 MiB"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[cfg_attr(
+    not(vireo_hw_virt),
+    ignore = "skipped: no vmx or svm in /proc/cpuinfo, so a Linux kernel cannot boot on this host"
+)]
+fn linux_plugs_hotplug_memory() {
+    let dir = scratch("linux-hotplug");
+    // virtio-mem plugs the requested 128 MiB; the blocks are onlined here (unless the kernel's
+    // memhp_default_state already did), and MemTotal grows.
+    let initrd = initramfs(
+        &dir,
+        "sleep 3\n\
+         for m in /sys/devices/system/memory/memory*/state; do echo online > $m 2>/dev/null; done\n\
+         sleep 1\n\
+         echo \"VIREO-LINUX driver=$(ls /sys/bus/virtio/drivers/virtio_mem | grep -c virtio)\"\n\
+         echo \"VIREO-LINUX after=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)\"\n\
+         echo VIREO-LINUX-DONE\n\
+         poweroff -f",
+    );
+    let (mut child, rx) = boot_linux(
+        &linux_kernel(),
+        &initrd,
+        &[
+            "--memory",
+            "256",
+            "--memory-hotplug",
+            "total_mib=512,requested_mib=128",
+        ],
+    );
+    let mut seen = Vec::new();
+    wait_line(&rx, "VIREO-LINUX-DONE", &mut seen);
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    let find = |key: &str| linux_report(&seen, key);
+    assert_eq!(find("driver"), "1", "virtio_mem bound the device");
+    let before: u64 = find("memtotal").parse().unwrap();
+    let after: u64 = find("after").parse().unwrap();
+    assert!(
+        after >= before + (120 << 10),
+        "MemTotal {before} KiB -> {after} KiB: 128 MiB were not plugged"
     );
     let _ = std::fs::remove_dir_all(dir);
 }

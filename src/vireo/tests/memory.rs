@@ -351,3 +351,49 @@ fn hotplugged_memory_becomes_guest_ram_and_unplugged_memory_goes_back() {
     let mut v = v;
     assert_eq!(wait_exit(&mut v.child).code(), Some(0));
 }
+
+#[test]
+fn memory_hotplug_on_the_command_line_is_plugged_from_boot() {
+    let kernel = guest("pvh");
+    let k = kernel.to_str().unwrap();
+    let (mut child, rx) = spawn_interactive(&[
+        "--kernel",
+        k,
+        "--memory",
+        "128",
+        "--memory-hotplug",
+        "total_mib=256,requested_mib=32",
+        "--cmdline",
+        "console=ttyS0 vireo.memtest",
+    ]);
+    let end = Instant::now() + Duration::from_secs(30);
+    let plugged = loop {
+        let l = rx
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+            .expect("a @mem plugged line");
+        if l.starts_with("@mem plugged") {
+            break l;
+        }
+    };
+    assert!(
+        plugged.contains("mib=32 resp=0 verified=1 state=0"),
+        "{plugged}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    for (spec, code, want) in [
+        ("total_mib=x", 2, "total_mib=x: expected a number of MiB"),
+        ("slot_mib=128", 2, "needs total_mib=N"),
+        (
+            "total_mib=256,foo=1",
+            2,
+            "'foo=1' is not a memory hotplug option",
+        ),
+        ("total_mib=100", 1, "multiple of the slot size"),
+        ("total_mib=256,requested_mib=3", 1, "cannot be requested"),
+    ] {
+        let r = run(&["--kernel", k, "--memory", "128", "--memory-hotplug", spec]);
+        assert_eq!(r.code(), code, "{spec}: {}", r.stderr);
+        assert!(r.stderr.contains(want), "{spec}: {}", r.stderr);
+    }
+}

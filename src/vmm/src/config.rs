@@ -76,6 +76,9 @@ pub struct HotplugConfig {
     pub slot_mib: u64,
     /// What the guest plugs at a time, in MiB.
     pub block_mib: u64,
+    /// What the guest is asked to plug from boot, in MiB.
+    #[serde(default)]
+    pub requested_mib: u64,
 }
 
 impl HotplugConfig {

@@ -296,6 +296,9 @@ impl DeviceManager {
                 crate::hotplug::SlotBackend::new(fd, layout, host, config.track_dirty_pages);
             let device = devices::virtio::mem::VirtioMem::new(layout, Box::new(backend));
             let state = device.state();
+            devices::bus::lock(&state)
+                .set_requested_size(h.requested_mib.saturating_mul(1 << 20))
+                .map_err(Error::InvalidConfig)?;
             dm.add_virtio(
                 vm,
                 mem,

@@ -254,6 +254,7 @@ impl MemoryHotplugConfig {
             total_mib: self.total_size_mib,
             slot_mib: self.slot_size_mib,
             block_mib: self.block_size_mib,
+            requested_mib: 0,
         }
     }
 }
