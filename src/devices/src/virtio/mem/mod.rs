@@ -328,11 +328,41 @@ pub type SharedState = Arc<Mutex<BlockState>>;
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 128;
 
+/// The device's counters, in the metrics file under `memory_hotplug`.
+#[derive(Debug, Default)]
+pub struct MemMetrics {
+    /// Requests served.
+    pub requests: std::sync::atomic::AtomicU64,
+    /// Blocks plugged.
+    pub plugged_blocks: std::sync::atomic::AtomicU64,
+    /// Blocks unplugged.
+    pub unplugged_blocks: std::sync::atomic::AtomicU64,
+    /// Requests answered NACK (beyond the requested size).
+    pub nacks: std::sync::atomic::AtomicU64,
+    /// Requests answered ERROR (malformed, or the host could not do it) and chains without
+    /// room for a response.
+    pub errors: std::sync::atomic::AtomicU64,
+}
+
+impl crate::metrics::Counters for MemMetrics {
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        vec![
+            ("requests", self.requests.load(Relaxed)),
+            ("plugged_blocks", self.plugged_blocks.load(Relaxed)),
+            ("unplugged_blocks", self.unplugged_blocks.load(Relaxed)),
+            ("nacks", self.nacks.load(Relaxed)),
+            ("errors", self.errors.load(Relaxed)),
+        ]
+    }
+}
+
 /// The device.
 pub struct VirtioMem {
     state: SharedState,
     backend: Arc<Mutex<Box<dyn Backend>>>,
     worker: Option<super::worker::Worker>,
+    metrics: Arc<MemMetrics>,
 }
 
 impl VirtioMem {
@@ -342,6 +372,7 @@ impl VirtioMem {
             state: Arc::new(Mutex::new(BlockState::new(layout))),
             backend: Arc::new(Mutex::new(backend)),
             worker: None,
+            metrics: crate::metrics::register_counters("memory_hotplug".into()),
         }
     }
 
@@ -354,6 +385,7 @@ impl VirtioMem {
 struct Handler {
     state: SharedState,
     backend: Arc<Mutex<Box<dyn Backend>>>,
+    metrics: Arc<MemMetrics>,
 }
 
 impl super::worker::QueueHandler for Handler {
@@ -379,7 +411,10 @@ impl super::worker::QueueHandler for Handler {
                 got = Some(Request::parse(&req));
             }
         }
+        let add = |c: &std::sync::atomic::AtomicU64, n: u64| crate::metrics::add(c, n);
+        add(&self.metrics.requests, 1);
         let Some(at) = resp_at else {
+            add(&self.metrics.errors, 1);
             utils::warn_limited!(
                 "virtio_mem_bad_chain",
                 "virtio-mem: a request without room for its response"
@@ -389,10 +424,21 @@ impl super::worker::QueueHandler for Handler {
         let answer = match got {
             Some(r) => {
                 let mut backend = crate::bus::lock(&self.backend);
-                crate::bus::lock(&self.state).handle(&r, backend.as_mut())
+                let mut state = crate::bus::lock(&self.state);
+                let before = state.plugged_blocks;
+                let answer = state.handle(&r, backend.as_mut());
+                let after = state.plugged_blocks;
+                add(&self.metrics.plugged_blocks, after.saturating_sub(before));
+                add(&self.metrics.unplugged_blocks, before.saturating_sub(after));
+                answer
             }
             None => (response::ERROR, 0),
         };
+        match answer.0 {
+            response::NACK => add(&self.metrics.nacks, 1),
+            response::ERROR => add(&self.metrics.errors, 1),
+            _ => {}
+        }
         match mem.write_slice(&response_bytes(answer), at) {
             Ok(()) => Some(RESPONSE_SIZE as u32),
             Err(_) => Some(0),
@@ -421,6 +467,7 @@ impl super::VirtioDevice for VirtioMem {
         let handler = Handler {
             state: self.state.clone(),
             backend: self.backend.clone(),
+            metrics: self.metrics.clone(),
         };
         self.worker = Some(super::worker::Worker::spawn("virtio-mem", handler, ctx)?);
         Ok(())

@@ -246,6 +246,7 @@ fn a_driver_plugs_through_the_queue() {
     use vm_memory::{Bytes, GuestAddress};
     let device = VirtioMem::new(layout(), Box::new(Record::default()));
     let state = device.state();
+    let metrics = device.metrics.clone();
     crate::bus::lock(&state)
         .set_requested_size(4 * MIB)
         .unwrap();
@@ -273,4 +274,8 @@ fn a_driver_plugs_through_the_queue() {
     // A request with nowhere to answer is returned empty.
     d.submit(&[(DATA, REQUEST_SIZE as u32, 0)]);
     assert_eq!(d.wait_used(), Some((2, 0)));
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(metrics.requests.load(Relaxed), 2);
+    assert_eq!(metrics.plugged_blocks.load(Relaxed), 2);
+    assert_eq!(metrics.errors.load(Relaxed), 1);
 }
