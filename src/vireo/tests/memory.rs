@@ -323,21 +323,6 @@ fn hotplugged_memory_becomes_guest_ram_and_unplugged_memory_goes_back() {
         assert_eq!(code, 400, "{body}: {answer}");
         assert!(answer.contains(want), "{answer}");
     }
-    // Not snapshotted yet: refused by name.
-    ok("PATCH", "/vm", r#"{"state":"Paused"}"#);
-    let (code, answer) = v.req(
-        "PUT",
-        "/snapshot/create",
-        &format!(
-            r#"{{"snapshot_path":"{}","mem_file_path":"{}"}}"#,
-            v.dir.join("s").display(),
-            v.dir.join("m").display()
-        ),
-    );
-    assert_eq!(code, 400, "{answer}");
-    assert!(answer.contains("memory hotplug"), "{answer}");
-    ok("PATCH", "/vm", r#"{"state":"Resumed"}"#);
-
     // Unplug all: the host releases it and the guest ends.
     ok("PATCH", "/hotplug/memory", r#"{"requested_size_mib":0}"#);
     let unplugged = line(&v, "@mem unplugged");

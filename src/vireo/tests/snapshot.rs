@@ -1613,3 +1613,84 @@ fn a_balloon_on_a_uffd_restored_vm_tells_the_page_fault_handler_what_it_releases
     );
     let _ = std::fs::remove_dir_all(&files);
 }
+
+/// Restores a snapshot of a guest that plugged 64 MiB of hotplug memory through `load`, and
+/// checks that the plugged memory kept its bytes and can be plugged further and unplugged.
+fn hotplug_after_restore(c: &Vireo, load: &str) {
+    ok(c, "PUT", "/snapshot/load", load);
+    let (code, body) = c.req("GET", "/hotplug/memory", "");
+    assert_eq!(code, 200, "{body}");
+    let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(s["plugged_size_mib"], 64, "{s}");
+    ok(
+        c,
+        "PATCH",
+        "/hotplug/memory",
+        r#"{"requested_size_mib":96}"#,
+    );
+    let l = wait_prefix(c, "@mem plugged");
+    assert!(l.contains("mib=96 resp=0 verified=1 state=0"), "{l}");
+    ok(c, "PATCH", "/hotplug/memory", r#"{"requested_size_mib":0}"#);
+    let l = wait_prefix(c, "@mem unplugged");
+    assert!(l.contains("mib=0 resp=0"), "{l}");
+    wait_prefix(c, "@mem done");
+}
+
+#[test]
+fn plugged_hotplug_memory_survives_snapshots_with_either_backend() {
+    let v = Vireo::start("snap-hotplug");
+    ok(
+        &v,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count":1,"mem_size_mib":128}"#,
+    );
+    ok(
+        &v,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 vireo.memtest"}}"#,
+            guest("pvh").display()
+        ),
+    );
+    ok(&v, "PUT", "/hotplug/memory", r#"{"total_size_mib":256}"#);
+    ok(&v, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    wait_prefix(&v, "@mem ready");
+    ok(
+        &v,
+        "PATCH",
+        "/hotplug/memory",
+        r#"{"requested_size_mib":64}"#,
+    );
+    let l = wait_prefix(&v, "@mem plugged");
+    assert!(l.contains("mib=64 resp=0 verified=1"), "{l}");
+    ok(&v, "PATCH", "/vm", r#"{"state":"Paused"}"#);
+    let files = scratch("snap-hotplug-files");
+    let (state, mem) = (files.join("state"), files.join("mem"));
+    create(&v, "Full", &state, &mem);
+    kill9(v);
+    // RAM, then the region, then the trailer page.
+    assert_eq!(std::fs::metadata(&mem).unwrap().len(), (384 << 20) + 4096);
+    let c = Vireo::start("snap-hotplug-file");
+    hotplug_after_restore(&c, &load_body(&state, &mem, true));
+    let mut c = c;
+    assert_eq!(wait_exit(&mut c.child).code(), Some(0));
+    let sock = files.join("uffd.sock");
+    let (stop, handler) = uffd_handler::start(&sock, &mem);
+    let c = Vireo::start("snap-hotplug-uffd");
+    hotplug_after_restore(
+        &c,
+        &format!(
+            r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"Uffd","backend_path":"{}"}},"resume_vm":true}}"#,
+            state.display(),
+            sock.display()
+        ),
+    );
+    let mut c = c;
+    assert_eq!(wait_exit(&mut c.child).code(), Some(0));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (filled, _) = handler.join().unwrap();
+    assert!(filled >= 64 * 256, "the handler filled {filled} pages");
+    let _ = std::fs::remove_dir_all(&files);
+}

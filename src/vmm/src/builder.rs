@@ -105,7 +105,11 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
     )?;
     if let Some(h) = &config.hotplug {
         let layout = h.layout(config.mem_mib).map_err(Error::InvalidConfig)?;
-        memory.add_hotplug(vm_memory::GuestAddress(layout.addr), layout.region_size)?;
+        memory.add_hotplug(
+            vm_memory::GuestAddress(layout.addr),
+            layout.region_size,
+            None,
+        )?;
     }
     // Devices before the kernel: they add to the kernel command line.
     let (vm, devices) = platform(config, &memory)?;

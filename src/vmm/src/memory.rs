@@ -54,6 +54,21 @@ pub enum Backing {
     Uffd(File),
 }
 
+/// Every region of `guest` in address order with where it lies in a snapshot memory file:
+/// regions follow each other there (RAM, then the hotplug region).
+pub fn file_layout(guest: &GuestMemoryMmap) -> Vec<(&GuestRegionMmap<AtomicBitmap>, u64)> {
+    use vm_memory::GuestMemoryRegion;
+    let mut offset = 0;
+    guest
+        .iter()
+        .map(|r| {
+            let at = offset;
+            offset += r.len();
+            (r, at)
+        })
+        .collect()
+}
+
 /// Where each RAM slot starts in guest physical memory, how long it is, and where it lies
 /// in a snapshot memory file (slots follow each other there).
 pub fn slots(size: u64) -> Result<Vec<(GuestAddress, usize, u64)>, Error> {
@@ -148,17 +163,27 @@ impl Memory {
         track_dirty: bool,
         socket: &std::path::Path,
         remove_events: bool,
+        hotplug: Option<(GuestAddress, u64)>,
     ) -> Result<Self, Error> {
-        let guest = Self::map(size, None, 0)?;
+        let mut memory = Self {
+            guest: Self::map(size, None, 0)?,
+            track_dirty,
+            backing: Backing::Anonymous,
+            hotplug: None,
+        };
+        if let Some((addr, len)) = hotplug {
+            memory.add_hotplug(addr, len, None)?;
+        }
+        use vm_memory::GuestMemoryRegion;
+        let guest = memory.guest;
         let uffd = uffd::register(&guest, remove_events)
             .map_err(|e| Error::Uffd(format!("userfaultfd: {e}")))?;
-        let mappings: Vec<serde_json::Value> = guest
-            .iter()
-            .zip(slots(size)?)
-            .map(|(region, (_, len, offset))| {
+        let mappings: Vec<serde_json::Value> = file_layout(&guest)
+            .into_iter()
+            .map(|(region, offset)| {
                 serde_json::json!({
                     "base_host_virt_addr": region.as_ptr() as u64,
-                    "size": len,
+                    "size": region.len(),
                     "offset": offset,
                     "page_size": uffd::PAGE,
                     "page_size_kib": uffd::PAGE,
@@ -186,20 +211,33 @@ impl Memory {
             guest,
             track_dirty,
             backing: Backing::Uffd(uffd),
-            hotplug: None,
+            hotplug: memory.hotplug,
         })
     }
 
     /// Adds the memory hotplug region, `size` bytes at `addr`: anonymous, backed only where the
-    /// guest writes.
-    pub fn add_hotplug(&mut self, addr: GuestAddress, size: u64) -> Result<(), Error> {
+    /// guest writes, or a private mapping of `file` from `offset` (a restored VM).
+    pub fn add_hotplug(
+        &mut self,
+        addr: GuestAddress,
+        size: u64,
+        file: Option<(&File, u64)>,
+    ) -> Result<(), Error> {
         let err = |e: String| Error::Map { size, err: e };
         let len = usize::try_from(size).map_err(|e| err(e.to_string()))?;
-        let region = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| err(e.to_string()))?;
+        let mut builder = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+        builder = match file {
+            Some((f, offset)) => builder
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .with_file_offset(FileOffset::new(
+                    f.try_clone().map_err(|e| err(e.to_string()))?,
+                    offset,
+                )),
+            None => builder
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
+        };
+        let region = builder.build().map_err(|e| err(e.to_string()))?;
         let region = GuestRegionMmap::new(region, addr)
             .ok_or_else(|| err("the hotplug region ends past the address space".into()))?;
         self.guest = self

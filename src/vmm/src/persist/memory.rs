@@ -8,7 +8,7 @@
 //! the previous snapshot: by the guest (KVM's dirty log) and by vireo's devices (the dirty
 //! bitmap of guest memory), zero or not, so that merging it over its base is exact.
 
-use crate::memory::{slots, Backing, Memory};
+use crate::memory::{Backing, Memory};
 use crate::vstate::vm::Vm;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -125,7 +125,6 @@ fn dump(
         u64,
     ) -> std::io::Result<Vec<bool>>,
 ) -> std::io::Result<DumpStats> {
-    let size: u64 = mem.guest.iter().map(|r| r.len()).sum();
     let mut w = Writer {
         file,
         buf: Vec::with_capacity(WRITE_CHUNK),
@@ -133,8 +132,11 @@ fn dump(
         pages: 0,
     };
     let mut page = [0u8; PAGE];
-    let layout = slots(size).map_err(std::io::Error::other)?;
-    for (slot, (region, &(addr, len, offset))) in mem.guest.iter().zip(&layout).enumerate() {
+    for (slot, (region, offset)) in crate::memory::file_layout(&mem.guest)
+        .into_iter()
+        .enumerate()
+    {
+        let (addr, len) = (region.start_addr(), region.len() as usize);
         let want = pick(slot, region, len, offset)?;
         for (p, _) in want.iter().enumerate().filter(|(_, &w)| w) {
             let at = addr.0 + (p * PAGE) as u64;
@@ -178,7 +180,9 @@ fn own_bitmap(region: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> &AtomicBitma
 /// the next diff snapshot holds only what is written after this point.
 pub fn reset_dirty(mem: &Memory, vm: &Vm) -> std::io::Result<()> {
     for (slot, region) in mem.guest.iter().enumerate() {
-        if mem.track_dirty {
+        // The hotplug region's KVM slots come and go with plugging: diffs take its resident
+        // pages instead of a dirty log.
+        if mem.track_dirty && Some(region.start_addr()) != mem.hotplug {
             vm.dirty_pages(slot as u32, region.len() as usize)
                 .map_err(|e| std::io::Error::other(format!("KVM_GET_DIRTY_LOG: {e}")))?;
         }
@@ -190,6 +194,10 @@ pub fn reset_dirty(mem: &Memory, vm: &Vm) -> std::io::Result<()> {
 /// Writes the pages written since the last snapshot (by the guest or by vireo) to `file`.
 pub fn write_diff(mem: &Memory, vm: &Vm, file: &File) -> std::io::Result<DumpStats> {
     dump(mem, file, false, |slot, region, len, _| {
+        if Some(region.start_addr()) == mem.hotplug {
+            own_bitmap(region).reset();
+            return touched(region.as_ptr(), len);
+        }
         let kvm = vm
             .dirty_pages(slot as u32, len)
             .map_err(|e| std::io::Error::other(format!("KVM_GET_DIRTY_LOG: {e}")))?;

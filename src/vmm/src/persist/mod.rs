@@ -17,7 +17,7 @@ pub mod memory;
 use crate::builder::Machine;
 use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::DevicesState;
-use crate::memory::Memory;
+use crate::memory::{Backing, Memory};
 use crate::vstate::persist::{VcpuState, VmState};
 use crate::vstate::vcpu::Vcpu;
 use crate::RunningVm;
@@ -74,9 +74,6 @@ pub enum Error {
     /// Snapshots of hugetlbfs-backed memory are not written yet.
     #[error("snapshots of a microVM on 2M huge pages are not supported by vireo yet (huge_pages None or Transparent can be snapshotted)")]
     HugePages,
-    /// Snapshots of a VM with memory hotplug are not written yet.
-    #[error("snapshots of a microVM with memory hotplug are not supported by vireo yet")]
-    Hotplug,
     /// Diff snapshots need dirty page tracking.
     #[error("a Diff snapshot needs dirty page tracking: set track_dirty_pages in machine-config before starting, or enable_diff_snapshots / track_dirty_pages when loading")]
     NoDirtyTracking,
@@ -393,9 +390,7 @@ impl RunningVm {
         if m.config.huge_pages == crate::config::HugePages::Huge2M {
             return Err(Error::HugePages);
         }
-        if m.config.hotplug.is_some() {
-            return Err(Error::Hotplug);
-        }
+
         if p.kind == SnapshotType::Diff && !m.memory.track_dirty {
             return Err(Error::NoDirtyTracking);
         }
@@ -425,7 +420,8 @@ impl RunningVm {
         }
         let vm_state = m.vm.save_state()?;
         let devices = m.devices.save()?;
-        let mem_size: u64 = m.config.mem_mib << 20;
+        // The memory file holds RAM, then the hotplug region.
+        let mem_size: u64 = file_size(&m.config);
         let meta = Meta {
             vireo_version: crate::controller::VERSION.to_string(),
             mem_id: random_id(),
@@ -509,6 +505,16 @@ impl RunningVm {
             started.elapsed().as_micros()
         );
         let mem_size = snap.mem_size();
+        let ram_size = snap.config.mem_mib << 20;
+        let hotplug = match &snap.config.hotplug {
+            Some(h) => {
+                let l = h
+                    .layout(snap.config.mem_mib)
+                    .map_err(|e| Error::Mismatch(format!("the snapshot's {e}")))?;
+                Some((vm_memory::GuestAddress(l.addr), l.region_size))
+            }
+            None => None,
+        };
         let mut config = snap.config;
         for (iface, tap) in &p.network_overrides {
             let net = config
@@ -536,13 +542,26 @@ impl RunningVm {
         config.track_dirty_pages = p.track_dirty_pages;
         let memory = match &p.mem {
             MemBackend::File(path) => {
-                open_memory(path, snap.meta.mem_id, mem_size, p.track_dirty_pages)?
+                let (file, mem_id) = (path, snap.meta.mem_id);
+                let mut memory =
+                    open_memory(file, mem_id, mem_size, ram_size, p.track_dirty_pages)?;
+                if let Some((addr, len)) = hotplug {
+                    let f = match &memory.backing {
+                        Backing::File(f) => f.try_clone(),
+                        _ => Err(std::io::Error::other("not mapped from the file")),
+                    }
+                    .map_err(|e| path_err("mem_backend", path, e))?;
+                    memory
+                        .add_hotplug(addr, len, Some((&f, ram_size)))
+                        .map_err(crate::Error::from)?;
+                }
+                memory
             }
             MemBackend::Uffd(path) => {
                 // A balloon releases pages the handler filled: it must hear of it
                 // (UFFD_EVENT_REMOVE) and serve zeros on the next fault, as with Firecracker.
                 let removes = config.balloon.is_some();
-                Memory::from_uffd(mem_size, p.track_dirty_pages, path, removes)
+                Memory::from_uffd(ram_size, p.track_dirty_pages, path, removes, hotplug)
                     .map_err(|e| path_err("mem_backend", path, e))?
             }
         };
@@ -645,9 +664,9 @@ impl Snapshot {
         Ok(snap)
     }
 
-    /// Guest RAM in bytes.
+    /// Bytes of guest memory in the memory file: RAM, then the hotplug region.
     fn mem_size(&self) -> u64 {
-        self.config.mem_mib << 20
+        file_size(&self.config)
     }
 }
 
@@ -672,11 +691,18 @@ pub fn fuzz_state(data: &[u8]) {
     let _ = check_state(&format::encode(&sections));
 }
 
-/// Opens a memory file and checks that it is the one the state file names, whole.
+/// Bytes of guest memory a memory file holds for `config`: RAM, then the hotplug region.
+fn file_size(config: &VmConfig) -> u64 {
+    (config.mem_mib << 20) + config.hotplug.map_or(0, |h| h.total_mib << 20)
+}
+
+/// Opens a memory file and checks that it is the one the state file names, whole, and maps
+/// its first `ram_size` bytes as guest RAM.
 fn open_memory(
     path: &Path,
     mem_id: u64,
     mem_size: u64,
+    ram_size: u64,
     track_dirty: bool,
 ) -> Result<Memory, Error> {
     let what = "mem_backend";
@@ -717,7 +743,7 @@ fn open_memory(
             mem_id
         )));
     }
-    Memory::from_file(file, mem_size, track_dirty).map_err(|e| crate::Error::from(e).into())
+    Memory::from_file(file, ram_size, track_dirty).map_err(|e| crate::Error::from(e).into())
 }
 
 /// Builds the machine: KVM VM, memory, devices from the configuration, then the saved state

@@ -274,6 +274,25 @@ impl BlockState {
         }
     }
 
+    /// Runs of plugged blocks as (offset into the region, length), in order.
+    pub fn plugged_ranges(&self) -> Vec<(u64, u64)> {
+        let (blocks, size) = (self.layout.blocks(), self.layout.block_size);
+        let mut out = Vec::new();
+        let mut b = 0;
+        while b < blocks {
+            if !self.is_plugged(b) {
+                b += 1;
+                continue;
+            }
+            let start = b;
+            while b < blocks && self.is_plugged(b) {
+                b += 1;
+            }
+            out.push((start * size, (b - start) * size));
+        }
+        out
+    }
+
     /// The config space image (virtio 1.2, 5.15.4).
     pub fn config_image(&self) -> [u8; 56] {
         let l = &self.layout;
@@ -490,6 +509,14 @@ impl super::VirtioDevice for VirtioMem {
         let saved: persist::MemState = serde_json::from_value(state.clone())
             .map_err(|e| format!("virtio-mem: bad state: {e}"))?;
         let mut s = crate::bus::lock(&self.state);
-        saved.apply(&mut s)
+        saved.apply(&mut s)?;
+        // What was plugged is guest RAM again on the host.
+        let mut backend = crate::bus::lock(&self.backend);
+        for (offset, len) in s.plugged_ranges() {
+            backend
+                .plug(offset, len)
+                .map_err(|e| format!("virtio-mem: cannot plug saved blocks again: {e}"))?;
+        }
+        Ok(())
     }
 }
