@@ -1643,7 +1643,7 @@ fn plugged_hotplug_memory_survives_snapshots_with_either_backend() {
         &v,
         "PUT",
         "/machine-config",
-        r#"{"vcpu_count":1,"mem_size_mib":128}"#,
+        r#"{"vcpu_count":1,"mem_size_mib":128,"track_dirty_pages":true}"#,
     );
     ok(
         &v,
@@ -1657,19 +1657,36 @@ fn plugged_hotplug_memory_survives_snapshots_with_either_backend() {
     ok(&v, "PUT", "/hotplug/memory", r#"{"total_size_mib":256}"#);
     ok(&v, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
     wait_prefix(&v, "@mem ready");
-    ok(
-        &v,
-        "PATCH",
-        "/hotplug/memory",
-        r#"{"requested_size_mib":64}"#,
-    );
-    let l = wait_prefix(&v, "@mem plugged");
-    assert!(l.contains("mib=64 resp=0 verified=1"), "{l}");
+    // A full snapshot with 32 MiB plugged, then a diff with 64 MiB, merged over it.
+    let plug = |v: &Vireo, mib: u64| {
+        ok(
+            v,
+            "PATCH",
+            "/hotplug/memory",
+            &format!(r#"{{"requested_size_mib":{mib}}}"#),
+        );
+        let l = wait_prefix(v, "@mem plugged");
+        assert!(l.contains(&format!("mib={mib} resp=0 verified=1")), "{l}");
+    };
+    plug(&v, 32);
     ok(&v, "PATCH", "/vm", r#"{"state":"Paused"}"#);
     let files = scratch("snap-hotplug-files");
-    let (state, mem) = (files.join("state"), files.join("mem"));
-    create(&v, "Full", &state, &mem);
+    let (full, mem) = (files.join("full"), files.join("mem"));
+    create(&v, "Full", &full, &mem);
+    ok(&v, "PATCH", "/vm", r#"{"state":"Resumed"}"#);
+    plug(&v, 64);
+    ok(&v, "PATCH", "/vm", r#"{"state":"Paused"}"#);
+    let (state, diff) = (files.join("state"), files.join("diff"));
+    create(&v, "Diff", &state, &diff);
     kill9(v);
+    let merged = run_raw(&[
+        "rebase-snap",
+        "--base-file",
+        mem.to_str().unwrap(),
+        "--diff-file",
+        diff.to_str().unwrap(),
+    ]);
+    assert_eq!(merged.code(), 0, "{}", merged.stderr);
     // RAM, then the region, then the trailer page.
     assert_eq!(std::fs::metadata(&mem).unwrap().len(), (384 << 20) + 4096);
     let c = Vireo::start("snap-hotplug-file");
