@@ -1,0 +1,374 @@
+//! Running a command for the host: the agent's side ([`serve`]) and the host's ([`run`]), over
+//! any byte stream (vsock in a VM, a Unix socket in tests).
+//!
+//! The agent answers `Hello`, then serves one `Exec`: the command's standard output and error
+//! are read by a thread each and sent as frames as they come; frames from the host feed its
+//! standard input, close it, or signal it; when both outputs are closed and the command has
+//! been reaped, `Exited` ends the session.
+
+use crate::proto::{
+    ErrorMessage, Exec, Exited, Frame, FrameError, Hello, Kind, Signal, Started, MAX_DATA, VERSION,
+};
+use std::io::{Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+/// A stream both sides can read and write from several threads.
+pub trait Stream: Read + Write + Send + 'static {
+    /// A second handle on the same stream.
+    fn try_clone_stream(&self) -> std::io::Result<Self>
+    where
+        Self: Sized;
+}
+
+impl Stream for std::os::unix::net::UnixStream {
+    fn try_clone_stream(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+}
+
+fn error_frame(message: String) -> Frame {
+    Frame::json(Kind::Error, &ErrorMessage { message })
+}
+
+/// Serves one session on `stream`: the greeting, then one command.
+pub fn serve<S: Stream>(mut stream: S, software: &str) -> Result<(), FrameError> {
+    let hello = Frame::read_from(&mut stream)?;
+    if hello.kind != Kind::Hello {
+        error_frame("the session must start with Hello".into()).write_to(&mut stream)?;
+        return Ok(());
+    }
+    let theirs: Hello = hello.parse()?;
+    Frame::json(
+        Kind::Hello,
+        &Hello {
+            version: VERSION,
+            software: software.into(),
+        },
+    )
+    .write_to(&mut stream)?;
+    if theirs.version != VERSION {
+        return Err(FrameError::Version(theirs.version));
+    }
+    let request = Frame::read_from(&mut stream)?;
+    if request.kind != Kind::Exec {
+        error_frame(format!("expected Exec, got {:?}", request.kind)).write_to(&mut stream)?;
+        return Ok(());
+    }
+    let exec: Exec = match request.parse() {
+        Ok(e) => e,
+        Err(e) => return error_frame(e.to_string()).write_to(&mut stream),
+    };
+    let Some((program, args)) = exec.argv.split_first() else {
+        return error_frame("Exec: argv is empty".into()).write_to(&mut stream);
+    };
+    if exec.tty.is_some() {
+        return error_frame("Exec: a terminal (tty) is not supported yet".into())
+            .write_to(&mut stream);
+    }
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(&exec.env)
+        .current_dir(exec.cwd.as_deref().unwrap_or("/"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(gid) = exec.gid {
+        cmd.gid(gid);
+    }
+    if let Some(uid) = exec.uid {
+        cmd.uid(uid);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return error_frame(format!("cannot run {program}: {e}")).write_to(&mut stream);
+        }
+    };
+    let pid = child.id();
+    Frame::json(Kind::Started, &Started { pid }).write_to(&mut stream)?;
+    // Output frames from two threads: one writer at a time.
+    let out = Arc::new(Mutex::new(stream.try_clone_stream()?));
+    let pump = |mut from: Box<dyn Read + Send>, kind: Kind| {
+        let out = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX_DATA];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let mut w = out.lock().unwrap_or_else(|e| e.into_inner());
+                        if Frame::data(kind, &buf[..n]).write_to(&mut *w).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let stdout = child.stdout.take().map(|o| pump(Box::new(o), Kind::Stdout));
+    let stderr = child.stderr.take().map(|e| pump(Box::new(e), Kind::Stderr));
+    // The host's frames, until the command ends or the host goes away. Signals go to the
+    // command only while it is alive and not yet reaped (its pid cannot have been reused).
+    let alive = Arc::new(Mutex::new(true));
+    let signal = {
+        let alive = alive.clone();
+        move |sig: i32| {
+            let alive = alive.lock().unwrap_or_else(|e| e.into_inner());
+            if *alive {
+                // The command this session started, not reaped yet (the flag is cleared, under
+                // this lock, before it is).
+                if let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+                }
+            }
+        }
+    };
+    let mut stdin = child.stdin.take();
+    let mut reader = stream;
+    let input = std::thread::spawn(move || {
+        while let Ok(f) = Frame::read_from(&mut reader) {
+            match f.kind {
+                Kind::Stdin => {
+                    if let Some(i) = stdin.as_mut() {
+                        if i.write_all(&f.payload).is_err() {
+                            stdin = None;
+                        }
+                    }
+                }
+                Kind::StdinClose => stdin = None,
+                Kind::Signal => {
+                    if let Ok(s) = f.parse::<Signal>() {
+                        signal(s.signal);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // The host went away: the command is not left behind.
+        signal(nix::libc::SIGKILL);
+    });
+    // Wait for the end without reaping, so that no signal can reach a reused pid.
+    use nix::sys::wait::{waitid, Id, WaitPidFlag};
+    let _ = waitid(
+        Id::Pid(nix::unistd::Pid::from_raw(pid as i32)),
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+    );
+    *alive.lock().unwrap_or_else(|e| e.into_inner()) = false;
+    let status = child.wait()?;
+    for t in [stdout, stderr].into_iter().flatten() {
+        let _ = t.join();
+    }
+    drop(input);
+    let exited = Exited {
+        code: status.code(),
+        signal: status.signal(),
+    };
+    let mut w = out.lock().unwrap_or_else(|e| e.into_inner());
+    Frame::json(Kind::Exited, &exited).write_to(&mut *w)
+}
+
+/// The host's side: greets the agent, runs `exec`, feeds it `stdin` (then closes its input),
+/// writes what it prints to `stdout` and `stderr`, and returns how it ended. An `Error` frame
+/// from the agent (a command that does not exist, say) is returned as an error naming it.
+pub fn run<S: Stream>(
+    mut stream: S,
+    exec: &Exec,
+    mut stdin: impl Read + Send + 'static,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> Result<Exited, String> {
+    let e = |e: FrameError| e.to_string();
+    Frame::json(
+        Kind::Hello,
+        &Hello {
+            version: VERSION,
+            software: format!("vireo {}", env!("CARGO_PKG_VERSION")),
+        },
+    )
+    .write_to(&mut stream)
+    .map_err(e)?;
+    let hello = Frame::read_from(&mut stream).map_err(e)?;
+    if hello.kind != Kind::Hello {
+        return Err(format!("the agent answered {:?} to Hello", hello.kind));
+    }
+    let theirs: Hello = hello.parse().map_err(e)?;
+    if theirs.version != VERSION {
+        return Err(format!(
+            "the agent ({}) speaks protocol version {}, vireo {VERSION}",
+            theirs.software, theirs.version
+        ));
+    }
+    Frame::json(Kind::Exec, exec)
+        .write_to(&mut stream)
+        .map_err(e)?;
+    let mut writer = stream.try_clone_stream().map_err(|x| x.to_string())?;
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; MAX_DATA];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if Frame::data(Kind::Stdin, &buf[..n])
+                        .write_to(&mut writer)
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = Frame::data(Kind::StdinClose, b"").write_to(&mut writer);
+    });
+    loop {
+        let f = Frame::read_from(&mut stream).map_err(e)?;
+        match f.kind {
+            Kind::Started => {}
+            Kind::Stdout => stdout.write_all(&f.payload).map_err(|x| x.to_string())?,
+            Kind::Stderr => stderr.write_all(&f.payload).map_err(|x| x.to_string())?,
+            Kind::Exited => return f.parse().map_err(e),
+            Kind::Error => {
+                let m: ErrorMessage = f.parse().map_err(e)?;
+                return Err(m.message);
+            }
+            other => return Err(format!("unexpected {other:?} frame from the agent")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    /// The agent on one end of a socket pair, in a thread; the host's end.
+    fn session() -> UnixStream {
+        let (host, agent) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let _ = serve(agent, "vireo-agent test");
+        });
+        host
+    }
+
+    fn exec(argv: &[&str]) -> Exec {
+        Exec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: [("PATH".to_string(), "/usr/bin:/bin".to_string())].into(),
+            ..Default::default()
+        }
+    }
+
+    fn run_it(e: &Exec, input: &'static [u8]) -> (Result<Exited, String>, Vec<u8>, Vec<u8>) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let r = run(session(), e, input, &mut out, &mut err);
+        (r, out, err)
+    }
+
+    #[test]
+    fn output_streams_and_the_exit_status_come_back() {
+        let (r, out, err) = run_it(&exec(&["sh", "-c", "echo hi; echo oops >&2; exit 3"]), b"");
+        assert_eq!(
+            r,
+            Ok(Exited {
+                code: Some(3),
+                signal: None
+            })
+        );
+        assert_eq!(out, b"hi\n");
+        assert_eq!(err, b"oops\n");
+    }
+
+    #[test]
+    fn standard_input_reaches_the_command_and_its_end_is_seen() {
+        let (r, out, _) = run_it(&exec(&["cat"]), b"line one\nline two\n");
+        assert_eq!(r.unwrap().code, Some(0));
+        assert_eq!(out, b"line one\nline two\n");
+    }
+
+    #[test]
+    fn environment_and_directory_are_the_requested_ones() {
+        let mut e = exec(&["sh", "-c", "echo $GREETING; pwd"]);
+        e.env.insert("GREETING".into(), "hello".into());
+        e.cwd = Some("/tmp".into());
+        let (r, out, _) = run_it(&e, b"");
+        assert_eq!(r.unwrap().code, Some(0));
+        assert_eq!(out, b"hello\n/tmp\n");
+    }
+
+    #[test]
+    fn a_missing_command_and_bad_requests_are_errors() {
+        let (r, _, _) = run_it(&exec(&["/no/such/program"]), b"");
+        let e = r.unwrap_err();
+        assert!(e.contains("cannot run /no/such/program"), "{e}");
+        let (r, _, _) = run_it(&exec(&[]), b"");
+        assert!(r.unwrap_err().contains("argv is empty"));
+        let mut t = exec(&["true"]);
+        t.tty = Some((24, 80));
+        let (r, _, _) = run_it(&t, b"");
+        assert!(r.unwrap_err().contains("tty"));
+    }
+
+    #[test]
+    fn signals_are_forwarded() {
+        let mut host = session();
+        let e = exec(&["sleep", "30"]);
+        Frame::json(
+            Kind::Hello,
+            &Hello {
+                version: VERSION,
+                software: "test".into(),
+            },
+        )
+        .write_to(&mut host)
+        .unwrap();
+        assert_eq!(Frame::read_from(&mut host).unwrap().kind, Kind::Hello);
+        Frame::json(Kind::Exec, &e).write_to(&mut host).unwrap();
+        assert_eq!(Frame::read_from(&mut host).unwrap().kind, Kind::Started);
+        Frame::json(Kind::Signal, &Signal { signal: 15 })
+            .write_to(&mut host)
+            .unwrap();
+        let f = Frame::read_from(&mut host).unwrap();
+        assert_eq!(f.kind, Kind::Exited);
+        assert_eq!(
+            f.parse::<Exited>().unwrap(),
+            Exited {
+                code: None,
+                signal: Some(15)
+            }
+        );
+    }
+
+    #[test]
+    fn a_host_that_goes_away_takes_its_command_with_it() {
+        let mut host = session();
+        Frame::json(
+            Kind::Hello,
+            &Hello {
+                version: VERSION,
+                software: "test".into(),
+            },
+        )
+        .write_to(&mut host)
+        .unwrap();
+        let _ = Frame::read_from(&mut host).unwrap();
+        Frame::json(Kind::Exec, &exec(&["sleep", "30"]))
+            .write_to(&mut host)
+            .unwrap();
+        let started = Frame::read_from(&mut host).unwrap();
+        let pid = started.parse::<Started>().unwrap().pid;
+        drop(host);
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| !s.contains(") Z"))
+        {
+            assert!(
+                std::time::Instant::now() < end,
+                "the command outlived its host"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
