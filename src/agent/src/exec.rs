@@ -28,7 +28,7 @@ impl Stream for std::os::unix::net::UnixStream {
     }
 }
 
-fn error_frame(message: String) -> Frame {
+pub(crate) fn error_frame(message: String) -> Frame {
     Frame::json(Kind::Error, &ErrorMessage { message })
 }
 
@@ -52,10 +52,17 @@ pub fn serve<S: Stream>(mut stream: S, software: &str) -> Result<(), FrameError>
         return Err(FrameError::Version(theirs.version));
     }
     let request = Frame::read_from(&mut stream)?;
-    if request.kind != Kind::Exec {
-        error_frame(format!("expected Exec, got {:?}", request.kind)).write_to(&mut stream)?;
-        return Ok(());
+    match request.kind {
+        Kind::Exec => serve_exec(stream, &request),
+        Kind::CopyIn => crate::copy::serve_in(stream, &request),
+        Kind::CopyOut => crate::copy::serve_out(stream, &request),
+        other => error_frame(format!("expected Exec, CopyIn or CopyOut, got {other:?}"))
+            .write_to(&mut stream),
     }
+}
+
+/// Runs the command `request` asks for and streams it until it ends.
+fn serve_exec<S: Stream>(mut stream: S, request: &Frame) -> Result<(), FrameError> {
     let exec: Exec = match request.parse() {
         Ok(e) => e,
         Err(e) => return error_frame(e.to_string()).write_to(&mut stream),
@@ -170,6 +177,32 @@ pub fn serve<S: Stream>(mut stream: S, software: &str) -> Result<(), FrameError>
     Frame::json(Kind::Exited, &exited).write_to(&mut *w)
 }
 
+/// The host's greeting, and the agent's checked.
+pub(crate) fn greet<S: Stream>(stream: &mut S) -> Result<(), String> {
+    let e = |e: FrameError| e.to_string();
+    Frame::json(
+        Kind::Hello,
+        &Hello {
+            version: VERSION,
+            software: format!("vireo {}", env!("CARGO_PKG_VERSION")),
+        },
+    )
+    .write_to(stream)
+    .map_err(e)?;
+    let hello = Frame::read_from(stream).map_err(e)?;
+    if hello.kind != Kind::Hello {
+        return Err(format!("the agent answered {:?} to Hello", hello.kind));
+    }
+    let theirs: Hello = hello.parse().map_err(e)?;
+    if theirs.version != VERSION {
+        return Err(format!(
+            "the agent ({}) speaks protocol version {}, vireo {VERSION}",
+            theirs.software, theirs.version
+        ));
+    }
+    Ok(())
+}
+
 /// The host's side: greets the agent, runs `exec`, feeds it `stdin` (then closes its input),
 /// writes what it prints to `stdout` and `stderr`, and returns how it ended. An `Error` frame
 /// from the agent (a command that does not exist, say) is returned as an error naming it.
@@ -181,26 +214,7 @@ pub fn run<S: Stream>(
     stderr: &mut dyn Write,
 ) -> Result<Exited, String> {
     let e = |e: FrameError| e.to_string();
-    Frame::json(
-        Kind::Hello,
-        &Hello {
-            version: VERSION,
-            software: format!("vireo {}", env!("CARGO_PKG_VERSION")),
-        },
-    )
-    .write_to(&mut stream)
-    .map_err(e)?;
-    let hello = Frame::read_from(&mut stream).map_err(e)?;
-    if hello.kind != Kind::Hello {
-        return Err(format!("the agent answered {:?} to Hello", hello.kind));
-    }
-    let theirs: Hello = hello.parse().map_err(e)?;
-    if theirs.version != VERSION {
-        return Err(format!(
-            "the agent ({}) speaks protocol version {}, vireo {VERSION}",
-            theirs.software, theirs.version
-        ));
-    }
+    greet(&mut stream)?;
     Frame::json(Kind::Exec, exec)
         .write_to(&mut stream)
         .map_err(e)?;

@@ -4,5 +4,6 @@
 //! Work in progress for issue 12: the framing, the messages and running a command over them
 //! are here; the `vireo-agent` binary (PID 1 duties, vsock) and `vireo exec` come next.
 
+pub mod copy;
 pub mod exec;
 pub mod proto;
