@@ -417,11 +417,7 @@ impl Controller {
         self.resources.machine.mem_size_mib = config.mem_mib;
         self.resources.machine.track_dirty_pages = config.track_dirty_pages;
         self.resources.balloon = config.balloon.clone();
-        self.resources.hotplug = config.hotplug.map(|h| MemoryHotplugConfig {
-            total_size_mib: h.total_mib,
-            slot_size_mib: h.slot_mib,
-            block_size_mib: h.block_mib,
-        });
+        self.resources.hotplug = config.hotplug.map(MemoryHotplugConfig::from);
         self.vm = Some(vm);
         Ok(VmmData::Empty)
     }

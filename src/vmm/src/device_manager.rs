@@ -270,15 +270,14 @@ impl DeviceManager {
                 Error::InvalidConfig(format!("balloon: cannot create the device: {e}"))
             })?;
             let handle = device.handle();
-            dm.add_virtio(
+            let transport = dm.add_virtio(
                 vm,
                 mem,
                 DeviceKind::Balloon,
                 "balloon".into(),
                 Box::new(device),
             )?;
-            let transport = dm.virtio.last().map(|e| e.transport.clone());
-            dm.balloon = transport.map(|t| (handle, t));
+            dm.balloon = Some((handle, transport));
         }
         if let Some(h) = &config.hotplug {
             let layout = h.layout(config.mem_mib).map_err(Error::InvalidConfig)?;
@@ -299,15 +298,14 @@ impl DeviceManager {
             devices::bus::lock(&state)
                 .set_requested_size(h.requested_mib.saturating_mul(1 << 20))
                 .map_err(Error::InvalidConfig)?;
-            dm.add_virtio(
+            let transport = dm.add_virtio(
                 vm,
                 mem,
                 DeviceKind::Memory,
                 "memory-hotplug".into(),
                 Box::new(device),
             )?;
-            let transport = dm.virtio.last().map(|e| e.transport.clone());
-            dm.hotplug = transport.map(|t| (state, t));
+            dm.hotplug = Some((state, transport));
         }
         Ok(dm)
     }
@@ -382,7 +380,7 @@ impl DeviceManager {
 
     /// Places a virtio device: the next MMIO window and interrupt line, its queue
     /// notifications as ioeventfds, its interrupt as an irqfd, its command-line and DSDT
-    /// entries.
+    /// entries. Returns its transport, for devices the VMM changes while the guest runs.
     fn add_virtio(
         &mut self,
         vm: &Vm,
@@ -390,7 +388,7 @@ impl DeviceManager {
         kind: DeviceKind,
         id: String,
         device: Box<dyn VirtioDevice>,
-    ) -> Result<(), Error> {
+    ) -> Result<Arc<Mutex<MmioTransport>>, Error> {
         let index = self.virtio.len();
         let irq = VIRTIO_IRQ_BASE + index as u32;
         if irq > VIRTIO_IRQ_MAX {
@@ -431,9 +429,9 @@ impl DeviceManager {
         self.virtio.push(VirtioEntry {
             kind,
             id,
-            transport,
+            transport: transport.clone(),
         });
-        Ok(())
+        Ok(transport)
     }
 
     /// What the devices add to the kernel command line (with a leading space).

@@ -247,6 +247,16 @@ fn default_block_mib() -> u64 {
     2
 }
 
+impl From<crate::config::HotplugConfig> for MemoryHotplugConfig {
+    fn from(h: crate::config::HotplugConfig) -> Self {
+        Self {
+            total_size_mib: h.total_mib,
+            slot_size_mib: h.slot_mib,
+            block_size_mib: h.block_mib,
+        }
+    }
+}
+
 impl MemoryHotplugConfig {
     /// The VM configuration's form.
     pub fn config(&self) -> crate::config::HotplugConfig {
@@ -981,21 +991,9 @@ impl VmResources {
                     tx_rate_limiter: n.tx_rate_limiter.unwrap_or_default(),
                 })
                 .collect(),
-            balloon: match &self.balloon {
-                Some(b) => {
-                    b.check(self.machine.mem_size_mib).map_err(ResourceError)?;
-                    Some(b.clone())
-                }
-                None => None,
-            },
-            hotplug: match &self.hotplug {
-                Some(h) => {
-                    let c = h.config();
-                    c.layout(self.machine.mem_size_mib).map_err(ResourceError)?;
-                    Some(c)
-                }
-                None => None,
-            },
+            // Checked against the memory size by the device manager at start.
+            balloon: self.balloon.clone(),
+            hotplug: self.hotplug.as_ref().map(MemoryHotplugConfig::config),
             vsock: self.vsock.as_ref().map(|v| crate::config::VsockConfig {
                 cid: v.guest_cid,
                 uds: PathBuf::from(&v.uds_path),
