@@ -42,6 +42,8 @@ pub(super) struct BalloonThread {
     bytes: Vec<u8>,
     /// Given pages on 2 MiB hugetlbfs memory, until whole huge pages can be released.
     huge: super::release::HugePages,
+    /// Whether any of guest memory is on hugetlbfs (then page numbers are tracked).
+    huge_backed: bool,
 }
 
 impl BalloonThread {
@@ -61,7 +63,9 @@ impl BalloonThread {
             pfns: Vec::with_capacity(MAX_PFNS_PER_CHAIN),
             bytes: vec![0; MAX_PFNS_PER_CHAIN * 4],
             huge: Default::default(),
+            huge_backed: false,
         };
+        thread.huge_backed = super::release::any_huge(&thread.mem);
         thread.arm_timer(false);
         Ok(thread)
     }
@@ -206,7 +210,7 @@ impl BalloonThread {
                 n += 1;
             }
             add(&m.inflated_pages, n as u64);
-            if super::release::is_huge(&self.mem, addr) {
+            if self.huge_backed && super::release::is_huge(&self.mem, addr) {
                 for pfn in u64::from(start)..u64::from(start) + n as u64 {
                     if let Some(huge) = self.huge.give(pfn) {
                         self.release(huge, 2 << 20);
@@ -229,6 +233,15 @@ impl BalloonThread {
                 continue;
             }
             let take = (len as usize).min(MAX_PFNS_PER_CHAIN * 4);
+            if !self.huge_backed {
+                // Nothing to undo on the host: the numbers need not be read.
+                if self.mem.check_range(addr, take) {
+                    add(&m.deflated_pages, take as u64 / 4);
+                } else {
+                    add(&m.bad_descriptors, 1);
+                }
+                continue;
+            }
             let buf = &mut self.bytes[..take];
             if self.mem.read_slice(buf, addr).is_err() {
                 add(&m.bad_descriptors, 1);

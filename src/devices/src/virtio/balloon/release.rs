@@ -101,6 +101,11 @@ pub(super) fn is_huge(mem: &GuestMemoryMmap, addr: GuestAddress) -> bool {
         .is_some_and(|r| r.flags() & libc::MAP_HUGETLB != 0)
 }
 
+/// Whether any of guest memory is backed by hugetlbfs pages.
+pub(super) fn any_huge(mem: &GuestMemoryMmap) -> bool {
+    mem.iter().any(|r| r.flags() & libc::MAP_HUGETLB != 0)
+}
+
 /// The 4 KiB pages a guest gave up inside each 2 MiB huge page: a huge page can only be
 /// released once all 512 of its pages are in the balloon, and the driver gives them a few at
 /// a time (256 per chain for Linux), so they are counted across chains.
