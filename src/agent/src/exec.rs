@@ -324,22 +324,22 @@ mod tests {
         assert!(r.unwrap_err().contains("tty"));
     }
 
+    /// A session running `sleep 30`, driven frame by frame: the host's end and the pid.
+    fn started_sleep() -> (UnixStream, u32) {
+        let mut host = session();
+        greet(&mut host).unwrap();
+        Frame::json(Kind::Exec, &exec(&["sleep", "30"]))
+            .write_to(&mut host)
+            .unwrap();
+        let started = Frame::read_from(&mut host).unwrap();
+        assert_eq!(started.kind, Kind::Started);
+        let pid = started.parse::<Started>().unwrap().pid;
+        (host, pid)
+    }
+
     #[test]
     fn signals_are_forwarded() {
-        let mut host = session();
-        let e = exec(&["sleep", "30"]);
-        Frame::json(
-            Kind::Hello,
-            &Hello {
-                version: VERSION,
-                software: "test".into(),
-            },
-        )
-        .write_to(&mut host)
-        .unwrap();
-        assert_eq!(Frame::read_from(&mut host).unwrap().kind, Kind::Hello);
-        Frame::json(Kind::Exec, &e).write_to(&mut host).unwrap();
-        assert_eq!(Frame::read_from(&mut host).unwrap().kind, Kind::Started);
+        let (mut host, _) = started_sleep();
         Frame::json(Kind::Signal, &Signal { signal: 15 })
             .write_to(&mut host)
             .unwrap();
@@ -356,22 +356,7 @@ mod tests {
 
     #[test]
     fn a_host_that_goes_away_takes_its_command_with_it() {
-        let mut host = session();
-        Frame::json(
-            Kind::Hello,
-            &Hello {
-                version: VERSION,
-                software: "test".into(),
-            },
-        )
-        .write_to(&mut host)
-        .unwrap();
-        let _ = Frame::read_from(&mut host).unwrap();
-        Frame::json(Kind::Exec, &exec(&["sleep", "30"]))
-            .write_to(&mut host)
-            .unwrap();
-        let started = Frame::read_from(&mut host).unwrap();
-        let pid = started.parse::<Started>().unwrap().pid;
+        let (host, pid) = started_sleep();
         drop(host);
         let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while std::path::Path::new(&format!("/proc/{pid}")).exists()

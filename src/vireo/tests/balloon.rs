@@ -54,24 +54,6 @@ fn start(v: &Vireo) {
     assert_eq!(code, 204, "{body}");
 }
 
-/// Waits for a line starting with `want`; returns it and the lines seen before it.
-fn until(rx: &std::sync::mpsc::Receiver<String>, want: &str) -> (String, Vec<String>) {
-    let end = Instant::now() + Duration::from_secs(60);
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
-            Ok(l) if l.starts_with(want) => return (l, seen),
-            Ok(l) => seen.push(l),
-            Err(_) => panic!("no line {want:?} from the guest; saw {seen:#?}"),
-        }
-    }
-}
-
-/// Waits for a line of the API-driven VM starting with `want` and returns it.
-fn line(v: &Vireo, want: &str) -> String {
-    until(&v.lines, want).0
-}
-
 #[test]
 fn inflating_releases_guest_memory_on_the_host_and_deflating_gives_it_back() {
     let v = Vireo::start("balloon-inflate");
@@ -81,7 +63,7 @@ fn inflating_releases_guest_memory_on_the_host_and_deflating_gives_it_back() {
         r#"{"amount_mib":0,"deflate_on_oom":true,"stats_polling_interval_s":1}"#,
     );
     start(&v);
-    let ready = line(&v, "@balloon ready");
+    let ready = v.wait_prefix("@balloon ready");
     assert_eq!(field(&ready, "stats"), Some("1"), "{ready}");
     let pid = v.child.id();
     let before = guest_rss(pid, 128 * MIB);
@@ -90,7 +72,7 @@ fn inflating_releases_guest_memory_on_the_host_and_deflating_gives_it_back() {
     // The host asks for 24 MiB; the guest gives those pages and the host releases them.
     let (code, body) = v.req("PATCH", "/balloon", r#"{"amount_mib":24}"#);
     assert_eq!(code, 204, "{body}");
-    let inflated = line(&v, "@balloon inflated");
+    let inflated = v.wait_prefix("@balloon inflated");
     assert_eq!(field(&inflated, "actual"), Some("6144"), "{inflated}");
     assert_eq!(field(&inflated, "ok"), Some("1"), "{inflated}");
     assert_eq!(field(&inflated, "kept_intact"), Some("1"), "{inflated}");
@@ -167,11 +149,11 @@ fn inflating_releases_guest_memory_on_the_host_and_deflating_gives_it_back() {
     // Deflate: the guest takes its pages back, writes them and reads back what it wrote.
     let (code, body) = v.req("PATCH", "/balloon", r#"{"amount_mib":0}"#);
     assert_eq!(code, 204, "{body}");
-    let deflated = line(&v, "@balloon deflated");
+    let deflated = v.wait_prefix("@balloon deflated");
     assert_eq!(field(&deflated, "actual"), Some("0"), "{deflated}");
     assert_eq!(field(&deflated, "ok"), Some("1"), "{deflated}");
     assert_eq!(field(&deflated, "rewritten"), Some("1"), "{deflated}");
-    line(&v, "@balloon done");
+    v.wait_prefix("@balloon done");
     let again = guest_rss(pid, 128 * MIB);
     assert!(
         again >= after + 23 * MIB,
@@ -205,7 +187,7 @@ fn free_page_reporting_releases_what_the_guest_reports() {
         "size_mib=0,reporting=on",
         "vireo.balloontest=32 vireo.balloonreport",
     );
-    let (reported, seen) = until(&rx, "@balloon reported");
+    let (reported, seen) = until_prefix(&rx, "@balloon reported");
     assert_eq!(field(&reported, "mib"), Some("16"), "{reported}");
     assert_eq!(field(&reported, "ok"), Some("1"), "{reported}");
     let ready = seen.iter().find(|l| l.contains("@balloon ready")).unwrap();
@@ -224,7 +206,7 @@ fn free_page_reporting_releases_what_the_guest_reports() {
 #[test]
 fn a_balloon_given_on_the_command_line_is_inflated_at_boot() {
     let (mut child, rx) = run_balloon("size_mib=8,deflate_on_oom=on", "vireo.balloontest=16");
-    let (l, seen) = until(&rx, "@balloon inflated");
+    let (l, seen) = until_prefix(&rx, "@balloon inflated");
     assert_eq!(field(&l, "actual"), Some("2048"), "{l}");
     assert_eq!(field(&l, "ok"), Some("1"), "{l}");
     let ready = seen.iter().find(|l| l.contains("@balloon ready")).unwrap();
@@ -302,7 +284,7 @@ fn bad_balloon_settings_are_refused_by_name() {
         r#"{"amount_mib":0,"deflate_on_oom":false}"#,
     );
     start(&v);
-    line(&v, "@balloon ready");
+    v.wait_prefix("@balloon ready");
     let (code, answer) = v.req("GET", "/balloon/statistics", "");
     assert_eq!(code, 400, "{answer}");
     assert!(
@@ -330,7 +312,7 @@ fn a_free_page_hinting_run_releases_what_the_guest_hints() {
     assert_eq!(code, 400, "{answer}");
     assert!(answer.contains("not supported before starting"), "{answer}");
     start(&v);
-    let ready = line(&v, "@balloon ready");
+    let ready = v.wait_prefix("@balloon ready");
     assert_eq!(field(&ready, "hinting"), Some("1"), "{ready}");
     let pid = v.child.id();
     let before = guest_rss(pid, 128 * MIB);
@@ -368,7 +350,7 @@ fn a_free_page_hinting_run_releases_what_the_guest_hints() {
     );
     let (code, body) = v.req("PATCH", "/balloon/hinting/stop", "");
     assert_eq!(code, 204, "{body}");
-    let hinted = line(&v, "@balloon hinted");
+    let hinted = v.wait_prefix("@balloon hinted");
     assert!(
         hinted.contains("run=2 mib=16 ok=1 done=1 rewritten=1"),
         "{hinted}"
@@ -377,7 +359,7 @@ fn a_free_page_hinting_run_releases_what_the_guest_hints() {
     // A run acknowledged at the guest's STOP (the default).
     let (code, body) = v.req("PATCH", "/balloon/hinting/start", "");
     assert_eq!(code, 204, "{body}");
-    let hinted = line(&v, "@balloon hinted");
+    let hinted = v.wait_prefix("@balloon hinted");
     assert!(
         hinted.contains("run=3 mib=16 ok=1 done=1 rewritten=1"),
         "{hinted}"

@@ -128,16 +128,8 @@ fn two_mib_pages_back_the_guest_or_it_is_refused_clearly() {
             "--cmdline",
             "console=ttyS0 vireo.balloontest=16",
         ]);
-        let end = Instant::now() + Duration::from_secs(30);
-        loop {
-            let l = rx
-                .recv_timeout(end.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("no {line} line"));
-            if l.starts_with(line) {
-                assert!(!l.contains("ok=0"), "{l}");
-                break;
-            }
-        }
+        let (l, _) = until_prefix(&rx, line);
+        assert!(!l.contains("ok=0"), "{l}");
         let used = free - meminfo("HugePages_Free:");
         let _ = child.kill();
         let _ = child.wait();
@@ -218,22 +210,6 @@ fn rss_anon_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-/// Waits for a line of `v` starting with `want`.
-fn line(v: &Vireo, want: &str) -> String {
-    let end = Instant::now() + Duration::from_secs(60);
-    let mut seen = Vec::new();
-    loop {
-        match v
-            .lines
-            .recv_timeout(end.saturating_duration_since(Instant::now()))
-        {
-            Ok(l) if l.starts_with(want) => return l,
-            Ok(l) => seen.push(l),
-            Err(_) => panic!("no {want:?}; saw {seen:#?}"),
-        }
-    }
-}
-
 #[test]
 fn hotplugged_memory_becomes_guest_ram_and_unplugged_memory_goes_back() {
     let v = Vireo::start("mem-hotplug");
@@ -275,7 +251,7 @@ fn hotplugged_memory_becomes_guest_ram_and_unplugged_memory_goes_back() {
     assert_eq!(code, 400, "{answer}");
     assert!(answer.contains("not supported before starting"), "{answer}");
     ok("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
-    let ready = line(&v, "@mem ready");
+    let ready = v.wait_prefix("@mem ready");
     // After 128 MiB of RAM, aligned to the 128 MiB slot.
     assert!(
         ready.contains("block=2097152 addr=0x8000000 region=268435456 inaccessible=1"),
@@ -286,7 +262,7 @@ fn hotplugged_memory_becomes_guest_ram_and_unplugged_memory_goes_back() {
 
     // Plug 64 MiB: the guest writes every page of it and reads it back.
     ok("PATCH", "/hotplug/memory", r#"{"requested_size_mib":64}"#);
-    let plugged = line(&v, "@mem plugged");
+    let plugged = v.wait_prefix("@mem plugged");
     assert!(
         plugged.contains("mib=64 resp=0 verified=1 state=0"),
         "{plugged}"
@@ -325,14 +301,14 @@ fn hotplugged_memory_becomes_guest_ram_and_unplugged_memory_goes_back() {
     }
     // Unplug all: the host releases it and the guest ends.
     ok("PATCH", "/hotplug/memory", r#"{"requested_size_mib":0}"#);
-    let unplugged = line(&v, "@mem unplugged");
+    let unplugged = v.wait_prefix("@mem unplugged");
     assert!(unplugged.contains("mib=0 resp=0"), "{unplugged}");
     let after = rss_anon_kib(pid);
     assert!(
         after + (63 << 10) <= resident,
         "released: {resident} -> {after} KiB"
     );
-    line(&v, "@mem done");
+    v.wait_prefix("@mem done");
     let mut v = v;
     assert_eq!(wait_exit(&mut v.child).code(), Some(0));
 }
@@ -351,15 +327,7 @@ fn memory_hotplug_on_the_command_line_is_plugged_from_boot() {
         "--cmdline",
         "console=ttyS0 vireo.memtest",
     ]);
-    let end = Instant::now() + Duration::from_secs(30);
-    let plugged = loop {
-        let l = rx
-            .recv_timeout(end.saturating_duration_since(Instant::now()))
-            .expect("a @mem plugged line");
-        if l.starts_with("@mem plugged") {
-            break l;
-        }
-    };
+    let (plugged, _) = until_prefix(&rx, "@mem plugged");
     assert!(
         plugged.contains("mib=32 resp=0 verified=1 state=0"),
         "{plugged}"

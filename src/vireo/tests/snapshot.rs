@@ -128,23 +128,6 @@ fn pause(v: &Vireo, before: &[String]) -> u64 {
         .unwrap_or(0)
 }
 
-/// Waits for a line starting with `prefix`; returns it.
-fn wait_prefix(v: &Vireo, prefix: &str) -> String {
-    let end = Instant::now() + DEADLINE;
-    let mut seen = Vec::new();
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        let l = v
-            .lines
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no line {prefix:?}; saw {seen:?}"));
-        if l.starts_with(prefix) {
-            return l;
-        }
-        seen.push(l);
-    }
-}
-
 /// Ends a vireo with SIGKILL, as a crash would.
 fn kill9(mut v: Vireo) {
     // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
@@ -258,7 +241,7 @@ fn block_requests_complete_exactly_once_across_snapshots_and_data_survives() {
     let dir = scratch("snap-blk-img");
     let img = empty_image(&dir);
     let v = boot_counter("snap-blk", "vireo.blktick", 64, false, Some(&img));
-    let wrote = wait_prefix(&v, "@ticker wrote");
+    let wrote = v.wait_prefix("@ticker wrote");
     assert!(wrote.contains("ok=1"), "{wrote}");
     // Snapshots while requests flow: each pause lands wherever the guest is.
     let (state, mem) = (dir.join("state"), dir.join("mem"));
@@ -1035,7 +1018,7 @@ fn a_restored_vsock_device_resets_the_guest_connections_and_listens_at_the_overr
         &format!(r#"{{"guest_cid":3,"uds_path":"{}"}}"#, uds.display()),
     );
     ok(&v, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
-    wait_prefix(&v, "@vsock events posted");
+    v.wait_prefix("@vsock events posted");
     pause(&v, &[]);
     let (state, mem) = (files.join("state"), files.join("mem"));
     create(&v, "Full", &state, &mem);
@@ -1054,7 +1037,7 @@ fn a_restored_vsock_device_resets_the_guest_connections_and_listens_at_the_overr
         ),
     );
     assert_eq!(code, 204, "{body}");
-    let event = wait_prefix(&c, "@vsock event");
+    let event = c.wait_prefix("@vsock event");
     assert_eq!(field(&event, "id"), Some("0"), "TRANSPORT_RESET: {event}");
     assert_eq!(field(&event, "len"), Some("4"), "{event}");
     // The host side now listens at the override.
@@ -1147,7 +1130,7 @@ fn a_restored_interface_on_a_new_tap_passes_traffic_with_its_offloads() {
         r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"02:00:00:00:00:02"}"#,
     );
     ok(&v, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
-    wait_prefix(&v, "@net ready");
+    v.wait_prefix("@net ready");
     let mut buf = [0u8; 256];
     let (n, _) = hello.recv_from(&mut buf).expect("the guest's hello");
     assert_eq!(&buf[..n], b"hello from vireo");
@@ -1179,7 +1162,7 @@ fn a_restored_interface_on_a_new_tap_passes_traffic_with_its_offloads() {
     let host = std::net::UdpSocket::bind("10.0.0.1:0").unwrap();
     host.send_to(b"hello after restore", "10.0.0.2:5000")
         .unwrap();
-    let got = wait_prefix(&c, "@net udp-rx");
+    let got = c.wait_prefix("@net udp-rx");
     let hex: String = b"hello after restore"
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -1191,7 +1174,7 @@ fn a_restored_interface_on_a_new_tap_passes_traffic_with_its_offloads() {
 
 /// Leaf 1 ECX and leaf 7 EBX from the guest's `@cpu ... bsp` line.
 fn cpu_regs(v: &Vireo) -> (u64, u64) {
-    let line = wait_prefix(v, "@cpu apic=0");
+    let line = v.wait_prefix("@cpu apic=0");
     let reg = |name: &str| {
         let hex = field(&line, name).unwrap_or_else(|| panic!("{name} in {line}"));
         u64::from_str_radix(hex.trim_start_matches("0x"), 16).unwrap()
@@ -1454,7 +1437,7 @@ fn a_two_vcpu_vm_restores_with_both_cpus() {
         r#"{"vcpu_count":2,"mem_size_mib":64}"#,
     );
     ok(&v, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
-    let ap = wait_prefix(&v, "@cpu apic=1");
+    let ap = v.wait_prefix("@cpu apic=1");
     assert!(ap.contains("started"), "{ap}");
     let seen = wait_tick(&v, 3);
     let last = pause(&v, &seen);
@@ -1507,9 +1490,9 @@ fn ballooned_snapshot(name: &str) -> (PathBuf, PathBuf, PathBuf) {
         r#"{"amount_mib":0,"deflate_on_oom":false,"stats_polling_interval_s":1}"#,
     );
     ok(&v, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
-    wait_prefix(&v, "@balloon ready");
+    v.wait_prefix("@balloon ready");
     ok(&v, "PATCH", "/balloon", r#"{"amount_mib":4}"#);
-    let l = wait_prefix(&v, "@balloon inflated");
+    let l = v.wait_prefix("@balloon inflated");
     assert!(l.contains("actual=1024 ok=1 kept_intact=1"), "{l}");
     // Statistics have arrived before the snapshot.
     let end = Instant::now() + DEADLINE;
@@ -1556,7 +1539,7 @@ fn balloon_after_restore(c: &Vireo, metrics: &Path) -> u64 {
     assert_eq!(s["actual_mib"], 4, "{s}");
     assert_eq!(s["total_memory"], 128u64 << 20, "restored statistics: {s}");
     ok(c, "PATCH", "/balloon", r#"{"amount_mib":8}"#);
-    let l = wait_prefix(c, "@balloon inflated");
+    let l = c.wait_prefix("@balloon inflated");
     assert!(l.contains("actual=2048 ok=1 kept_intact=1"), "{l}");
     ok(c, "PUT", "/actions", r#"{"action_type":"FlushMetrics"}"#);
     let text = std::fs::read_to_string(metrics).unwrap();
@@ -1565,9 +1548,9 @@ fn balloon_after_restore(c: &Vireo, metrics: &Path) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("no balloon metrics: {last}"));
     ok(c, "PATCH", "/balloon", r#"{"amount_mib":0}"#);
-    let l = wait_prefix(c, "@balloon deflated");
+    let l = c.wait_prefix("@balloon deflated");
     assert!(l.contains("actual=0 ok=1 rewritten=1"), "{l}");
-    wait_prefix(c, "@balloon done");
+    c.wait_prefix("@balloon done");
     released
 }
 
@@ -1628,12 +1611,12 @@ fn hotplug_after_restore(c: &Vireo, load: &str) {
         "/hotplug/memory",
         r#"{"requested_size_mib":96}"#,
     );
-    let l = wait_prefix(c, "@mem plugged");
+    let l = c.wait_prefix("@mem plugged");
     assert!(l.contains("mib=96 resp=0 verified=1 state=0"), "{l}");
     ok(c, "PATCH", "/hotplug/memory", r#"{"requested_size_mib":0}"#);
-    let l = wait_prefix(c, "@mem unplugged");
+    let l = c.wait_prefix("@mem unplugged");
     assert!(l.contains("mib=0 resp=0"), "{l}");
-    wait_prefix(c, "@mem done");
+    c.wait_prefix("@mem done");
 }
 
 #[test]
@@ -1656,7 +1639,7 @@ fn plugged_hotplug_memory_survives_snapshots_with_either_backend() {
     );
     ok(&v, "PUT", "/hotplug/memory", r#"{"total_size_mib":256}"#);
     ok(&v, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
-    wait_prefix(&v, "@mem ready");
+    v.wait_prefix("@mem ready");
     // A full snapshot with 32 MiB plugged, then a diff with 64 MiB, merged over it.
     let plug = |v: &Vireo, mib: u64| {
         ok(
@@ -1665,7 +1648,7 @@ fn plugged_hotplug_memory_survives_snapshots_with_either_backend() {
             "/hotplug/memory",
             &format!(r#"{{"requested_size_mib":{mib}}}"#),
         );
-        let l = wait_prefix(v, "@mem plugged");
+        let l = v.wait_prefix("@mem plugged");
         assert!(l.contains(&format!("mib={mib} resp=0 verified=1")), "{l}");
     };
     plug(&v, 32);

@@ -202,6 +202,20 @@ pub fn spawn_interactive(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
     (child, rx)
 }
 
+/// Waits for a line starting with `want`; returns it and the lines seen before it, or panics
+/// at the deadline.
+pub fn until_prefix(rx: &mpsc::Receiver<String>, want: &str) -> (String, Vec<String>) {
+    let end = Instant::now() + DEADLINE;
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            Ok(l) if l.starts_with(want) => return (l, seen),
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("no line {want:?} from the guest; saw {seen:#?}"),
+        }
+    }
+}
+
 /// Waits for a line equal to `want` (collecting the lines seen), or panics at the deadline.
 pub fn wait_line(rx: &mpsc::Receiver<String>, want: &str, seen: &mut Vec<String>) {
     let end = Instant::now() + DEADLINE;
@@ -403,6 +417,11 @@ impl Vireo {
         let mut seen = Vec::new();
         wait_line(&self.lines, want, &mut seen);
         seen
+    }
+
+    /// Waits for a stdout line starting with `want` and returns it.
+    pub fn wait_prefix(&self, want: &str) -> String {
+        until_prefix(&self.lines, want).0
     }
 
     /// Sends `sig` and waits for the exit code.
