@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Balloon benchmark: inflate and deflate rate (MiB/s) and the host memory released, for vireo
 and Firecracker ($FIRECRACKER, default ../shared/peers/firecracker; empty leaves it out) side
-by side, runs interleaved.
+by side, runs interleaved. Cloud Hypervisor is left out: its balloon is a virtio-PCI device,
+and the test guest drives virtio-mmio devices only.
 
 The guest is vireo's test guest with its balloon driver (`vireo.balloontest=N`): it touches
 N MiB, then follows the target. Each run boots a 1 vCPU guest of N + 128 MiB through the API,

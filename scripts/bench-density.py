@@ -9,7 +9,8 @@ divided by N (everything the host spent: the process, its page tables, KVM's ker
 with the parts of it that /proc/meminfo breaks out (anonymous pages, page tables, kernel
 stacks, unreclaimable slab, per-CPU) and the mean PSS of the processes.
 
-VMMs: vireo (static musl build) without an API socket and with one, non-PIE, and with
+VMMs: Cloud Hypervisor ($CLOUD_HYPERVISOR, default ../shared/peers/cloud-hypervisor, without
+an API socket), vireo (static musl build) without an API socket and with one, non-PIE, and with
 `--memory 16,merge=on` while the kernel's same-page merging runs (KSM is switched on, fast, for
 that run only, everything unmerged after, and the host's settings restored), Firecracker
 ($FIRECRACKER, default ../shared/peers/firecracker, with --no-api and with an API socket) and
@@ -83,6 +84,10 @@ def command(vmm, tmp, i):
             sock = os.path.join(tmp, f"fc{i}.sock")
             return [FC, "--api-sock", sock, "--config-file", cfg, "--level", "Error"], serial, sock
         return [FC, "--no-api", "--config-file", cfg, "--level", "Error"], serial, None
+    if vmm == "cloud-hypervisor":
+        # No API socket: Cloud Hypervisor serves its API only when asked for one.
+        return [CH, "--kernel", GUEST, "--cmdline", CMDLINE, "--memory", f"size={MEM_MIB}M",
+                "--cpus", "boot=1", "--serial", f"file={serial}", "--console", "off"], serial, None
     if vmm == "qemu":
         return ["qemu-system-x86_64", "-M",
                 "microvm,x-option-roms=off,pit=off,pic=off,rtc=off,isa-serial=on",
@@ -232,7 +237,7 @@ def run(vmm, n, tmp):
 
 
 def main():
-    global FC
+    global FC, CH
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vireo", type=int, default=10000)
     ap.add_argument("--vireo-api", type=int, default=1000)
@@ -241,6 +246,7 @@ def main():
                     help="VMs with --memory ...,merge=on while the kernel's KSM runs")
     ap.add_argument("--firecracker", type=int, default=1000)
     ap.add_argument("--firecracker-api", type=int, default=0)
+    ap.add_argument("--cloud-hypervisor", type=int, default=1000)
     ap.add_argument("--qemu", type=int, default=100)
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
@@ -254,6 +260,7 @@ def main():
             subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo", "--target",
                             "x86_64-unknown-linux-musl"], cwd=ROOT, env=env, check=True)
     FC = peer("FIRECRACKER", "firecracker")
+    CH = peer("CLOUD_HYPERVISOR", "cloud-hypervisor")
     runs = [("vireo", args.vireo), ("vireo-api", args.vireo_api)]
     if os.path.exists(VIREO_NOPIE):
         runs.append(("vireo-nopie", args.nopie))
@@ -263,6 +270,8 @@ def main():
             runs.append(("vireo-nopie-merge", args.merge))
     if FC:
         runs += [("firecracker", args.firecracker), ("firecracker-api", args.firecracker_api)]
+    if CH:
+        runs.append(("cloud-hypervisor", args.cloud_hypervisor))
     if shutil.which("qemu-system-x86_64"):
         runs.append(("qemu", args.qemu))
     with open("/proc/sys/kernel/pid_max") as f:
