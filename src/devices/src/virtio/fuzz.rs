@@ -543,22 +543,18 @@ mod tests {
         // deflate chain, a statistics buffer and a free range.
         let ring = 16 * 16 + 4 + 2 * 16;
         let mut base = vec![3u8];
-        for (q, (addr, len, flags)) in [
+        for (addr, len, flags) in [
             (0x8000u64, 64u32, 0u16),
             (0x8000, 16, 0),
             (0x8100, 30, 0),
             (0x0, 4096, 2),
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        ] {
             let mut r = vec![0u8; ring];
             r[..8].copy_from_slice(&addr.to_le_bytes());
             r[8..12].copy_from_slice(&len.to_le_bytes());
             r[12..14].copy_from_slice(&flags.to_le_bytes());
             // avail: flags 0, idx 1, ring[0] = 0.
             r[256 + 2] = 1;
-            let _ = q;
             base.extend_from_slice(&r);
         }
         let pfns: Vec<u8> = (0..16u32).flat_map(|p| (p * 3).to_le_bytes()).collect();
