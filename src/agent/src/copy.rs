@@ -159,7 +159,7 @@ mod tests {
     fn session() -> UnixStream {
         let (host, agent) = UnixStream::pair().unwrap();
         std::thread::spawn(move || {
-            let _ = crate::exec::serve(agent, "vireo-agent test");
+            let _ = crate::exec::serve(agent, &crate::exec::Agent::plain("vireo-agent test"));
         });
         host
     }

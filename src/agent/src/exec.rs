@@ -6,11 +6,15 @@
 //! standard input, close it, or signal it; when both outputs are closed and the command has
 //! been reaped, `Exited` ends the session.
 
+use crate::children::Children;
 use crate::proto::{
-    ErrorMessage, Exec, Exited, Frame, FrameError, Hello, Kind, Signal, Started, MAX_DATA, VERSION,
+    ErrorMessage, Exec, Exited, Frame, FrameError, Hello, Kind, Resize, Signal, Started, MAX_DATA,
+    VERSION,
 };
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -28,12 +32,45 @@ impl Stream for std::os::unix::net::UnixStream {
     }
 }
 
+/// A connected socket of a family std has no type for (vsock).
+impl Stream for File {
+    fn try_clone_stream(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+}
+
 pub(crate) fn error_frame(message: String) -> Frame {
     Frame::json(Kind::Error, &ErrorMessage { message })
 }
 
-/// Serves one session on `stream`: the greeting, then one command.
-pub fn serve<S: Stream>(mut stream: S, software: &str) -> Result<(), FrameError> {
+/// What sessions share: the agent's name, its children, and what it may do.
+#[derive(Clone)]
+pub struct Agent {
+    /// Program and version, sent in `Hello`.
+    pub software: String,
+    /// The commands sessions started.
+    pub children: Arc<Children>,
+    /// The program that puts a command on a terminal (`vireo-agent --exec-on-tty`); without
+    /// it, terminal requests are refused.
+    pub tty_helper: Option<PathBuf>,
+    /// Whether `PowerOff` is honoured (the agent is the guest's init).
+    pub init: bool,
+}
+
+impl Agent {
+    /// An agent whose sessions reap their own commands, without terminals (tests).
+    pub fn plain(software: &str) -> Self {
+        Self {
+            software: software.into(),
+            children: Children::new(),
+            tty_helper: None,
+            init: false,
+        }
+    }
+}
+
+/// Serves one session on `stream`: the greeting, then one request.
+pub fn serve<S: Stream>(mut stream: S, agent: &Agent) -> Result<(), FrameError> {
     let hello = Frame::read_from(&mut stream)?;
     if hello.kind != Kind::Hello {
         error_frame("the session must start with Hello".into()).write_to(&mut stream)?;
@@ -44,7 +81,7 @@ pub fn serve<S: Stream>(mut stream: S, software: &str) -> Result<(), FrameError>
         Kind::Hello,
         &Hello {
             version: VERSION,
-            software: software.into(),
+            software: agent.software.clone(),
         },
     )
     .write_to(&mut stream)?;
@@ -53,16 +90,29 @@ pub fn serve<S: Stream>(mut stream: S, software: &str) -> Result<(), FrameError>
     }
     let request = Frame::read_from(&mut stream)?;
     match request.kind {
-        Kind::Exec => serve_exec(stream, &request),
+        Kind::Exec => serve_exec(stream, &request, agent),
         Kind::CopyIn => crate::copy::serve_in(stream, &request),
         Kind::CopyOut => crate::copy::serve_out(stream, &request),
-        other => error_frame(format!("expected Exec, CopyIn or CopyOut, got {other:?}"))
-            .write_to(&mut stream),
+        Kind::PowerOff => crate::init::power_off(stream, agent.init),
+        other => error_frame(format!(
+            "expected Exec, CopyIn, CopyOut or PowerOff, got {other:?}"
+        ))
+        .write_to(&mut stream),
     }
 }
 
+/// Where a command's input goes and its output comes from.
+enum Io {
+    Pipes {
+        stdin: Option<std::process::ChildStdin>,
+    },
+    Terminal {
+        master: File,
+    },
+}
+
 /// Runs the command `request` asks for and streams it until it ends.
-fn serve_exec<S: Stream>(mut stream: S, request: &Frame) -> Result<(), FrameError> {
+fn serve_exec<S: Stream>(mut stream: S, request: &Frame, agent: &Agent) -> Result<(), FrameError> {
     let exec: Exec = match request.parse() {
         Ok(e) => e,
         Err(e) => return error_frame(e.to_string()).write_to(&mut stream),
@@ -70,25 +120,56 @@ fn serve_exec<S: Stream>(mut stream: S, request: &Frame) -> Result<(), FrameErro
     let Some((program, args)) = exec.argv.split_first() else {
         return error_frame("Exec: argv is empty".into()).write_to(&mut stream);
     };
-    if exec.tty.is_some() {
-        return error_frame("Exec: a terminal (tty) is not supported yet".into())
-            .write_to(&mut stream);
-    }
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .env_clear()
+    let mut terminal = None;
+    let mut cmd = match (exec.tty, &agent.tty_helper) {
+        (None, _) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            if let Some(gid) = exec.gid {
+                cmd.gid(gid);
+            }
+            if let Some(uid) = exec.uid {
+                cmd.uid(uid);
+            }
+            cmd
+        }
+        (Some(_), None) => {
+            return error_frame("Exec: this agent cannot open terminals".into())
+                .write_to(&mut stream)
+        }
+        (Some((rows, cols)), Some(helper)) => {
+            let (master, pts) = match crate::tty::open(rows, cols) {
+                Ok(t) => t,
+                Err(e) => {
+                    return error_frame(format!("Exec: cannot open a terminal: {e}"))
+                        .write_to(&mut stream)
+                }
+            };
+            terminal = Some(master);
+            // The helper makes the terminal its controlling one, then becomes the command.
+            let mut cmd = Command::new(helper);
+            cmd.arg("--exec-on-tty").arg(&pts);
+            if let Some(uid) = exec.uid {
+                cmd.arg("--uid").arg(uid.to_string());
+            }
+            if let Some(gid) = exec.gid {
+                cmd.arg("--gid").arg(gid.to_string());
+            }
+            cmd.arg("--")
+                .args(&exec.argv)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            cmd
+        }
+    };
+    cmd.env_clear()
         .envs(&exec.env)
-        .current_dir(exec.cwd.as_deref().unwrap_or("/"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(gid) = exec.gid {
-        cmd.gid(gid);
-    }
-    if let Some(uid) = exec.uid {
-        cmd.uid(uid);
-    }
-    let mut child = match cmd.spawn() {
+        .current_dir(exec.cwd.as_deref().unwrap_or("/"));
+    let mut child = match agent.children.spawn(&mut cmd) {
         Ok(c) => c,
         Err(e) => {
             return error_frame(format!("cannot run {program}: {e}")).write_to(&mut stream);
@@ -104,6 +185,8 @@ fn serve_exec<S: Stream>(mut stream: S, request: &Frame) -> Result<(), FrameErro
             let mut buf = vec![0u8; MAX_DATA];
             loop {
                 match from.read(&mut buf) {
+                    // A terminal's master reads EIO once the last holder of its other side
+                    // has gone.
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
                         let mut w = out.lock().unwrap_or_else(|e| e.into_inner());
@@ -115,64 +198,69 @@ fn serve_exec<S: Stream>(mut stream: S, request: &Frame) -> Result<(), FrameErro
             }
         })
     };
-    let stdout = child.stdout.take().map(|o| pump(Box::new(o), Kind::Stdout));
-    let stderr = child.stderr.take().map(|e| pump(Box::new(e), Kind::Stderr));
-    // The host's frames, until the command ends or the host goes away. Signals go to the
-    // command only while it is alive and not yet reaped (its pid cannot have been reused).
-    let alive = Arc::new(Mutex::new(true));
-    let signal = {
-        let alive = alive.clone();
-        move |sig: i32| {
-            let alive = alive.lock().unwrap_or_else(|e| e.into_inner());
-            if *alive {
-                // The command this session started, not reaped yet (the flag is cleared, under
-                // this lock, before it is).
-                if let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
-                }
-            }
+    let (io, pumps) = match terminal {
+        None => {
+            let stdout = child.stdout.take().map(|o| pump(Box::new(o), Kind::Stdout));
+            let stderr = child.stderr.take().map(|e| pump(Box::new(e), Kind::Stderr));
+            (
+                Io::Pipes {
+                    stdin: child.stdin.take(),
+                },
+                vec![stdout, stderr],
+            )
+        }
+        Some(master) => {
+            let reader = master.try_clone()?;
+            (
+                Io::Terminal { master },
+                vec![Some(pump(Box::new(reader), Kind::Stdout))],
+            )
         }
     };
-    let mut stdin = child.stdin.take();
+    drop(child);
+    // The host's frames, until the command ends or the host goes away.
+    let children = agent.children.clone();
     let mut reader = stream;
     let input = std::thread::spawn(move || {
+        let mut io = io;
         while let Ok(f) = Frame::read_from(&mut reader) {
-            match f.kind {
-                Kind::Stdin => {
+            match (f.kind, &mut io) {
+                (Kind::Stdin, Io::Pipes { stdin }) => {
                     if let Some(i) = stdin.as_mut() {
                         if i.write_all(&f.payload).is_err() {
-                            stdin = None;
+                            *stdin = None;
                         }
                     }
                 }
-                Kind::StdinClose => stdin = None,
-                Kind::Signal => {
+                (Kind::Stdin, Io::Terminal { master }) => {
+                    let _ = master.write_all(&f.payload);
+                }
+                (Kind::StdinClose, Io::Pipes { stdin }) => *stdin = None,
+                // A terminal has no end of input but the end-of-file character.
+                (Kind::StdinClose, Io::Terminal { master }) => {
+                    let _ = master.write_all(&[4]);
+                }
+                (Kind::Signal, _) => {
                     if let Ok(s) = f.parse::<Signal>() {
-                        signal(s.signal);
+                        children.signal(pid, s.signal);
+                    }
+                }
+                (Kind::Resize, Io::Terminal { master }) => {
+                    if let Ok(r) = f.parse::<Resize>() {
+                        let _ = crate::tty::resize(master, r.rows, r.cols);
                     }
                 }
                 _ => {}
             }
         }
         // The host went away: the command is not left behind.
-        signal(nix::libc::SIGKILL);
+        children.signal(pid, nix::libc::SIGKILL);
     });
-    // Wait for the end without reaping, so that no signal can reach a reused pid.
-    use nix::sys::wait::{waitid, Id, WaitPidFlag};
-    let _ = waitid(
-        Id::Pid(nix::unistd::Pid::from_raw(pid as i32)),
-        WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
-    );
-    *alive.lock().unwrap_or_else(|e| e.into_inner()) = false;
-    let status = child.wait()?;
-    for t in [stdout, stderr].into_iter().flatten() {
+    let exited = agent.children.wait(pid);
+    for t in pumps.into_iter().flatten() {
         let _ = t.join();
     }
     drop(input);
-    let exited = Exited {
-        code: status.code(),
-        signal: status.signal(),
-    };
     let mut w = out.lock().unwrap_or_else(|e| e.into_inner());
     Frame::json(Kind::Exited, &exited).write_to(&mut *w)
 }
@@ -261,7 +349,7 @@ mod tests {
     fn session() -> UnixStream {
         let (host, agent) = UnixStream::pair().unwrap();
         std::thread::spawn(move || {
-            let _ = serve(agent, "vireo-agent test");
+            let _ = serve(agent, &Agent::plain("vireo-agent test"));
         });
         host
     }
@@ -321,7 +409,7 @@ mod tests {
         let mut t = exec(&["true"]);
         t.tty = Some((24, 80));
         let (r, _, _) = run_it(&t, b"");
-        assert!(r.unwrap_err().contains("tty"));
+        assert!(r.unwrap_err().contains("cannot open terminals"));
     }
 
     /// A session running `sleep 30`, driven frame by frame: the host's end and the pid.

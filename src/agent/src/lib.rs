@@ -1,9 +1,11 @@
-//! The guest agent's protocol: how vireo and `vireo-agent` (inside the guest) talk over a
-//! stream (vsock in a VM; a Unix socket for tests).
-//!
-//! Work in progress for issue 12: the framing, the messages and running a command over them
-//! are here; the `vireo-agent` binary (PID 1 duties, vsock) and `vireo exec` come next.
+//! vireo's guest agent: the protocol vireo and `vireo-agent` (inside the guest) speak over a
+//! stream (vsock in a VM; a Unix socket for tests), the agent's side of it (commands, files,
+//! terminals, its duties as the guest's init) and the host's side (`exec::run`, `copy`).
 
+pub mod children;
 pub mod copy;
 pub mod exec;
+pub mod init;
+pub mod net;
 pub mod proto;
+pub mod tty;

@@ -12,7 +12,8 @@
 //! `Hello`; then the host sends `Exec` and streams `Stdin`/`StdinClose`/`Signal`/`Resize`, and
 //! the agent streams `Started`, `Stdout`, `Stderr` and ends with `Exited` (or `Error`). Files
 //! go in with `CopyIn` then `Data`… `DataEnd`, and out with `CopyOut` answered by `Data`…
-//! `DataEnd` (or `Error`).
+//! `DataEnd` (or `Error`). `PowerOff` syncs and powers the VM off. Each connection carries one
+//! request.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -23,6 +24,8 @@ use thiserror::Error;
 pub const VERSION: u8 = 1;
 /// Largest frame (version, kind and payload), in bytes.
 pub const MAX_FRAME: u32 = 1 << 20;
+/// The vsock port the agent listens on in the guest.
+pub const PORT: u32 = 1024;
 /// Largest data payload a sender puts in one frame (leaves room under [`MAX_FRAME`]).
 pub const MAX_DATA: usize = 64 << 10;
 
@@ -60,6 +63,9 @@ pub enum Kind {
     Data = 34,
     /// The end of a file.
     DataEnd = 35,
+    /// Host: sync the file systems and power the VM off (the agent must be PID 1); answered
+    /// by `PowerOff` just before it happens, or `Error`.
+    PowerOff = 48,
 }
 
 impl Kind {
@@ -67,7 +73,7 @@ impl Kind {
         use Kind::*;
         [
             Hello, Exec, Stdin, StdinClose, Signal, Resize, Started, Stdout, Stderr, Exited, Error,
-            CopyIn, CopyOut, Data, DataEnd,
+            CopyIn, CopyOut, Data, DataEnd, PowerOff,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
