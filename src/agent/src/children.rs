@@ -92,7 +92,10 @@ impl Children {
         if !self.reaper {
             // Wait without reaping, then reap under the lock that signals take.
             loop {
-                match waitid(Id::Pid(Pid::from_raw(pid)), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+                match waitid(
+                    Id::Pid(Pid::from_raw(pid)),
+                    WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+                ) {
                     Err(Errno::EINTR) => continue,
                     _ => break,
                 }
@@ -112,7 +115,10 @@ impl Children {
                 running.remove(&pid);
                 return status;
             }
-            running = self.changed.wait(running).unwrap_or_else(|e| e.into_inner());
+            running = self
+                .changed
+                .wait(running)
+                .unwrap_or_else(|e| e.into_inner());
         }
     }
 

@@ -291,52 +291,132 @@ pub(crate) fn greet<S: Stream>(stream: &mut S) -> Result<(), String> {
     Ok(())
 }
 
-/// The host's side: greets the agent, runs `exec`, feeds it `stdin` (then closes its input),
-/// writes what it prints to `stdout` and `stderr`, and returns how it ended. An `Error` frame
-/// from the agent (a command that does not exist, say) is returned as an error naming it.
+/// What the host sends while a command runs, besides its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Deliver this signal to the command.
+    Signal(i32),
+    /// The terminal is now this many rows and columns.
+    Resize(u16, u16),
+}
+
+/// How a host-side request failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunError {
+    /// The agent refused or could not run the command, and said why.
+    Agent(String),
+    /// The stream or the protocol failed.
+    Transport(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Agent(m) | Self::Transport(m) => f.write_str(m),
+        }
+    }
+}
+
+/// The host's side: greets the agent, runs `exec`, feeds it `stdin` (then closes its input)
+/// and `controls`, writes what it prints to `stdout` and `stderr`, and returns how it ended.
 pub fn run<S: Stream>(
     mut stream: S,
     exec: &Exec,
     mut stdin: impl Read + Send + 'static,
+    controls: Option<std::sync::mpsc::Receiver<Control>>,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
-) -> Result<Exited, String> {
-    let e = |e: FrameError| e.to_string();
-    greet(&mut stream)?;
+) -> Result<Exited, RunError> {
+    let t = |e: FrameError| RunError::Transport(e.to_string());
+    greet(&mut stream).map_err(RunError::Transport)?;
     Frame::json(Kind::Exec, exec)
         .write_to(&mut stream)
-        .map_err(e)?;
-    let mut writer = stream.try_clone_stream().map_err(|x| x.to_string())?;
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; MAX_DATA];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if Frame::data(Kind::Stdin, &buf[..n])
-                        .write_to(&mut writer)
-                        .is_err()
-                    {
-                        return;
+        .map_err(t)?;
+    // Input and controls come from two threads: one writer at a time.
+    let writer = Arc::new(Mutex::new(
+        stream
+            .try_clone_stream()
+            .map_err(|x| RunError::Transport(x.to_string()))?,
+    ));
+    let send = move |w: &Mutex<S>, f: Frame| {
+        let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
+        f.write_to(&mut *w).is_ok()
+    };
+    {
+        let writer = writer.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX_DATA];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if !send(&writer, Frame::data(Kind::Stdin, &buf[..n])) {
+                            return;
+                        }
                     }
                 }
             }
-        }
-        let _ = Frame::data(Kind::StdinClose, b"").write_to(&mut writer);
-    });
+            send(&writer, Frame::data(Kind::StdinClose, b""));
+        });
+    }
+    if let Some(controls) = controls {
+        std::thread::spawn(move || {
+            for c in controls {
+                let f = match c {
+                    Control::Signal(signal) => Frame::json(Kind::Signal, &Signal { signal }),
+                    Control::Resize(rows, cols) => {
+                        Frame::json(Kind::Resize, &Resize { rows, cols })
+                    }
+                };
+                if !send(&writer, f) {
+                    return;
+                }
+            }
+        });
+    }
+    let io = |x: std::io::Error| RunError::Transport(x.to_string());
     loop {
-        let f = Frame::read_from(&mut stream).map_err(e)?;
+        let f = Frame::read_from(&mut stream).map_err(t)?;
         match f.kind {
             Kind::Started => {}
-            Kind::Stdout => stdout.write_all(&f.payload).map_err(|x| x.to_string())?,
-            Kind::Stderr => stderr.write_all(&f.payload).map_err(|x| x.to_string())?,
-            Kind::Exited => return f.parse().map_err(e),
-            Kind::Error => {
-                let m: ErrorMessage = f.parse().map_err(e)?;
-                return Err(m.message);
+            Kind::Stdout => {
+                stdout.write_all(&f.payload).map_err(io)?;
+                stdout.flush().map_err(io)?;
             }
-            other => return Err(format!("unexpected {other:?} frame from the agent")),
+            Kind::Stderr => {
+                stderr.write_all(&f.payload).map_err(io)?;
+                stderr.flush().map_err(io)?;
+            }
+            Kind::Exited => return f.parse().map_err(t),
+            Kind::Error => {
+                let m: ErrorMessage = f.parse().map_err(t)?;
+                return Err(RunError::Agent(m.message));
+            }
+            other => {
+                return Err(RunError::Transport(format!(
+                    "unexpected {other:?} frame from the agent"
+                )))
+            }
         }
+    }
+}
+
+/// The host's side of `PowerOff`: returns once the agent has synced and is powering off.
+pub fn power_off<S: Stream>(mut stream: S) -> Result<(), RunError> {
+    let t = |e: FrameError| RunError::Transport(e.to_string());
+    greet(&mut stream).map_err(RunError::Transport)?;
+    Frame::data(Kind::PowerOff, b"")
+        .write_to(&mut stream)
+        .map_err(t)?;
+    let f = Frame::read_from(&mut stream).map_err(t)?;
+    match f.kind {
+        Kind::PowerOff => Ok(()),
+        Kind::Error => Err(RunError::Agent(
+            f.parse::<ErrorMessage>().map(|m| m.message).map_err(t)?,
+        )),
+        other => Err(RunError::Transport(format!(
+            "unexpected {other:?} frame from the agent"
+        ))),
     }
 }
 
@@ -362,9 +442,9 @@ mod tests {
         }
     }
 
-    fn run_it(e: &Exec, input: &'static [u8]) -> (Result<Exited, String>, Vec<u8>, Vec<u8>) {
+    fn run_it(e: &Exec, input: &'static [u8]) -> (Result<Exited, RunError>, Vec<u8>, Vec<u8>) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let r = run(session(), e, input, &mut out, &mut err);
+        let r = run(session(), e, input, None, &mut out, &mut err);
         (r, out, err)
     }
 
@@ -402,14 +482,14 @@ mod tests {
     #[test]
     fn a_missing_command_and_bad_requests_are_errors() {
         let (r, _, _) = run_it(&exec(&["/no/such/program"]), b"");
-        let e = r.unwrap_err();
+        let e = r.unwrap_err().to_string();
         assert!(e.contains("cannot run /no/such/program"), "{e}");
         let (r, _, _) = run_it(&exec(&[]), b"");
-        assert!(r.unwrap_err().contains("argv is empty"));
+        assert!(r.unwrap_err().to_string().contains("argv is empty"));
         let mut t = exec(&["true"]);
         t.tty = Some((24, 80));
         let (r, _, _) = run_it(&t, b"");
-        assert!(r.unwrap_err().contains("cannot open terminals"));
+        assert!(r.unwrap_err().to_string().contains("cannot open terminals"));
     }
 
     /// A session running `sleep 30`, driven frame by frame: the host's end and the pid.

@@ -49,13 +49,17 @@ const MOUNTS: &[Mount] = &[
     Mount {
         fstype: "proc",
         target: "/proc",
-        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC),
+        flags: MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
         data: None,
     },
     Mount {
         fstype: "sysfs",
         target: "/sys",
-        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC),
+        flags: MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
         data: None,
     },
     // The kernel may have mounted it already (CONFIG_DEVTMPFS_MOUNT).
@@ -183,7 +187,10 @@ mod tests {
         let c = BootConfig::parse("vireo.hostname=sandbox ip=192.168.7.9::::::").unwrap();
         assert_eq!(c.hostname.as_deref(), Some("sandbox"));
         let ip = c.ip.unwrap();
-        assert_eq!((ip.device.as_str(), ip.prefix, ip.gateway), ("eth0", 24, None));
+        assert_eq!(
+            (ip.device.as_str(), ip.prefix, ip.gateway),
+            ("eth0", 24, None)
+        );
         assert_eq!(BootConfig::parse("quiet").unwrap(), BootConfig::default());
         // Addresses the kernel would ask a server for are not the agent's to configure.
         assert_eq!(BootConfig::parse("ip=dhcp").unwrap().ip, None);

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use vmm::{DriveConfig, ExitReason, SerialConfig, VmConfig};
 
+mod guest;
 mod log;
 mod seccomp;
 mod telemetry;
@@ -173,6 +174,11 @@ enum Command {
     /// Merge a diff snapshot's memory file into the full memory file it was taken after, as
     /// Firecracker's rebase-snap does; the state file of the diff then loads with it.
     RebaseSnap(RebaseArgs),
+    /// Run a command in the guest through its agent (vireo-agent), with its output, input,
+    /// signals and exit status.
+    Exec(guest::ExecArgs),
+    /// Copy a file into (`vm:PATH` as DST) or out of (`vm:PATH` as SRC) the guest.
+    Cp(guest::CpArgs),
 }
 
 /// File names inside a snapshot directory.
@@ -606,6 +612,8 @@ fn main() -> ExitCode {
             Some(args),
         ) as u8),
         Some(Command::Snapshot(args)) => ExitCode::from(snapshot(args) as u8),
+        Some(Command::Exec(args)) => ExitCode::from(guest::exec(args)),
+        Some(Command::Cp(args)) => ExitCode::from(guest::cp(args)),
         Some(Command::RebaseSnap(args)) => {
             match vmm::persist::rebase(&args.base_file, &args.diff_file) {
                 Ok(pages) => {

@@ -444,3 +444,40 @@ impl Drop for Vireo {
         }
     }
 }
+
+/// Builds `vireo-agent` (once per test binary) for `target` (None: the host's, a debug build;
+/// Some: a release build for that target) and returns its path.
+pub fn agent_bin(target: Option<&str>) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(Option<String>, PathBuf)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap();
+    if let Some((_, p)) = built.iter().find(|(t, _)| t.as_deref() == target) {
+        return p.clone();
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut c = Command::new(cargo);
+    c.current_dir(workspace_root()).args([
+        "build",
+        "--quiet",
+        "-p",
+        "agent",
+        "--bin",
+        "vireo-agent",
+    ]);
+    let dir = match target {
+        Some(t) => {
+            c.args(["--release", "--target", t]);
+            workspace_root().join("target").join(t).join("release")
+        }
+        None => workspace_root().join("target/debug"),
+    };
+    let out = c.output().expect("run cargo to build vireo-agent");
+    assert!(
+        out.status.success(),
+        "building vireo-agent failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = dir.join("vireo-agent");
+    built.push((target.map(str::to_string), path.clone()));
+    path
+}
