@@ -91,15 +91,10 @@ impl Children {
         let pid = pid as i32;
         if !self.reaper {
             // Wait without reaping, then reap under the lock that signals take.
-            loop {
-                match waitid(
-                    Id::Pid(Pid::from_raw(pid)),
-                    WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
-                ) {
-                    Err(Errno::EINTR) => continue,
-                    _ => break,
-                }
-            }
+            while let Err(Errno::EINTR) = waitid(
+                Id::Pid(Pid::from_raw(pid)),
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+            ) {}
             let mut running = self.lock();
             let status = waitpid(Pid::from_raw(pid), None).map(exited);
             running.remove(&pid);

@@ -34,7 +34,8 @@ fn start(name: &str, cmdline: &str) -> Init {
         "these tests make namespaces and need root"
     );
     // Not under /tmp: the agent mounts a new /tmp in its namespace.
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pid1-{name}-{}", std::process::id()));
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pid1-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("agent.sock");
@@ -47,7 +48,17 @@ fn start(name: &str, cmdline: &str) -> Init {
         cmdline_file.display()
     );
     let child = Command::new("unshare")
-        .args(["--pid", "--mount", "--uts", "--net", "--fork", "--kill-child", "sh", "-c", &script])
+        .args([
+            "--pid",
+            "--mount",
+            "--uts",
+            "--net",
+            "--fork",
+            "--kill-child",
+            "sh",
+            "-c",
+            &script,
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -65,7 +76,11 @@ impl Init {
     fn sh(&self, script: &str) -> (Exited, String) {
         let exec = Exec {
             argv: vec!["sh".into(), "-c".into(), script.into()],
-            env: [("PATH".to_string(), "/usr/sbin:/usr/bin:/sbin:/bin".to_string())].into(),
+            env: [(
+                "PATH".to_string(),
+                "/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+            )]
+            .into(),
             ..Default::default()
         };
         let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -98,7 +113,9 @@ fn as_init_it_mounts_names_and_networks_the_guest() {
         ("tmpfs", "/run"),
     ] {
         assert!(
-            mounts.lines().any(|l| l.starts_with(&format!("{fs} {at} {fs} "))),
+            mounts
+                .lines()
+                .any(|l| l.starts_with(&format!("{fs} {at} {fs} "))),
             "{fs} on {at} missing:\n{mounts}"
         );
     }

@@ -219,6 +219,11 @@ pub fn run_command(stream: UnixStream, exec: &Exec) -> u8 {
     }
 }
 
+/// The size for a guest terminal: this terminal's, else 24 by 80.
+pub fn tty_size() -> (u16, u16) {
+    terminal::size().unwrap_or((24, 80))
+}
+
 /// `vireo exec`.
 pub fn exec(args: &ExecArgs) -> u8 {
     let stream = match args.target.connect() {

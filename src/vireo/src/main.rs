@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use vmm::{DriveConfig, ExitReason, SerialConfig, VmConfig};
 
 mod guest;
+mod kit;
 mod log;
 mod seccomp;
 mod telemetry;
@@ -179,6 +180,9 @@ enum Command {
     Exec(guest::ExecArgs),
     /// Copy a file into (`vm:PATH` as DST) or out of (`vm:PATH` as SRC) the guest.
     Cp(guest::CpArgs),
+    /// Root file system images for Linux guests.
+    #[command(subcommand)]
+    Rootfs(kit::RootfsCommand),
 }
 
 /// File names inside a snapshot directory.
@@ -241,9 +245,27 @@ struct RebaseArgs {
 
 #[derive(Args, Debug, Clone)]
 struct RunArgs {
-    /// Kernel image: ELF vmlinux (PVH note or 64-bit entry) or bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    /// Kernel image: ELF vmlinux (PVH note or 64-bit entry) or bzImage. With --rootfs it
+    /// defaults to the one scripts/build-kernel.sh builds.
+    #[arg(long, value_name = "PATH", required_unless_present = "rootfs")]
+    kernel: Option<PathBuf>,
+    /// Boot Linux on a root file system made from this directory or OCI image (cached, keyed
+    /// by content), run the command after `--` in it through vireo-agent, power off, and exit
+    /// with the command's status.
+    #[arg(long, value_name = "DIR_OR_IMAGE", requires = "command")]
+    rootfs: Option<PathBuf>,
+    /// With --rootfs: the vireo-agent to install (a static build).
+    #[arg(long, value_name = "PATH", requires = "rootfs")]
+    agent: Option<PathBuf>,
+    /// With --rootfs: run the command on a terminal.
+    #[arg(short = 't', long, requires = "rootfs")]
+    tty: bool,
+    /// With --rootfs: how long, in seconds, the guest may take to boot and answer.
+    #[arg(long, value_name = "S", default_value_t = 30, requires = "rootfs")]
+    boot_timeout: u64,
+    /// With --rootfs: the command to run in the guest.
+    #[arg(last = true, value_name = "CMD", requires = "rootfs")]
+    command: Vec<String>,
     /// Initial ramdisk loaded for the kernel.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -614,6 +636,7 @@ fn main() -> ExitCode {
         Some(Command::Snapshot(args)) => ExitCode::from(snapshot(args) as u8),
         Some(Command::Exec(args)) => ExitCode::from(guest::exec(args)),
         Some(Command::Cp(args)) => ExitCode::from(guest::cp(args)),
+        Some(Command::Rootfs(cmd)) => ExitCode::from(kit::rootfs(cmd)),
         Some(Command::RebaseSnap(args)) => {
             match vmm::persist::rebase(&args.base_file, &args.diff_file) {
                 Ok(pages) => {
@@ -632,8 +655,9 @@ fn main() -> ExitCode {
         }
         Some(Command::Run(args)) => {
             let args = args.clone();
+            let kernel_given = args.kernel.is_some();
             let config = VmConfig {
-                kernel: args.kernel,
+                kernel: args.kernel.unwrap_or_default(),
                 initrd: args.initrd,
                 cmdline: args.cmdline,
                 vcpus: args.cpus,
@@ -667,6 +691,16 @@ fn main() -> ExitCode {
                 mmds: None,
                 vsock: args.vsock,
             };
+            if let Some(src) = args.rootfs {
+                let r = kit::RootfsRun {
+                    src,
+                    agent: args.agent,
+                    argv: args.command,
+                    tty: args.tty,
+                    boot_timeout: std::time::Duration::from_secs(args.boot_timeout),
+                };
+                return ExitCode::from(kit::run(config, kernel_given, &r));
+            }
             let code = match vmm::run(&config) {
                 Ok(reason) => {
                     report(&reason);
