@@ -220,22 +220,30 @@ fn hash_tree(h: &mut Sha256, dir: &Path, rel: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Returns the cached image for `src` under `cache_dir`, building it first if needed.
-pub fn cached(src: &Path, cache_dir: &Path, options: &Options) -> Result<(PathBuf, bool), Error> {
+/// Returns the cached image for `src` under `cache_dir`, building it first if needed (then
+/// with what the build reported).
+pub fn cached(
+    src: &Path,
+    cache_dir: &Path,
+    options: &Options,
+) -> Result<(PathBuf, Option<Built>), Error> {
     let key = cache_key(src, options)?;
     let image = cache_dir.join(format!("{key}.ext4"));
     if image.is_file() {
-        return Ok((image, true));
+        return Ok((image, None));
     }
     std::fs::create_dir_all(cache_dir).map_err(io(cache_dir))?;
     // Built beside and renamed, so a half-built image is never found.
     let tmp = cache_dir.join(format!(".{key}.{}.ext4", std::process::id()));
-    let r =
-        build(src, &tmp, options).and_then(|_| std::fs::rename(&tmp, &image).map_err(io(&image)));
+    let r = build(src, &tmp, options).and_then(|built| {
+        std::fs::rename(&tmp, &image)
+            .map_err(io(&image))
+            .map(|_| built)
+    });
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    r.map(|_| (image, false))
+    r.map(|built| (image, Some(built)))
 }
 
 /// Whether the program at `path` is statically linked (so it runs in an image without a C

@@ -20,9 +20,10 @@ pub struct BuildArgs {
     /// A directory (the root as it is), an OCI image layout directory, or an image tarball.
     #[arg(value_name = "SRC")]
     src: PathBuf,
-    /// The image to write.
+    /// The image to write. Without it the image goes to the cache `vireo run --rootfs` uses
+    /// (keyed by content; built only if missing) and its path is printed.
     #[arg(short = 'o', long, value_name = "PATH")]
-    output: PathBuf,
+    output: Option<PathBuf>,
     /// Its size in MiB (default: the smallest that fits, plus headroom).
     #[arg(long, value_name = "MIB")]
     size: Option<u64>,
@@ -39,6 +40,11 @@ fn home_dir(xdg: &str, fallback: &str) -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(fallback)))
         .unwrap_or_else(|| PathBuf::from("/tmp"))
         .join("vireo")
+}
+
+/// Where built images are kept, keyed by content.
+fn cache_dir() -> PathBuf {
+    home_dir("XDG_CACHE_HOME", ".cache").join("rootfs")
 }
 
 /// The kernel `vireo run --rootfs` boots without --kernel: where scripts/build-kernel.sh puts
@@ -87,6 +93,12 @@ fn find_agent(given: Option<&Path>) -> Result<PathBuf, String> {
     Ok(agent.clone())
 }
 
+fn warn(built: Option<&rootfs::Built>) {
+    for w in built.iter().flat_map(|b| &b.warnings) {
+        eprintln!("vireo: warning: {w}");
+    }
+}
+
 /// `vireo rootfs build`.
 pub fn rootfs(cmd: &RootfsCommand) -> u8 {
     let RootfsCommand::Build(args) = cmd;
@@ -95,23 +107,28 @@ pub fn rootfs(cmd: &RootfsCommand) -> u8 {
             size_mib: args.size,
             agent,
         };
-        rootfs::build(&args.src, &args.output, &options).map_err(|e| e.to_string())
+        let Some(output) = &args.output else {
+            let (image, built) =
+                rootfs::cached(&args.src, &cache_dir(), &options).map_err(|e| e.to_string())?;
+            warn(built.as_ref());
+            let how = if built.is_some() { "built" } else { "cached" };
+            println!("{} ({how})", image.display());
+            return Ok(());
+        };
+        let built = rootfs::build(&args.src, output, &options).map_err(|e| e.to_string())?;
+        warn(Some(&built));
+        println!(
+            "{}: {} MiB ext4 from {} ({:?}), agent at {}",
+            output.display(),
+            built.size_mib,
+            args.src.display(),
+            built.kind,
+            rootfs::AGENT_PATH
+        );
+        Ok(())
     });
     match r {
-        Ok(built) => {
-            for w in &built.warnings {
-                eprintln!("vireo: warning: {w}");
-            }
-            println!(
-                "{}: {} MiB ext4 from {} ({:?}), agent at {}",
-                args.output.display(),
-                built.size_mib,
-                args.src.display(),
-                built.kind,
-                rootfs::AGENT_PATH
-            );
-            0
-        }
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("vireo: error: {e}");
             1
@@ -168,16 +185,13 @@ fn prepare(config: &mut VmConfig, kernel_given: bool, r: &RootfsRun) -> Result<S
         size_mib: None,
         agent,
     };
-    let (image, hit) = rootfs::cached(
-        &r.src,
-        &home_dir("XDG_CACHE_HOME", ".cache").join("rootfs"),
-        &options,
-    )
-    .map_err(|e| e.to_string())?;
+    let (image, built) =
+        rootfs::cached(&r.src, &cache_dir(), &options).map_err(|e| e.to_string())?;
+    warn(built.as_ref());
     tracing::info!(
         "root file system {} ({})",
         image.display(),
-        if hit { "cached" } else { "built" }
+        if built.is_some() { "built" } else { "cached" }
     );
     let scratch = std::env::temp_dir().join(format!("vireo-run-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
