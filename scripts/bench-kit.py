@@ -93,7 +93,7 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "vireo"], cwd=ROOT, check=True)
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "agent", "--target",
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "agent", "-p", "vireo", "--target",
                     "x86_64-unknown-linux-musl"], cwd=ROOT, check=True)
     vireo = os.path.join(ROOT, "target/release/vireo")
     agent = os.path.join(MUSL, "vireo-agent")
@@ -127,13 +127,15 @@ def main():
                     break
                 except OSError:
                     time.sleep(0.01)
-            rt = [timed([vireo, "exec", "--agent-socket", sock, "--", "true"]) for _ in range(50)]
+            for label, binary in [("glibc", vireo), ("static musl", os.path.join(MUSL, "vireo"))]:
+                rt = [timed([binary, "exec", "--agent-socket", sock, "--", "true"])
+                      for _ in range(50)]
+                print(f"agent round trip for `true` (vireo exec, {label}, Unix transport): "
+                      f"{statistics.median(rt):.2f} ms median")
             local = [timed(["/bin/true"]) for _ in range(50)]
+            print(f"spawning /bin/true here: {statistics.median(local):.2f} ms")
         finally:
             p.kill()
-        print(f"agent round trip for `true` (vireo exec, Unix transport): "
-              f"{statistics.median(rt):.2f} ms median; spawning /bin/true here: "
-              f"{statistics.median(local):.2f} ms")
         size = os.path.getsize(agent)
         stripped = os.path.join(work, "agent.stripped")
         subprocess.run(["strip", "-o", stripped, agent], check=True)

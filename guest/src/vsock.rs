@@ -277,8 +277,9 @@ fn report_connect(port: u32, op: u16) {
     });
 }
 
-/// Echo mode (`vireo.vsockecho=N`): accepts connections to port 5000 and sends every byte
-/// back on the connection it came from, until N connections have been served and closed.
+/// Echo mode (`vireo.vsockecho=N`): accepts connections to port 5000 (and refuses others) and
+/// sends every byte back on the connection it came from, until N connections have been served
+/// and closed.
 fn echo(v: &mut Vsock, want: u64) {
     let mut served = 0u64;
     let mut idle = 0;
@@ -298,6 +299,8 @@ fn echo(v: &mut Vsock, want: u64) {
         };
         match p.op {
             REQUEST if p.dst_port == 5000 => v.send(&mut c, RESPONSE, 0, 0),
+            // Nobody listens on any other port: refused, as Linux does.
+            REQUEST => v.send(&mut c, RST, 0, 0),
             RW => {
                 // Echo: the payload goes back as it came (it is well within every credit).
                 let n = p.len.min((BUF - HDR) as u32);

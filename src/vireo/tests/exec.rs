@@ -74,6 +74,16 @@ fn output_streams_and_exit_codes_come_back() {
         r.stdout,
         "hi there /tmp\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
     );
+    // The user and group asked for (the agent runs as root here).
+    let r = a.run(&[
+        "-u",
+        "65534:65533",
+        "--",
+        "sh",
+        "-c",
+        "echo $(id -u) $(id -g)",
+    ]);
+    assert_eq!((r.code(), r.stdout.as_str()), (0, "65534 65533\n"), "{r:?}");
     // A command killed by a signal exits as a shell reports it: 128 + the signal.
     let r = a.run(&["--", "sh", "-c", "kill -KILL $$"]);
     assert_eq!(r.code(), 128 + 9, "{r:?}");
@@ -352,4 +362,57 @@ fn exec_reaches_the_agent_through_a_vsock_socket() {
     );
     assert_eq!(r.code(), 125, "{r:?}");
     assert!(r.stderr.contains("/nonexistent/api.sock"), "{}", r.stderr);
+}
+
+/// Through a real vsock device, found from the API socket: the test guest refuses port 1024
+/// (no agent) and echoes port 5000, so vireo exec's frames come back unchanged, and its
+/// greeting passes, until the echoed Exec request, which no agent would send.
+#[test]
+fn exec_finds_the_vsock_device_through_the_api_socket() {
+    let v = common::Vireo::start("exec-api");
+    let uds = v.dir.join("vsock.sock");
+    for (path, body) in [
+        (
+            "/boot-source",
+            format!(
+                r#"{{"kernel_image_path":"{}","boot_args":"vireo.vsocktest vireo.vsockecho=5"}}"#,
+                common::guest("elf").display()
+            ),
+        ),
+        (
+            "/vsock",
+            format!(r#"{{"guest_cid":3,"uds_path":"{}"}}"#, uds.display()),
+        ),
+        ("/actions", r#"{"action_type":"InstanceStart"}"#.to_string()),
+    ] {
+        let (status, text) = v.req("PUT", path, &body);
+        assert!(status < 300, "PUT {path}: {status} {text}");
+    }
+    v.wait_line("@vsock ready");
+    let exec = |port: &str| {
+        finish(
+            vireo()
+                .args(["exec", "--api-sock"])
+                .arg(&v.sock)
+                .args(["--port", port, "--", "true"])
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let r = exec("1024");
+    assert_eq!(r.code(), 125, "{r:?}");
+    assert!(
+        r.stderr.contains("nothing listens on vsock port 1024"),
+        "{}",
+        r.stderr
+    );
+    let r = exec("5000");
+    assert_eq!(r.code(), 125, "{r:?}");
+    assert!(
+        r.stderr.contains("unexpected Exec frame from the agent"),
+        "{}",
+        r.stderr
+    );
+    v.stop(libc::SIGTERM);
 }

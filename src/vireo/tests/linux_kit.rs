@@ -94,9 +94,19 @@ fn linux_kit_runs_a_command_on_a_directory_in_one_step() {
     assert!(r.stderr.contains("err\n"), "{}", r.stderr);
 }
 
+/// A running vireo, killed when dropped (a failed test leaves no VM behind).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A Linux VM booted on `image` with the agent as init and a vsock device at `uds`.
-fn boot(image: &Path, uds: &Path, extra: &[&str], cmdline_extra: &str) -> Child {
-    vireo()
+fn boot(image: &Path, uds: &Path, extra: &[&str], cmdline_extra: &str) -> Running {
+    let child = vireo()
         .arg("run")
         .arg("--kernel")
         .arg(kit_kernel())
@@ -112,7 +122,8 @@ fn boot(image: &Path, uds: &Path, extra: &[&str], cmdline_extra: &str) -> Child 
         .args(extra)
         .stdin(Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Running(child)
 }
 
 /// `vireo exec --vsock uds -- argv`, retried until the agent answers (it starts with the VM).
@@ -163,7 +174,7 @@ fn linux_kit_exec_and_cp_reach_a_running_guest() {
     let dir = scratch("kit-exec");
     let image = image_of(&dir);
     let uds = dir.join("vsock.sock");
-    let mut vm = boot(&image, &uds, &[], "vireo.hostname=kit-guest");
+    let _vm = boot(&image, &uds, &[], "vireo.hostname=kit-guest");
     let r = exec(&uds, &["hostname"]);
     assert_eq!((r.code(), r.stdout.as_str()), (0, "kit-guest\n"), "{r:?}");
     let r = exec(&uds, &["cat", "/proc/1/cmdline"]);
@@ -189,8 +200,6 @@ fn linux_kit_exec_and_cp_reach_a_running_guest() {
         std::fs::read(&back).unwrap() == data,
         "the copy came back different"
     );
-    let _ = vm.kill();
-    let _ = vm.wait();
 }
 
 #[test]
@@ -204,7 +213,7 @@ fn linux_kit_guest_reaches_a_tap_with_its_ip_parameter() {
     let dir = scratch("kit-net");
     let image = image_of(&dir);
     let uds = dir.join("vsock.sock");
-    let mut vm = boot(
+    let _vm = boot(
         &image,
         &uds,
         &["--net", "tap=tap0"],
@@ -212,8 +221,6 @@ fn linux_kit_guest_reaches_a_tap_with_its_ip_parameter() {
     );
     let r = exec(&uds, &["ping", "-c", "2", "-W", "5", "10.9.0.1"]);
     assert_eq!(r.code(), 0, "{r:?}");
-    let _ = vm.kill();
-    let _ = vm.wait();
 }
 
 #[test]
@@ -277,22 +284,22 @@ fn linux_kit_agent_serves_after_a_snapshot_is_restored() {
     assert_eq!(r.code(), 0, "{r:?}");
     let _ = v.stop(libc::SIGTERM);
     let uds2 = dir.join("vsock2.sock");
-    let mut restored = vireo()
-        .args(["restore", "--snapshot"])
-        .arg(&snap)
-        .arg("--vsock-override")
-        .arg(&uds2)
-        .args(["--serial", "stdio"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _restored = Running(
+        vireo()
+            .args(["restore", "--snapshot"])
+            .arg(&snap)
+            .arg("--vsock-override")
+            .arg(&uds2)
+            .args(["--serial", "stdio"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let r = exec(&uds2, &["cat", "/tmp/mark"]);
     assert_eq!(
         (r.code(), r.stdout.as_str()),
         (0, "before-snapshot\n"),
         "{r:?}"
     );
-    let _ = restored.kill();
-    let _ = restored.wait();
 }

@@ -264,15 +264,8 @@ fn layers() -> Vec<(Vec<u8>, &'static str)> {
 
 /// An OCI image layout as a tarball.
 fn oci_tarball(path: &Path) {
-    let mut outer = tar::Builder::new(std::fs::File::create(path).unwrap());
-    let mut add = |name: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_path(name).unwrap();
-        h.set_cksum();
-        outer.append(&h, data).unwrap();
-    };
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut add = |name: &str, data: &[u8]| files.push((name.to_string(), data.to_vec()));
     let mut descriptors = Vec::new();
     for (data, media) in layers() {
         let digest = sha256(&data);
@@ -297,6 +290,20 @@ fn oci_tarball(path: &Path) {
     .unwrap();
     add("index.json", &index);
     add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    plain_tar(path, &files);
+}
+
+/// A tarball of `files` (name, bytes), as image tarballs hold them.
+fn plain_tar(path: &Path, files: &[(String, Vec<u8>)]) {
+    let mut outer = tar::Builder::new(std::fs::File::create(path).unwrap());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_path(name).unwrap();
+        h.set_cksum();
+        outer.append(&h, &data[..]).unwrap();
+    }
     outer.finish().unwrap();
 }
 
@@ -347,24 +354,20 @@ fn an_oci_tarball_is_applied_layer_by_layer() {
 fn a_docker_save_tarball_is_read() {
     let dir = scratch("rootfs-docker");
     let tarball = dir.join("saved.tar");
-    let mut outer = tar::Builder::new(std::fs::File::create(&tarball).unwrap());
-    let mut add = |name: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_path(name).unwrap();
-        h.set_cksum();
-        outer.append(&h, data).unwrap();
-    };
     let one = Layer::new().file("hello", 0o644, (0, 0), b"one\n").bytes();
     let two = Layer::new()
         .file(".wh.hello", 0o644, (0, 0), b"")
         .file("world", 0o600, (0, 0), b"two\n")
         .bytes();
-    add("aaa/layer.tar", &one);
-    add("bbb/layer.tar", &two);
-    add("manifest.json", br#"[{"Config":"c.json","RepoTags":["t:latest"],"Layers":["aaa/layer.tar","bbb/layer.tar"]}]"#);
-    outer.finish().unwrap();
+    let manifest = br#"[{"Config":"c.json","RepoTags":["t:latest"],"Layers":["aaa/layer.tar","bbb/layer.tar"]}]"#;
+    plain_tar(
+        &tarball,
+        &[
+            ("aaa/layer.tar".into(), one),
+            ("bbb/layer.tar".into(), two),
+            ("manifest.json".into(), manifest.to_vec()),
+        ],
+    );
     let image = dir.join("saved.ext4");
     let r = build(&tarball, &image, &[]);
     assert_eq!(r.code(), 0, "{r:?}");
