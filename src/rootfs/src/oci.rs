@@ -3,9 +3,11 @@
 use crate::{io, Error, SourceKind};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 
 #[derive(Deserialize)]
@@ -47,124 +49,234 @@ fn image_error(src: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-fn read_json<T: for<'a> Deserialize<'a>>(src: &Path, path: &Path) -> Result<T, Error> {
-    let text = std::fs::read(path).map_err(io(path))?;
-    serde_json::from_slice(&text).map_err(|e| {
-        image_error(
-            src,
-            format!("{}: {e}", path.strip_prefix(src).unwrap_or(path).display()),
-        )
-    })
+/// An image's files: a layout directory, or a tarball read in place (members are found once,
+/// then read at their offsets; nothing is unpacked).
+enum Image {
+    Dir(PathBuf),
+    Tarball {
+        path: PathBuf,
+        /// Member name (without `./`) → offset of its bytes and their length.
+        members: HashMap<String, (u64, u64)>,
+    },
 }
 
-/// `blobs/ALG/HEX` for `ALG:HEX`, refusing anything that could leave the layout.
-fn blob(layout: &Path, src: &Path, digest: &str) -> Result<PathBuf, Error> {
-    let (alg, hex) = digest
-        .split_once(':')
-        .filter(|(a, h)| {
-            !a.is_empty()
-                && a.bytes().all(|b| b.is_ascii_alphanumeric())
-                && !h.is_empty()
-                && h.bytes().all(|b| b.is_ascii_hexdigit())
-        })
-        .ok_or_else(|| image_error(src, format!("bad digest {digest:?}")))?;
-    Ok(layout.join("blobs").join(alg).join(hex))
-}
-
-/// The layers of the image at `layout` (an OCI layout or an unpacked `docker save`), in order,
-/// each checked against its digest when it has one.
-fn layers(layout: &Path, src: &Path) -> Result<Vec<PathBuf>, Error> {
-    if layout.join("index.json").is_file() {
-        let mut index: Index = read_json(src, &layout.join("index.json"))?;
-        // An index may point at further indexes (multi-platform images): take linux/amd64.
-        for _ in 0..4 {
-            let pick = index
-                .manifests
-                .iter()
-                .find(|m| {
-                    m.platform
-                        .as_ref()
-                        .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
-                })
-                .or_else(|| index.manifests.iter().find(|m| m.platform.is_none()))
-                .or(index.manifests.first())
-                .ok_or_else(|| image_error(src, "index.json lists no manifests"))?;
-            let path = blob(layout, src, &pick.digest)?;
-            verify(src, &path, &pick.digest)?;
-            if pick.media_type.contains("index") || pick.media_type.contains("manifest.list") {
-                index = read_json(src, &path)?;
+impl Image {
+    fn open(src: &Path, kind: SourceKind) -> Result<Self, Error> {
+        if kind == SourceKind::OciLayout {
+            return Ok(Self::Dir(src.to_path_buf()));
+        }
+        let mut f = File::open(src).map_err(io(src))?;
+        let mut magic = [0u8; 4];
+        let n = f.read(&mut magic).map_err(io(src))?;
+        if magic[..n].starts_with(&[0x1f, 0x8b]) || magic[..n] == [0x28, 0xb5, 0x2f, 0xfd] {
+            return Err(image_error(
+                src,
+                "the tarball is compressed; decompress it first (gunzip, zstd -d): its members are read in place",
+            ));
+        }
+        f.rewind().map_err(io(src))?;
+        let mut archive = tar::Archive::new(BufReader::new(f));
+        let mut members = HashMap::new();
+        let bad = |e: std::io::Error| {
+            image_error(src, format!("not an image tarball (OCI or docker save): {e}"))
+        };
+        for entry in archive.entries().map_err(bad)? {
+            let entry = entry.map_err(bad)?;
+            if !entry.header().entry_type().is_file() {
                 continue;
             }
-            let manifest: Manifest = read_json(src, &path)?;
-            return manifest
+            let name = entry.path().map_err(bad)?.to_string_lossy().into_owned();
+            let name = name.trim_start_matches("./").to_string();
+            members.insert(name, (entry.raw_file_position(), entry.size()));
+        }
+        if members.is_empty() {
+            return Err(image_error(src, "not an image tarball (OCI or docker save): no files in it"));
+        }
+        Ok(Self::Tarball {
+            path: src.to_path_buf(),
+            members,
+        })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        match self {
+            Self::Dir(d) => d.join(name).is_file(),
+            Self::Tarball { members, .. } => members.contains_key(name),
+        }
+    }
+
+    /// The member `name` (a relative path of normal components).
+    fn reader(&self, src: &Path, name: &str) -> Result<Box<dyn Read>, Error> {
+        if Path::new(name)
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+        {
+            return Err(image_error(src, format!("path {name:?} leaves the image")));
+        }
+        match self {
+            Self::Dir(d) => {
+                let p = d.join(name);
+                Ok(Box::new(File::open(&p).map_err(io(&p))?))
+            }
+            Self::Tarball { path, members } => {
+                let &(offset, len) = members
+                    .get(name)
+                    .ok_or_else(|| image_error(src, format!("{name} is missing from it")))?;
+                let mut f = File::open(path).map_err(io(path))?;
+                f.seek(SeekFrom::Start(offset)).map_err(io(path))?;
+                Ok(Box::new(f.take(len)))
+            }
+        }
+    }
+
+    fn json<T: for<'a> Deserialize<'a>>(&self, src: &Path, name: &str) -> Result<T, Error> {
+        let mut text = Vec::new();
+        self.reader(src, name)?
+            .take(16 << 20)
+            .read_to_end(&mut text)
+            .map_err(io(src))?;
+        serde_json::from_slice(&text).map_err(|e| image_error(src, format!("{name}: {e}")))
+    }
+
+    /// `blobs/ALG/HEX` for `ALG:HEX`.
+    fn blob_name(src: &Path, digest: &str) -> Result<String, Error> {
+        let (alg, hex) = digest
+            .split_once(':')
+            .filter(|(a, h)| {
+                !a.is_empty()
+                    && a.bytes().all(|b| b.is_ascii_alphanumeric())
+                    && !h.is_empty()
+                    && h.bytes().all(|b| b.is_ascii_hexdigit())
+            })
+            .ok_or_else(|| image_error(src, format!("bad digest {digest:?}")))?;
+        Ok(format!("blobs/{alg}/{hex}"))
+    }
+
+    /// The blob `digest` read whole and checked (indexes and manifests: small).
+    fn checked_blob(&self, src: &Path, digest: &str) -> Result<String, Error> {
+        let name = Self::blob_name(src, digest)?;
+        let mut r = Digested::new(self.reader(src, &name)?, digest);
+        std::io::copy(&mut r, &mut std::io::sink()).map_err(io(src))?;
+        r.check(src)?;
+        Ok(name)
+    }
+
+    /// The image's layers, in order (OCI index and manifest, or docker save's manifest.json).
+    /// Each with the digest to check it against while it is applied, if the image gives one.
+    fn layers(&self, src: &Path) -> Result<Vec<(String, Option<String>)>, Error> {
+        if self.has("index.json") {
+            let mut index: Index = self.json(src, "index.json")?;
+            // An index may point at further indexes (multi-platform images): take linux/amd64.
+            for _ in 0..4 {
+                let pick = index
+                    .manifests
+                    .iter()
+                    .find(|m| {
+                        m.platform
+                            .as_ref()
+                            .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+                    })
+                    .or_else(|| index.manifests.iter().find(|m| m.platform.is_none()))
+                    .or(index.manifests.first())
+                    .ok_or_else(|| image_error(src, "index.json lists no manifests"))?;
+                let name = self.checked_blob(src, &pick.digest)?;
+                if pick.media_type.contains("index") || pick.media_type.contains("manifest.list") {
+                    index = self.json(src, &name)?;
+                    continue;
+                }
+                let manifest: Manifest = self.json(src, &name)?;
+                return manifest
+                    .layers
+                    .iter()
+                    .map(|l| Ok((Self::blob_name(src, &l.digest)?, Some(l.digest.clone()))))
+                    .collect();
+            }
+            Err(image_error(src, "indexes nested too deep"))
+        } else if self.has("manifest.json") {
+            let manifests: Vec<DockerManifest> = self.json(src, "manifest.json")?;
+            let first = manifests
+                .first()
+                .ok_or_else(|| image_error(src, "manifest.json lists no images"))?;
+            Ok(first
                 .layers
                 .iter()
-                .map(|l| {
-                    let p = blob(layout, src, &l.digest)?;
-                    verify(src, &p, &l.digest)?;
-                    Ok(p)
-                })
-                .collect();
+                .map(|l| (l.trim_start_matches("./").to_string(), None))
+                .collect())
+        } else {
+            Err(image_error(
+                src,
+                "neither index.json (OCI) nor manifest.json (docker save) is in it",
+            ))
         }
-        Err(image_error(src, "indexes nested too deep"))
-    } else if layout.join("manifest.json").is_file() {
-        let manifests: Vec<DockerManifest> = read_json(src, &layout.join("manifest.json"))?;
-        let first = manifests
-            .first()
-            .ok_or_else(|| image_error(src, "manifest.json lists no images"))?;
-        first
-            .layers
-            .iter()
-            .map(|l| {
-                let rel = Path::new(l);
-                if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-                    return Err(image_error(
-                        src,
-                        format!("layer path {l:?} leaves the image"),
-                    ));
-                }
-                Ok(layout.join(rel))
-            })
-            .collect()
-    } else {
-        Err(image_error(
-            src,
-            "neither index.json (OCI) nor manifest.json (docker save) is in it",
-        ))
     }
 }
 
-fn verify(src: &Path, path: &Path, digest: &str) -> Result<(), Error> {
-    let Some(want) = digest.strip_prefix("sha256:") else {
-        return Ok(());
-    };
-    let mut h = Sha256::new();
-    let mut f = File::open(path).map_err(io(path))?;
-    std::io::copy(&mut f, &mut h).map_err(io(path))?;
-    let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    if got != want {
-        return Err(image_error(
-            src,
-            format!("blob {digest} does not match its content (sha256:{got})"),
-        ));
+/// A reader that hashes what passes through it, to check a blob against its digest.
+struct Digested {
+    inner: Box<dyn Read>,
+    hash: Sha256,
+    /// `sha256:HEX` to check; other algorithms (and none) are not checked.
+    digest: String,
+}
+
+impl Digested {
+    fn new(inner: Box<dyn Read>, digest: &str) -> Self {
+        Self {
+            inner,
+            hash: Sha256::new(),
+            digest: digest.to_string(),
+        }
     }
-    Ok(())
+
+    /// Compares what was read (all of the blob) with the digest.
+    fn check(&mut self, src: &Path) -> Result<(), Error> {
+        let Some(want) = self.digest.strip_prefix("sha256:") else {
+            return Ok(());
+        };
+        let got: String = std::mem::take(&mut self.hash)
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if got != want {
+            return Err(image_error(
+                src,
+                format!("blob {} does not match its content (sha256:{got})", self.digest),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Read for Digested {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// One [`Digested`] read by the decompressor, then drained and checked by its owner.
+struct Shared(Rc<RefCell<Digested>>);
+
+impl Read for Shared {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.borrow_mut().read(buf)
+    }
 }
 
 /// A layer, decompressed as its first bytes say (gzip, zstd, or plain tar).
-fn open_layer(path: &Path) -> Result<Box<dyn Read>, Error> {
-    let mut f = BufReader::new(File::open(path).map_err(io(path))?);
+fn decompress(src: &Path, name: &str, r: Box<dyn Read>) -> Result<Box<dyn Read>, Error> {
+    let mut f = BufReader::with_capacity(1 << 16, r);
     let magic = {
         use std::io::BufRead;
-        f.fill_buf().map_err(io(path))?.get(..4).map(<[u8]>::to_vec)
+        f.fill_buf().map_err(io(src))?.get(..4).map(<[u8]>::to_vec)
     };
     Ok(match magic.as_deref() {
         Some([0x1f, 0x8b, ..]) => Box::new(flate2::read::MultiGzDecoder::new(f)),
         Some([0x28, 0xb5, 0x2f, 0xfd]) => Box::new(
-            ruzstd::decoding::StreamingDecoder::new(f).map_err(|e| Error::Image {
-                path: path.display().to_string(),
-                reason: format!("zstd: {e}"),
-            })?,
+            ruzstd::decoding::StreamingDecoder::new(f)
+                .map_err(|e| image_error(src, format!("layer {name}: zstd: {e}")))?,
         ),
         _ => Box::new(f),
     })
@@ -172,36 +284,27 @@ fn open_layer(path: &Path) -> Result<Box<dyn Read>, Error> {
 
 /// Unpacks the image `src` into `staging/rootfs`; returns what could not be kept.
 pub fn unpack(src: &Path, kind: SourceKind, staging: &Path) -> Result<Vec<String>, Error> {
-    let layout = match kind {
-        SourceKind::OciLayout => src.to_path_buf(),
-        _ => {
-            let dir = staging.join("image");
-            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-            // The outer tarball may itself be compressed.
-            let mut outer = tar::Archive::new(open_layer(src)?);
-            outer.unpack(&dir).map_err(|e| {
-                image_error(
-                    src,
-                    format!("not an image tarball (OCI or docker save): {e}"),
-                )
-            })?;
-            dir
-        }
-    };
+    let image = Image::open(src, kind)?;
     let root = staging.join("rootfs");
     std::fs::create_dir_all(&root).map_err(io(&root))?;
     let mut apply = Apply::new(&root);
-    for layer in layers(&layout, src)? {
-        apply.layer(&layer).map_err(|e| match e {
-            Error::Io { path, source } if path.is_empty() => image_error(
-                src,
-                format!(
-                    "layer {}: {source}",
-                    layer.strip_prefix(&layout).unwrap_or(&layer).display()
-                ),
-            ),
+    for (layer, digest) in image.layers(src)? {
+        // The digest is checked on the bytes as they are applied (one read of each layer);
+        // a mismatch fails the build, and the staging directory goes with it.
+        let digested = Rc::new(RefCell::new(Digested::new(
+            image.reader(src, &layer)?,
+            digest.as_deref().unwrap_or(""),
+        )));
+        let reader = decompress(src, &layer, Box::new(Shared(digested.clone())))?;
+        apply.layer(reader).map_err(|e| match e {
+            Error::Io { path, source } if path.is_empty() => {
+                image_error(src, format!("layer {layer}: {source}"))
+            }
             e => e,
         })?;
+        let mut d = digested.borrow_mut();
+        std::io::copy(&mut *d, &mut std::io::sink()).map_err(io(src))?;
+        d.check(src)?;
     }
     Ok(apply.warnings())
 }
@@ -299,8 +402,8 @@ impl Apply {
         }
     }
 
-    fn layer(&mut self, path: &Path) -> Result<(), Error> {
-        let mut archive = tar::Archive::new(open_layer(path)?);
+    fn layer(&mut self, reader: Box<dyn Read>) -> Result<(), Error> {
+        let mut archive = tar::Archive::new(reader);
         // Paths this layer wrote: an opaque marker hides what lower layers put in its
         // directory, not what this one did.
         let mut mine: HashSet<PathBuf> = HashSet::new();
