@@ -126,8 +126,9 @@ pub fn build(src: &Path, out: &Path, options: &Options) -> Result<Built, Error> 
     let root = match kind {
         SourceKind::Directory => src.to_path_buf(),
         SourceKind::OciLayout | SourceKind::ImageTarball => {
-            staging = Staging::new(out)?;
-            warnings = oci::unpack(src, kind, &staging.0)?;
+            let (st, w) = unpack_staged(src, kind, out)?;
+            staging = st;
+            warnings = w;
             staging.0.join("rootfs")
         }
     };
@@ -140,7 +141,44 @@ pub fn build(src: &Path, out: &Path, options: &Options) -> Result<Built, Error> 
     })
 }
 
-/// A scratch directory beside the output, removed when dropped.
+/// Unpacks an image's layers into a staging directory: in memory (/dev/shm) when four times
+/// the image's size fits in half of what is free there, since creating and deleting the tree
+/// on a disk file system costs more than the rest of the build; else, or if memory runs out
+/// part way, beside the output.
+fn unpack_staged(src: &Path, kind: SourceKind, out: &Path) -> Result<(Staging, Vec<String>), Error> {
+    let shm = Path::new("/dev/shm");
+    let image_bytes = tree_bytes(src);
+    let fits = nix::sys::statvfs::statvfs(shm)
+        .map(|v| image_bytes.saturating_mul(4) < v.blocks_available() * v.fragment_size() / 2)
+        .unwrap_or(false);
+    if fits {
+        let staging = Staging::new(&shm.join(out.file_name().unwrap_or_default()))?;
+        match oci::unpack(src, kind, &staging.0) {
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(nix::libc::ENOSPC) => {}
+            Err(e) if e.to_string().contains("No space left") => {}
+            r => return r.map(|w| (staging, w)),
+        }
+    }
+    let staging = Staging::new(out)?;
+    let warnings = oci::unpack(src, kind, &staging.0)?;
+    Ok((staging, warnings))
+}
+
+/// Bytes of a file, or of every file under a directory.
+fn tree_bytes(path: &Path) -> u64 {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| tree_bytes(&e.path()))
+            .sum(),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
+/// A scratch directory named after the output, beside it, removed when dropped.
 pub(crate) struct Staging(pub PathBuf);
 
 impl Staging {
