@@ -66,7 +66,9 @@ pub fn make(
     // 4 KiB blocks whatever the size: mke2fs's "small" type would pick 1 KiB blocks for
     // images under 512 MiB, slower to write and for the guest to read.
     let result = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-m", "0", "-b", "4096", "-I", "256", "-L", "rootfs", "-N"])
+        .args([
+            "-q", "-F", "-m", "0", "-b", "4096", "-I", "256", "-L", "rootfs", "-N",
+        ])
         .arg(inodes.to_string())
         .arg("-d")
         .arg(root)

@@ -145,7 +145,11 @@ pub fn build(src: &Path, out: &Path, options: &Options) -> Result<Built, Error> 
 /// the image's size fits in half of what is free there, since creating and deleting the tree
 /// on a disk file system costs more than the rest of the build; else, or if memory runs out
 /// part way, beside the output.
-fn unpack_staged(src: &Path, kind: SourceKind, out: &Path) -> Result<(Staging, Vec<String>), Error> {
+fn unpack_staged(
+    src: &Path,
+    kind: SourceKind,
+    out: &Path,
+) -> Result<(Staging, Vec<String>), Error> {
     let shm = Path::new("/dev/shm");
     let image_bytes = tree_bytes(src);
     let fits = nix::sys::statvfs::statvfs(shm)

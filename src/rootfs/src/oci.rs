@@ -5,10 +5,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::rc::Rc;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
 
 #[derive(Deserialize)]
 struct Descriptor {
@@ -78,7 +78,10 @@ impl Image {
         let mut archive = tar::Archive::new(BufReader::new(f));
         let mut members = HashMap::new();
         let bad = |e: std::io::Error| {
-            image_error(src, format!("not an image tarball (OCI or docker save): {e}"))
+            image_error(
+                src,
+                format!("not an image tarball (OCI or docker save): {e}"),
+            )
         };
         for entry in archive.entries().map_err(bad)? {
             let entry = entry.map_err(bad)?;
@@ -90,7 +93,10 @@ impl Image {
             members.insert(name, (entry.raw_file_position(), entry.size()));
         }
         if members.is_empty() {
-            return Err(image_error(src, "not an image tarball (OCI or docker save): no files in it"));
+            return Err(image_error(
+                src,
+                "not an image tarball (OCI or docker save): no files in it",
+            ));
         }
         Ok(Self::Tarball {
             path: src.to_path_buf(),
@@ -241,7 +247,10 @@ impl Digested {
         if got != want {
             return Err(image_error(
                 src,
-                format!("blob {} does not match its content (sha256:{got})", self.digest),
+                format!(
+                    "blob {} does not match its content (sha256:{got})",
+                    self.digest
+                ),
             ));
         }
         Ok(())

@@ -143,7 +143,8 @@ fn parse_user(s: &str) -> Result<(u32, Option<u32>), String> {
 /// The PATH a command gets unless the user gives one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The request `argv` with the user's environment over the defaults.
+/// The request `argv` with the user's environment over the defaults (PATH, HOME=/root, and
+/// TERM on a terminal).
 pub fn exec_request(argv: Vec<String>, env: &[(String, String)], tty: Option<(u16, u16)>) -> Exec {
     let mut e = Exec {
         argv,
@@ -151,6 +152,7 @@ pub fn exec_request(argv: Vec<String>, env: &[(String, String)], tty: Option<(u1
         ..Default::default()
     };
     e.env.insert("PATH".into(), DEFAULT_PATH.into());
+    e.env.insert("HOME".into(), "/root".into());
     if tty.is_some() {
         let term = std::env::var("TERM").unwrap_or_else(|_| "xterm".into());
         e.env.insert("TERM".into(), term);
@@ -239,6 +241,9 @@ pub fn exec(args: &ExecArgs) -> u8 {
     if let Some((uid, gid)) = args.user {
         request.uid = Some(uid);
         request.gid = gid;
+        if uid != 0 && !args.env.iter().any(|(k, _)| k == "HOME") {
+            request.env.insert("HOME".into(), "/".into());
+        }
     }
     run_command(stream, &request)
 }

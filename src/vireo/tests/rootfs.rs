@@ -177,6 +177,24 @@ impl Layer {
         self
     }
 
+    /// A pax header giving the next entry the extended attribute `name`=`value`.
+    fn xattr(mut self, name: &str, value: &str) -> Self {
+        let body = format!("SCHILY.xattr.{name}={value}\n");
+        // The record's length counts its own digits.
+        let mut len = body.len() + 2;
+        while format!("{len} {body}").len() != len {
+            len += 1;
+        }
+        let record = format!("{len} {body}");
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_size(record.len() as u64);
+        h.set_path("PaxHeader").unwrap();
+        h.set_cksum();
+        self.0.append(&h, record.as_bytes()).unwrap();
+        self
+    }
+
     fn file(self, path: &str, mode: u32, owner: (u64, u64), data: &[u8]) -> Self {
         self.entry(path, tar::EntryType::Regular, mode, owner, data, None)
     }
@@ -203,6 +221,7 @@ fn layers() -> Vec<(Vec<u8>, &'static str)> {
     let one = Layer::new()
         .dir("etc", 0o755, (0, 0))
         .file("etc/passwd", 0o644, (0, 0), b"root:x:0:0::/root:/bin/sh\n")
+        .xattr("user.vireo", "kept")
         .file("etc/secret", 0o600, (1000, 1000), b"s3cret\n")
         .dir("bin", 0o755, (0, 0))
         .file("bin/tool", 0o755, (0, 0), b"#!/bin/sh\n")
@@ -335,7 +354,45 @@ fn an_oci_tarball_is_applied_layer_by_layer() {
     assert!(null.contains("Type: character special"), "{null}");
     assert!(null.contains("Device major/minor number: 01:03"), "{null}");
     assert!(stat(&image, "/run-fifo").contains("Type: FIFO"));
+    // Extended attributes from the layer's pax headers.
+    let xattrs = debugfs(&image, "ea_list /etc/secret");
+    assert!(
+        xattrs.contains("user.vireo") && xattrs.contains("kept"),
+        "{xattrs}"
+    );
     agent_is_installed(&image);
+
+    // Without root, owners and device nodes cannot be kept, and the build says so.
+    let open = dir.join("unprivileged");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, PermissionsExt::from_mode(0o777)).unwrap();
+    let r = finish(
+        Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(common::vireo_bin())
+            .args(["rootfs", "build"])
+            .arg(&tarball)
+            .arg("-o")
+            .arg(open.join("image.ext4"))
+            .arg("--agent")
+            .arg(musl_agent())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(
+        r.stderr.contains("run as root to keep owners"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("device nodes left out (making them needs root): /dev/mynull"),
+        "{}",
+        r.stderr
+    );
 
     // A layer whose content does not match its digest is refused.
     let mut bytes = std::fs::read(&tarball).unwrap();
