@@ -35,6 +35,26 @@ struct Cli {
     argv: Vec<String>,
 }
 
+/// The agent's own options (with their values) among `args`, without the words the kernel
+/// passed on from its command line.
+fn own_arguments(mut args: impl Iterator<Item = String>) -> Vec<String> {
+    let mut own: Vec<String> = args.next().into_iter().collect();
+    while let Some(a) = args.next() {
+        if a.starts_with("--listen") || a.starts_with("--cmdline-file") {
+            if !a.contains('=') {
+                if let Some(v) = args.next() {
+                    own.extend([a, v]);
+                }
+                continue;
+            }
+            own.push(a);
+        } else {
+            eprintln!("vireo-agent: ignoring {a:?} (passed on by the kernel)");
+        }
+    }
+    own
+}
+
 enum Listener {
     Vsock(OwnedFd),
     Unix(UnixListener),
@@ -76,7 +96,14 @@ fn libc_vmaddr_cid_any() -> u32 {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let init = std::process::id() == 1;
+    // As init, the kernel hands over the command line's words it does not know as arguments:
+    // they are not the agent's, and an init that exits takes the kernel down with it.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(_) if init => Cli::parse_from(own_arguments(std::env::args())),
+        Err(e) => e.exit(),
+    };
     if let Some(pts) = &cli.exec_on_tty {
         let why = agent::tty::exec_on(pts, cli.uid, cli.gid, &cli.argv);
         // Said on the terminal, where the user looks.
@@ -86,7 +113,6 @@ fn main() -> ExitCode {
         eprintln!("vireo-agent: {why}");
         return ExitCode::from(127);
     }
-    let init = std::process::id() == 1;
     if let Err(e) = run(&cli, init) {
         eprintln!("vireo-agent: {e}");
         if init {

@@ -41,8 +41,9 @@ fn start(name: &str, cmdline: &str) -> Init {
     let sock = dir.join("agent.sock");
     let cmdline_file = dir.join("cmdline");
     std::fs::write(&cmdline_file, cmdline).unwrap();
+    // `noxsave splash` stand for the words a kernel passes on to init.
     let script = format!(
-        "ip link add eth0 type veth peer name veth1 && exec {} --listen unix:{} --cmdline-file {}",
+        "ip link add eth0 type veth peer name veth1 && exec {} noxsave --listen unix:{} splash --cmdline-file {}",
         env!("CARGO_BIN_EXE_vireo-agent"),
         sock.display(),
         cmdline_file.display()
