@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 struct Init {
     child: Child,
     sock: PathBuf,
+    dir: PathBuf,
 }
 
 impl Drop for Init {
@@ -23,6 +24,7 @@ impl Drop for Init {
             }
         }
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -33,9 +35,9 @@ fn start(name: &str, cmdline: &str) -> Init {
         rustix::process::geteuid().is_root(),
         "these tests make namespaces and need root"
     );
-    // Not under /tmp: the agent mounts a new /tmp in its namespace.
-    let dir =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pid1-{name}-{}", std::process::id()));
+    // Not under /tmp, /run or /dev, which the agent mounts over in its namespace (a checkout,
+    // and so its target directory, may well be under /tmp).
+    let dir = Path::new("/var/tmp").join(format!("vireo-pid1-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("agent.sock");
@@ -70,7 +72,7 @@ fn start(name: &str, cmdline: &str) -> Init {
         assert!(Instant::now() < end, "the agent never listened as PID 1");
         std::thread::sleep(Duration::from_millis(10));
     }
-    Init { child, sock }
+    Init { child, sock, dir }
 }
 
 impl Init {
