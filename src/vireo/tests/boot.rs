@@ -205,3 +205,38 @@ fn memory_above_the_mmio_gap() {
     boot_and_check("elf", 1, 4096, Some(&pattern(4096, 7)));
     boot_and_check("pvh", 1, 4096, None);
 }
+
+/// Whether KVM's PIT worker thread for the VMM process `pid` exists (KVM names it
+/// `kvm-pit/<pid>`; it exists exactly while the VM has an in-kernel PIT).
+fn has_pit_thread(pid: u32) -> bool {
+    let want = format!("kvm-pit/{pid}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == want))
+}
+
+#[test]
+fn no_pit_leaves_out_the_pit_and_the_guest_boots() {
+    for (flags, want_pit) in [(&[][..], true), (&["--no-pit"][..], false)] {
+        let kernel = guest("pvh");
+        let mut args = vec![
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "vireo.end=hang",
+        ];
+        args.extend_from_slice(flags);
+        let (mut child, rx) = spawn_interactive(&args);
+        let (boot, _) = until_prefix(&rx, "@boot");
+        assert_eq!(field(&boot, "protocol"), Some("pvh"), "{boot}");
+        assert_eq!(has_pit_thread(child.id()), want_pit, "flags {flags:?}");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // Without the PIT, the guest's own end (power off) still works.
+    let kernel = guest("elf");
+    let r = run(&["--no-pit", "--kernel", kernel.to_str().unwrap()]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.report("boot").is_some(), "{r:?}");
+}

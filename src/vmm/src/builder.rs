@@ -172,7 +172,7 @@ pub(crate) fn platform(config: &VmConfig, memory: &Memory) -> Result<(Vm, Device
         )));
     }
     vm.register_memory(&memory.guest, memory.track_dirty, memory.hotplug)?;
-    vm.setup_irqchip()?;
+    vm.setup_irqchip(config.pit)?;
     tracing::debug!("guest memory and interrupt controllers ready");
     let devices = DeviceManager::create(config, &vm, &memory.guest)?;
     Ok((vm, devices))

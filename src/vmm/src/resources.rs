@@ -934,6 +934,7 @@ impl VmResources {
             })
             .collect();
         Ok(VmConfig {
+            pit: true,
             huge_pages: match self.machine.huge_pages.as_deref() {
                 Some(h) => crate::config::HugePages::parse(h).map_err(ResourceError)?,
                 None => crate::config::HugePages::None,

@@ -97,8 +97,9 @@ pub struct VcpuState {
 /// The VM-wide interrupt controllers, PIT and clock.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmState {
-    /// The 8254 PIT.
-    pub pit: kvm_pit_state2,
+    /// The 8254 PIT, if the VM has one (older snapshots always do).
+    #[serde(default)]
+    pub pit: Option<kvm_pit_state2>,
     /// kvmclock's view of time.
     pub clock: kvm_clock_data,
     /// The 8259s and the IOAPIC.
@@ -304,7 +305,11 @@ impl Vm {
             Ok(c)
         };
         Ok(VmState {
-            pit: fd.get_pit2().map_err(kvm("KVM_GET_PIT2"))?,
+            pit: if self.has_pit() {
+                Some(fd.get_pit2().map_err(kvm("KVM_GET_PIT2"))?)
+            } else {
+                None
+            },
             clock: fd.get_clock().map_err(kvm("KVM_GET_CLOCK"))?,
             pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
             pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
@@ -317,7 +322,21 @@ impl Vm {
     /// `clock_realtime`); otherwise it continues from the value saved.
     pub fn restore_state(&self, s: &VmState, realtime: bool) -> Result<(), Error> {
         let fd = self.fd();
-        fd.set_pit2(&s.pit).map_err(kvm("KVM_SET_PIT2"))?;
+        match (&s.pit, self.has_pit()) {
+            (Some(pit), true) => fd.set_pit2(pit).map_err(kvm("KVM_SET_PIT2"))?,
+            (None, false) => {}
+            (saved, _) => {
+                return Err(Error::Incompatible(format!(
+                    "the snapshot's state {} a PIT but its configuration {}",
+                    if saved.is_some() { "has" } else { "has no" },
+                    if saved.is_some() {
+                        "has none"
+                    } else {
+                        "has one"
+                    }
+                )))
+            }
+        }
         let mut clock = s.clock;
         clock.flags = if realtime {
             s.clock.flags & KVM_CLOCK_REALTIME
@@ -330,5 +349,41 @@ impl Vm {
                 .map_err(kvm(format!("KVM_SET_IRQCHIP {}", c.chip_id)))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(pit: Option<kvm_pit_state2>) -> VmState {
+        VmState {
+            pit,
+            clock: kvm_clock_data::default(),
+            pic_master: kvm_irqchip::default(),
+            pic_slave: kvm_irqchip::default(),
+            ioapic: kvm_irqchip::default(),
+        }
+    }
+
+    #[test]
+    fn a_vm_state_without_a_pit_round_trips_and_older_ones_still_read() {
+        let none: VmState =
+            serde_json::from_slice(&serde_json::to_vec(&state(None)).unwrap()).unwrap();
+        assert!(none.pit.is_none());
+        let mut pit = kvm_pit_state2::default();
+        pit.flags = 7;
+        // Snapshots from before the PIT became optional hold it as a plain object.
+        let mut old = serde_json::to_value(state(None)).unwrap();
+        old["pit"] = serde_json::to_value(pit).unwrap();
+        let read: VmState = serde_json::from_value(old).unwrap();
+        assert_eq!(read.pit.map(|p| p.flags), Some(7));
+        // And a state file that leaves the field out reads as having none.
+        let mut bare = serde_json::to_value(state(None)).unwrap();
+        bare.as_object_mut().unwrap().remove("pit");
+        assert!(serde_json::from_value::<VmState>(bare)
+            .unwrap()
+            .pit
+            .is_none());
     }
 }

@@ -94,6 +94,8 @@ pub struct Vm {
     supported_cpuid: CpuId,
     max_vcpus: u32,
     saveable_msrs: Vec<u32>,
+    /// Whether the in-kernel PIT was created.
+    has_pit: std::sync::atomic::AtomicBool,
 }
 
 impl Vm {
@@ -137,6 +139,7 @@ impl Vm {
             supported_cpuid,
             max_vcpus,
             saveable_msrs,
+            has_pit: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -217,9 +220,14 @@ impl Vm {
         self.fd.get_dirty_log(slot, size)
     }
 
-    /// Creates the in-kernel LAPICs, IOAPIC, 8259 PICs and PIT. Must precede vCPU creation so
-    /// application processors start in the wait-for-SIPI state.
-    pub fn setup_irqchip(&self) -> Result<(), Error> {
+    /// Whether the VM has KVM's 8254 PIT.
+    pub fn has_pit(&self) -> bool {
+        self.has_pit.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Creates the in-kernel LAPICs, IOAPIC, 8259 PICs and, with `pit_wanted`, the PIT. Must
+    /// precede vCPU creation so application processors start in the wait-for-SIPI state.
+    pub fn setup_irqchip(&self, pit_wanted: bool) -> Result<(), Error> {
         self.fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(Error::TssAddress)?;
@@ -228,7 +236,11 @@ impl Vm {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        self.fd.create_pit2(pit).map_err(Error::Pit)?;
+        if pit_wanted {
+            self.fd.create_pit2(pit).map_err(Error::Pit)?;
+            self.has_pit
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 
