@@ -371,8 +371,10 @@ mod tests {
         let none: VmState =
             serde_json::from_slice(&serde_json::to_vec(&state(None)).unwrap()).unwrap();
         assert!(none.pit.is_none());
-        let mut pit = kvm_pit_state2::default();
-        pit.flags = 7;
+        let pit = kvm_pit_state2 {
+            flags: 7,
+            ..Default::default()
+        };
         // Snapshots from before the PIT became optional hold it as a plain object.
         let mut old = serde_json::to_value(state(None)).unwrap();
         old["pit"] = serde_json::to_value(pit).unwrap();
