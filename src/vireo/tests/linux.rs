@@ -219,6 +219,24 @@ fn boot_linux(
     spawn_interactive(&args)
 }
 
+/// Boots the distribution kernel with an initramfs that runs `script`, reports that it is done
+/// and powers off; returns the console's lines once vireo has exited with 0.
+fn run_script(dir: &Path, script: &str, extra: &[&str]) -> Vec<String> {
+    let initrd = initramfs(
+        dir,
+        &format!("{script}\necho VIREO-LINUX-DONE\npoweroff -f"),
+    );
+    let (mut child, rx) = boot_linux(&linux_kernel(), &initrd, extra);
+    let mut seen = Vec::new();
+    wait_line(&rx, "VIREO-LINUX-DONE", &mut seen);
+    assert_eq!(
+        wait_exit(&mut child).code(),
+        Some(0),
+        "ACPI power-off ends vireo with 0"
+    );
+    seen
+}
+
 fn check_report(seen: &[String], cpus: u32, mem_mib: u64) {
     let find = |key: &str| linux_report(seen, key);
     assert_eq!(find("cpus"), cpus.to_string());
@@ -287,20 +305,14 @@ fn linux_uses_virtio_blk_and_rng() {
     let mut image = vec![0u8; 8 << 20];
     image[..16].copy_from_slice(b"VIREO-DISK-MARK\n");
     write_file(&disk, &image);
-    let initrd = initramfs(
+    let seen = run_script(
         &dir,
         "echo \"VIREO-LINUX serial=$(cat /sys/block/vda/serial)\"\n\
          echo \"VIREO-LINUX size=$(cat /sys/block/vda/size)\"\n\
          echo \"VIREO-LINUX mark=$(head -c 15 /dev/vda)\"\n\
          echo guest-wrote-this | dd of=/dev/vda bs=512 seek=4 conv=fsync 2>/dev/null\n\
          echo \"VIREO-LINUX rng=$(cat /sys/class/misc/hw_random/rng_current)\"\n\
-         echo \"VIREO-LINUX random=$(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n')\"\n\
-         echo VIREO-LINUX-DONE\n\
-         poweroff -f",
-    );
-    let (mut child, rx) = boot_linux(
-        &linux_kernel(),
-        &initrd,
+         echo \"VIREO-LINUX random=$(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n')\"",
         &[
             "--memory",
             "256",
@@ -309,9 +321,6 @@ fn linux_uses_virtio_blk_and_rng() {
             "--rng",
         ],
     );
-    let mut seen = Vec::new();
-    wait_line(&rx, "VIREO-LINUX-DONE", &mut seen);
-    assert_eq!(wait_exit(&mut child).code(), Some(0));
     let find = |key: &str| linux_report(&seen, key);
     assert_eq!(find("serial"), "linux-test-disk", "GET_ID");
     assert_eq!(find("size"), "16384", "capacity in sectors");
@@ -332,17 +341,11 @@ fn linux_inflates_the_balloon_it_is_given() {
     let dir = scratch("linux-balloon");
     // Linux takes the pages it gives to the balloon out of MemTotal (without
     // deflate_on_oom), so the guest's own view shows the inflation.
-    let initrd = initramfs(
+    let seen = run_script(
         &dir,
         "sleep 3\n\
          echo \"VIREO-LINUX driver=$(ls /sys/bus/virtio/drivers/virtio_balloon | grep -c virtio)\"\n\
-         echo \"VIREO-LINUX after=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)\"\n\
-         echo VIREO-LINUX-DONE\n\
-         poweroff -f",
-    );
-    let (mut child, rx) = boot_linux(
-        &linux_kernel(),
-        &initrd,
+         echo \"VIREO-LINUX after=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)\"",
         &[
             "--memory",
             "256",
@@ -350,9 +353,6 @@ fn linux_inflates_the_balloon_it_is_given() {
             "size_mib=64,stats_period_s=1",
         ],
     );
-    let mut seen = Vec::new();
-    wait_line(&rx, "VIREO-LINUX-DONE", &mut seen);
-    assert_eq!(wait_exit(&mut child).code(), Some(0));
     let find = |key: &str| linux_report(&seen, key);
     assert_eq!(find("driver"), "1", "virtio_balloon bound the device");
     let before: u64 = find("memtotal").parse().unwrap();
@@ -373,19 +373,13 @@ fn linux_plugs_hotplug_memory() {
     let dir = scratch("linux-hotplug");
     // virtio-mem plugs the requested 128 MiB; the blocks are onlined here (unless the kernel's
     // memhp_default_state already did), and MemTotal grows.
-    let initrd = initramfs(
+    let seen = run_script(
         &dir,
         "sleep 3\n\
          for m in /sys/devices/system/memory/memory*/state; do echo online > $m 2>/dev/null; done\n\
          sleep 1\n\
          echo \"VIREO-LINUX driver=$(ls /sys/bus/virtio/drivers/virtio_mem | grep -c virtio)\"\n\
-         echo \"VIREO-LINUX after=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)\"\n\
-         echo VIREO-LINUX-DONE\n\
-         poweroff -f",
-    );
-    let (mut child, rx) = boot_linux(
-        &linux_kernel(),
-        &initrd,
+         echo \"VIREO-LINUX after=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)\"",
         &[
             "--memory",
             "256",
@@ -393,9 +387,6 @@ fn linux_plugs_hotplug_memory() {
             "total_mib=512,requested_mib=128",
         ],
     );
-    let mut seen = Vec::new();
-    wait_line(&rx, "VIREO-LINUX-DONE", &mut seen);
-    assert_eq!(wait_exit(&mut child).code(), Some(0));
     let find = |key: &str| linux_report(&seen, key);
     assert_eq!(find("driver"), "1", "virtio_mem bound the device");
     let before: u64 = find("memtotal").parse().unwrap();
@@ -418,20 +409,14 @@ fn linux_uses_virtio_net() {
     let host = std::net::UdpSocket::bind("10.0.0.1:6000").unwrap();
     host.set_read_timeout(Some(DEADLINE)).unwrap();
     let dir = scratch("linux-net");
-    let initrd = initramfs(
+    let seen = run_script(
         &dir,
         "ip link set eth0 up\n\
          ip addr add 10.0.0.2/24 dev eth0\n\
          echo \"VIREO-LINUX mac=$(cat /sys/class/net/eth0/address)\"\n\
          echo \"VIREO-LINUX mtu=$(cat /sys/class/net/eth0/mtu)\"\n\
          echo \"VIREO-LINUX ping=$(ping -c 3 -W 5 10.0.0.1 >/dev/null && echo ok)\"\n\
-         echo hello-from-linux | nc -u -w 1 10.0.0.1 6000\n\
-         echo VIREO-LINUX-DONE\n\
-         poweroff -f",
-    );
-    let (mut child, rx) = boot_linux(
-        &linux_kernel(),
-        &initrd,
+         echo hello-from-linux | nc -u -w 1 10.0.0.1 6000",
         &[
             "--memory",
             "256",
@@ -443,9 +428,6 @@ fn linux_uses_virtio_net() {
     let (n, from) = host.recv_from(&mut buf).expect("Linux's datagram");
     assert_eq!(&buf[..n], b"hello-from-linux\n");
     assert_eq!(from.ip().to_string(), "10.0.0.2");
-    let mut seen = Vec::new();
-    wait_line(&rx, "VIREO-LINUX-DONE", &mut seen);
-    assert_eq!(wait_exit(&mut child).code(), Some(0));
     let find = |key: &str| linux_report(&seen, key);
     assert_eq!(find("mac"), "02:00:00:00:00:02", "VIRTIO_NET_F_MAC");
     assert_eq!(find("mtu"), "1400", "VIRTIO_NET_F_MTU");
