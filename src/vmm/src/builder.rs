@@ -162,7 +162,7 @@ pub(crate) fn build(config: &VmConfig) -> Result<Machine, Error> {
 /// What a booted and a restored VM share: the KVM VM (checked against `config`'s vCPU count),
 /// `memory` given to it, its interrupt controllers, and `config`'s devices.
 pub(crate) fn platform(config: &VmConfig, memory: &Memory) -> Result<(Vm, DeviceManager), Error> {
-    let vm = Vm::new()?;
+    let mut vm = Vm::new()?;
     tracing::debug!("KVM VM created");
     if config.vcpus > vm.max_vcpus() {
         return Err(Error::InvalidConfig(format!(

@@ -95,7 +95,7 @@ pub struct Vm {
     max_vcpus: u32,
     saveable_msrs: Vec<u32>,
     /// Whether the in-kernel PIT was created.
-    has_pit: std::sync::atomic::AtomicBool,
+    has_pit: bool,
 }
 
 impl Vm {
@@ -139,7 +139,7 @@ impl Vm {
             supported_cpuid,
             max_vcpus,
             saveable_msrs,
-            has_pit: std::sync::atomic::AtomicBool::new(false),
+            has_pit: false,
         })
     }
 
@@ -222,12 +222,12 @@ impl Vm {
 
     /// Whether the VM has KVM's 8254 PIT.
     pub fn has_pit(&self) -> bool {
-        self.has_pit.load(std::sync::atomic::Ordering::Relaxed)
+        self.has_pit
     }
 
     /// Creates the in-kernel LAPICs, IOAPIC, 8259 PICs and, with `pit_wanted`, the PIT. Must
     /// precede vCPU creation so application processors start in the wait-for-SIPI state.
-    pub fn setup_irqchip(&self, pit_wanted: bool) -> Result<(), Error> {
+    pub fn setup_irqchip(&mut self, pit_wanted: bool) -> Result<(), Error> {
         self.fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(Error::TssAddress)?;
@@ -238,8 +238,7 @@ impl Vm {
         };
         if pit_wanted {
             self.fd.create_pit2(pit).map_err(Error::Pit)?;
-            self.has_pit
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.has_pit = true;
         }
         Ok(())
     }
