@@ -8,14 +8,14 @@ use std::process::Command;
 /// Where the agent is installed in every image (`init=` for the kernel).
 pub const AGENT_PATH: &str = "/usr/sbin/vireo-agent";
 
-/// Bytes and inodes a tree takes.
+/// Bytes (in 4 KiB blocks) and inodes a tree takes.
 #[derive(Default)]
-struct Usage {
-    bytes: u64,
-    inodes: u64,
+pub(crate) struct Usage {
+    pub(crate) bytes: u64,
+    pub(crate) inodes: u64,
 }
 
-fn usage(dir: &Path, u: &mut Usage) -> Result<(), Error> {
+pub(crate) fn usage(dir: &Path, u: &mut Usage) -> Result<(), Error> {
     for e in std::fs::read_dir(dir).map_err(io(dir))? {
         let e = e.map_err(io(dir))?;
         let path = e.path();

@@ -168,15 +168,13 @@ fn unpack_staged(
     Ok((staging, warnings))
 }
 
-/// Bytes of a file, or of every file under a directory.
+/// Bytes of an image: its tarball, or the blocks of its layout directory.
 fn tree_bytes(path: &Path) -> u64 {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::read_dir(path)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| tree_bytes(&e.path()))
-            .sum(),
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => {
+            let mut u = ext4::Usage::default();
+            ext4::usage(path, &mut u).map(|_| u.bytes).unwrap_or(0)
+        }
         Ok(m) => m.len(),
         Err(_) => 0,
     }
