@@ -208,6 +208,7 @@ fn prepare(config: &mut VmConfig, kernel_given: bool, r: &RootfsRun) -> Result<S
             read_only: false,
             root: true,
             rate_limiter: Default::default(),
+            io_engine: Default::default(),
         },
     );
     config.cmdline = format!("{} rw init={}", config.cmdline, rootfs::AGENT_PATH);

@@ -287,8 +287,9 @@ struct RunArgs {
     /// Where the serial console goes: stdio, file:PATH or none.
     #[arg(long, value_name = "WHERE", default_value = "stdio", value_parser = parse_serial)]
     serial: SerialConfig,
-    /// A virtio-blk drive: path=IMG[,id=ID][,readonly=on][,root=on]. Repeat for more drives;
-    /// the guest sees them as /dev/vda, /dev/vdb, ... in this order.
+    /// A virtio-blk drive: path=IMG[,id=ID][,readonly=on][,root=on][,bw=SIZE/MS][,ops=SIZE/MS]
+    /// [,io_engine=sync|async]. Repeat for more drives; the guest sees them as /dev/vda,
+    /// /dev/vdb, ... in this order.
     #[arg(long = "drive", value_name = "SPEC", value_parser = parse_drive)]
     drives: Vec<DriveConfig>,
     /// Give the guest a virtio-rng entropy device fed by the host's getrandom.
@@ -558,7 +559,8 @@ fn parse_limits(s: &str) -> Result<devices::rate_limiter::RateLimiterConfig, Str
     Ok(limits)
 }
 
-/// `path=IMG[,id=ID][,readonly=on][,root=on][,bw=SIZE/MS][,ops=SIZE/MS]`; a bare first item is
+/// `path=IMG[,id=ID][,readonly=on][,root=on][,bw=SIZE/MS][,ops=SIZE/MS][,io_engine=E]`; a bare
+/// first item is
 /// taken as the path.
 fn parse_drive(s: &str) -> Result<DriveConfig, String> {
     let mut drive = DriveConfig {
@@ -567,6 +569,7 @@ fn parse_drive(s: &str) -> Result<DriveConfig, String> {
         read_only: false,
         root: false,
         rate_limiter: Default::default(),
+        io_engine: Default::default(),
     };
     for (i, item) in s.split(',').enumerate() {
         match item.split_once('=') {
@@ -577,10 +580,11 @@ fn parse_drive(s: &str) -> Result<DriveConfig, String> {
             Some(("root", v)) => drive.root = parse_on_off("root", v)?,
             Some(("bw", v)) => drive.rate_limiter.bandwidth = Some(parse_bucket("bw", v)?),
             Some(("ops", v)) => drive.rate_limiter.ops = Some(parse_bucket("ops", v)?),
+            Some(("io_engine", v)) => drive.io_engine = v.parse()?,
             None if i == 0 => drive.path = PathBuf::from(item),
             _ => {
                 return Err(format!(
-                    "'{item}' is not a drive option: use path=IMG[,id=ID][,readonly=on][,root=on][,bw=SIZE/MS][,ops=SIZE/MS]"
+                    "'{item}' is not a drive option: use path=IMG[,id=ID][,readonly=on][,root=on][,bw=SIZE/MS][,ops=SIZE/MS][,io_engine=sync|async]"
                 ))
             }
         }

@@ -36,6 +36,7 @@ fn lists(kind: ThreadKind) -> Vec<Allow> {
             vmm::vstate::persist::SECCOMP,
             utils::files::OPEN_SECCOMP,
             block::REPLACE_SECCOMP,
+            block::uring::SETUP_SECCOMP,
             vmm::console::RESTORE_SECCOMP,
             // Device threads start under this filter.
             worker::SECCOMP,

@@ -285,6 +285,9 @@ pub struct DriveConfig {
     /// Bandwidth and request-rate limits (Firecracker's `rate_limiter`).
     #[serde(default)]
     pub rate_limiter: devices::rate_limiter::RateLimiterConfig,
+    /// How requests reach the image (Firecracker's `io_engine`; Sync unless chosen).
+    #[serde(default)]
+    pub io_engine: devices::virtio::block::IoEngine,
 }
 
 /// Command line used when the user gives none: what a Linux microVM guest needs to talk on

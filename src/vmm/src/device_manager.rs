@@ -189,6 +189,7 @@ impl DeviceManager {
                 id: id.clone(),
                 read_only: drive.read_only,
                 rate_limiter: drive.rate_limiter,
+                io_engine: drive.io_engine,
             })?;
             dm.add_virtio(vm, mem, DeviceKind::Drive, id, Box::new(block))?;
         }

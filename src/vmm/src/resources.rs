@@ -4,6 +4,7 @@
 
 use crate::config::{DriveConfig, NetConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
 use devices::rate_limiter::RateLimiterConfig;
+use devices::virtio::block::IoEngine;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -109,7 +110,7 @@ pub struct Drive {
     /// Bandwidth and request-rate limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
-    /// "Sync" (or "Async", not offered yet).
+    /// "Sync" (the default) or "Async" (io_uring).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<String>,
     /// vhost-user-blk socket (not offered).
@@ -690,10 +691,20 @@ impl VmResources {
         if d.socket.is_some() {
             return err("socket: vhost-user block devices are not supported by vireo");
         }
-        if let Some(e) = d.io_engine.as_deref().filter(|e| *e != "Sync") {
-            return err(format!(
-                "io_engine {e}: only Sync is supported by vireo yet"
-            ));
+        if let Some(e) = d.io_engine.as_deref() {
+            let engine = e.parse::<IoEngine>().map_err(ResourceError)?;
+            // Firecracker's spelling only, on the API.
+            if e != "Sync" && e != "Async" {
+                return err(format!("io_engine {e}: expected Sync or Async"));
+            }
+            if engine == IoEngine::Async {
+                devices::virtio::block::uring::probe().map_err(|e| {
+                    ResourceError(format!(
+                        "io_engine Async: {}",
+                        devices::virtio::block::uring::explain(&e)
+                    ))
+                })?;
+            }
         }
         if let Some(c) = d.cache_type.as_deref() {
             if c != "Unsafe" && c != "Writeback" {
@@ -930,6 +941,11 @@ impl VmResources {
                     read_only: d.is_read_only.unwrap_or(false),
                     root: d.is_root_device && d.partuuid.is_none(),
                     rate_limiter: d.rate_limiter.unwrap_or_default(),
+                    io_engine: d
+                        .io_engine
+                        .as_deref()
+                        .and_then(|e| e.parse().ok())
+                        .unwrap_or_default(),
                 }
             })
             .collect();

@@ -39,6 +39,7 @@ fn handlers() -> &'static [Mutex<Handler>; 2] {
                 id: "f".repeat(20),
                 read_only,
                 rate_limiter: Default::default(),
+                io_engine: Default::default(),
             })
             .expect("fuzz block device");
             Mutex::new(block.handler())
@@ -77,8 +78,9 @@ pub fn block_request(data: &[u8]) {
         };
         let Some(chain) = chain else { return };
         let head = chain.head_index();
-        let Some(len) = handler.handle(0, chain, &mem) else {
-            return;
+        let len = match handler.handle(0, chain, &mem) {
+            super::worker::Served::Used(len) => len,
+            _ => return,
         };
         if queue.add_used(&mem, head, len).is_err() {
             return;

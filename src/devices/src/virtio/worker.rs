@@ -37,18 +37,47 @@ pub const SPAWN_SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
     with_arg: &[],
 };
 
+/// What became of a descriptor chain a handler was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// Done: this many bytes were written into its device-writable buffers (the used-ring
+    /// length).
+    Used(u32),
+    /// The device's rate limiter holds it back: the chain goes back to the ring, and the queue
+    /// waits for the limiter's timer.
+    Throttled,
+    /// Started; [`QueueHandler::complete`] reports it when it ends.
+    InFlight,
+}
+
+/// A chain a handler finished after [`Served::InFlight`]: queue, head index, used length.
+pub type Completed = (usize, u16, u32);
+
 /// A device's per-request logic.
 pub trait QueueHandler: Send + 'static {
-    /// Serves one descriptor chain from queue `queue`; returns the number of bytes written into
-    /// the chain's device-writable buffers (the used-ring length), or `None` when the device's
-    /// rate limiter holds the request back: the chain goes back to the ring, and the queue waits
-    /// for the limiter's timer.
+    /// Serves one descriptor chain from queue `queue`.
     fn handle(
         &mut self,
         queue: usize,
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
-    ) -> Option<u32>;
+    ) -> Served;
+
+    /// Starts what [`QueueHandler::handle`] queued: called once a notified queue is drained,
+    /// so one system call can start a batch.
+    fn submit(&mut self) {}
+
+    /// An eventfd that becomes readable when requests left in flight end; watched with the
+    /// queues.
+    fn completions(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// Appends the in-flight requests that have ended to `done`; with `wait`, first waits for
+    /// all of them (before a pause: a snapshot holds no half-served request).
+    fn complete(&mut self, mem: &GuestMemoryMmap, wait: bool, done: &mut Vec<Completed>) {
+        let _ = (mem, wait, done);
+    }
 
     /// The timerfd of the handler's rate limiter, watched with its queues.
     fn limiter_timer(&self) -> Option<std::os::fd::RawFd> {
@@ -61,6 +90,8 @@ pub trait QueueHandler: Send + 'static {
 
 /// Event data of the rate limiter's timer (queue events carry their index).
 const LIMITER_TIMER: u32 = u32::MAX;
+/// Event data of the handler's completion eventfd.
+const COMPLETIONS: u32 = u32::MAX - 1;
 
 struct Subscriber<H> {
     handler: H,
@@ -81,14 +112,19 @@ impl<H: QueueHandler> Subscriber<H> {
                 let chain = queue.iter(&self.mem)?.next();
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                let Some(len) = self.handler.handle(index, chain, &self.mem) else {
-                    // Throttled: the chain is taken again when the limiter's timer fires, and
-                    // guest notifications stay off until then.
-                    queue.go_to_previous_position();
-                    return Ok(used);
-                };
-                queue.add_used(&self.mem, head, len)?;
-                used = true;
+                match self.handler.handle(index, chain, &self.mem) {
+                    Served::Used(len) => {
+                        queue.add_used(&self.mem, head, len)?;
+                        used = true;
+                    }
+                    Served::InFlight => {}
+                    Served::Throttled => {
+                        // The chain is taken again when the limiter's timer fires, and guest
+                        // notifications stay off until then.
+                        queue.go_to_previous_position();
+                        return Ok(used);
+                    }
+                }
             }
             // Re-enable notifications, then look again: a chain made available in between
             // would otherwise wait for the next kick.
@@ -103,9 +139,15 @@ impl<H: QueueHandler> Subscriber<H> {
         if self.broken[index] {
             return;
         }
-        let result = self
-            .drain(index)
-            .and_then(|used| Ok(used && self.queues[index].needs_notification(&self.mem)?));
+        let result = self.drain(index);
+        self.handler.submit();
+        let result =
+            result.and_then(|used| Ok(used && self.queues[index].needs_notification(&self.mem)?));
+        self.settle(index, result);
+    }
+
+    /// Raises the interrupt if `result` says the driver wants one, or marks the queue broken.
+    fn settle(&mut self, index: usize, result: Result<bool, virtio_queue::Error>) {
         match result {
             Ok(true) => self.interrupt.trigger(INTERRUPT_USED_RING),
             Ok(false) => {}
@@ -119,6 +161,30 @@ impl<H: QueueHandler> Subscriber<H> {
             }
         }
     }
+
+    /// Puts the requests that ended in flight on their used rings, with one interrupt per queue
+    /// for the whole batch.
+    fn finish(&mut self, wait: bool) {
+        let mut done = Vec::new();
+        self.handler.complete(&self.mem, wait, &mut done);
+        let mut touched = vec![false; self.queues.len()];
+        for (index, head, len) in done {
+            if self.broken.get(index) != Some(&false) {
+                continue;
+            }
+            if let Err(e) = self.queues[index].add_used(&self.mem, head, len) {
+                self.settle(index, Err(e));
+                continue;
+            }
+            touched[index] = true;
+        }
+        for (index, touched) in touched.into_iter().enumerate() {
+            if touched {
+                let result = self.queues[index].needs_notification(&self.mem);
+                self.settle(index, result);
+            }
+        }
+    }
 }
 
 impl<H: QueueHandler> MutEventSubscriber for Subscriber<H> {
@@ -128,6 +194,10 @@ impl<H: QueueHandler> MutEventSubscriber for Subscriber<H> {
             for i in 0..self.queues.len() {
                 self.serve(i);
             }
+            return;
+        }
+        if events.data() == COMPLETIONS {
+            self.finish(false);
             return;
         }
         let i = events.data() as usize;
@@ -148,6 +218,11 @@ impl<H: QueueHandler> MutEventSubscriber for Subscriber<H> {
                 tracing::error!("virtio: cannot watch the rate limiter's timer: {e:?}");
             }
         }
+        if let Some(fd) = self.handler.completions() {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, COMPLETIONS, EventSet::IN)) {
+                tracing::error!("virtio: cannot watch the device's completions: {e:?}");
+            }
+        }
     }
 }
 
@@ -157,11 +232,18 @@ pub trait DeviceThread: MutEventSubscriber + Send + 'static {
     /// Where each queue stands. Chains taken from a ring but not yet used count as not taken, so
     /// that a device restored from these positions takes them again.
     fn queue_states(&self) -> Vec<QueueState>;
+
+    /// Ends every request still in flight, before the thread parks.
+    fn quiesce(&mut self) {}
 }
 
 impl<H: QueueHandler> DeviceThread for Subscriber<H> {
     fn queue_states(&self) -> Vec<QueueState> {
         self.queues.iter().map(Queue::state).collect()
+    }
+
+    fn quiesce(&mut self) {
+        self.finish(true);
     }
 }
 
@@ -190,6 +272,7 @@ impl<S: DeviceThread> Controlled<S> {
                     return;
                 }
                 Ok(Command::Pause) => {
+                    self.inner.quiesce();
                     let _ = self.replies.send(self.inner.queue_states());
                     loop {
                         match self.commands.recv() {

@@ -23,7 +23,7 @@ pub struct Disk {
 pub type Segment = (GuestAddress, u32);
 
 /// The host addresses of the guest buffers, split where guest memory regions end.
-fn iovecs(
+pub(super) fn iovecs(
     mem: &GuestMemoryMmap,
     segments: &[Segment],
     access: Access,
@@ -36,7 +36,7 @@ fn iovecs(
 }
 
 /// Moves all of `iov` between the file at `offset` and memory, however many calls it takes.
-fn transfer(
+pub(super) fn transfer(
     file: &File,
     mut iov: &mut [IoVec],
     mut offset: u64,
@@ -75,18 +75,23 @@ fn transfer(
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         offset += n as u64;
-        let mut done = n as usize;
-        while let Some(first) = iov.first_mut() {
-            if done < first.len {
-                first.base += done;
-                first.len -= done;
-                break;
-            }
-            done -= first.len;
-            iov = &mut iov[1..];
-        }
+        iov = advance(iov, n as usize);
     }
     Ok(())
+}
+
+/// What is left of `iov` once `done` bytes of it have been moved.
+pub(super) fn advance(mut iov: &mut [IoVec], mut done: usize) -> &mut [IoVec] {
+    while let Some(first) = iov.first_mut() {
+        if done < first.len {
+            first.base += done;
+            first.len -= done;
+            break;
+        }
+        done -= first.len;
+        iov = &mut iov[1..];
+    }
+    iov
 }
 
 impl Disk {
@@ -98,6 +103,11 @@ impl Disk {
             file,
             sectors: bytes / SECTOR_SIZE,
         })
+    }
+
+    /// The open image.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Capacity in 512-byte sectors.

@@ -6,19 +6,22 @@ pub mod persist;
 pub mod request;
 #[cfg(test)]
 mod tests;
+pub mod uring;
 
-use super::worker::{QueueHandler, Worker};
+use super::worker::{Completed, QueueHandler, Served, Worker};
 use super::{features, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice};
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use disk::Disk;
-use request::{Limits, Request, ID_BYTES};
+use request::{outcome, Limits, Request, ID_BYTES};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
+use uring::Ring;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::DescriptorChain;
 use vm_memory::Bytes;
+use vmm_sys_util::eventfd::EventFd;
 
 /// What replacing a drive's backing file calls (on the VMM thread, PATCH /drives): the open,
 /// and a seek to find a block device's size.
@@ -37,6 +40,8 @@ pub const SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
         libc::SYS_pwritev,
         libc::SYS_fdatasync,
         libc::SYS_fallocate,
+        // The Async engine's ring (made on the VMM thread, restricted to the image).
+        libc::SYS_io_uring_enter,
         // The rate limiter's timer.
         libc::SYS_timerfd_settime,
     ],
@@ -54,6 +59,28 @@ pub const MAX_RANGES: u32 = 16;
 /// Most sectors per DISCARD / WRITE_ZEROES range (1 GiB).
 pub const MAX_RANGE_SECTORS: u32 = 1 << 21;
 
+/// How a drive's requests reach its image (Firecracker's `io_engine`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum IoEngine {
+    /// One request at a time, by blocking vectored reads and writes on the device thread.
+    #[default]
+    Sync,
+    /// Many requests in flight on an io_uring (see [`uring`]).
+    Async,
+}
+
+impl std::str::FromStr for IoEngine {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "Sync" | "sync" => Ok(IoEngine::Sync),
+            "Async" | "async" => Ok(IoEngine::Async),
+            _ => Err(format!("io_engine {s}: expected Sync or Async")),
+        }
+    }
+}
+
 /// A drive as the user configured it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockConfig {
@@ -65,6 +92,8 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// Bandwidth and request-rate limits (none by default).
     pub rate_limiter: RateLimiterConfig,
+    /// How requests reach the image.
+    pub io_engine: IoEngine,
 }
 
 /// Errors creating a block device.
@@ -81,6 +110,14 @@ pub enum BlockError {
     /// The ID does not fit GET_ID's 20 bytes.
     #[error("drive id '{0}' is longer than 20 bytes")]
     IdTooLong(String),
+    /// The Async engine cannot run here.
+    #[error("drive image {path}: io_engine Async: {reason}")]
+    Engine {
+        /// The image.
+        path: PathBuf,
+        /// What is missing, and what to do.
+        reason: String,
+    },
 }
 
 /// A virtio-blk device.
@@ -95,6 +132,12 @@ pub struct Block {
     metrics: std::sync::Arc<crate::metrics::DeviceMetrics>,
     // Shared with the device thread, so PATCH can change the limits of a running drive.
     limiter: Arc<Mutex<RateLimiter>>,
+    /// Async engine: the eventfd every ring of this drive signals completions on.
+    completions: Option<EventFd>,
+    /// Async engine: a ring made on the VMM thread for the current image, not yet taken by a
+    /// device thread (the first activation takes it; a running thread switches to a
+    /// replacement image's ring once its requests on the old one have ended).
+    next_ring: Arc<Mutex<Option<Ring>>>,
 }
 
 fn feature(bit: u32) -> u64 {
@@ -136,7 +179,22 @@ impl Block {
             path: config.path.clone(),
             err,
         })?;
+        let (completions, ring) = match config.io_engine {
+            IoEngine::Sync => (None, None),
+            IoEngine::Async => {
+                let engine_error = |err: std::io::Error| BlockError::Engine {
+                    path: config.path.clone(),
+                    reason: uring::explain(&err),
+                };
+                let completions = EventFd::new(libc::EFD_NONBLOCK).map_err(engine_error)?;
+                let ring = Ring::new(disk.file(), u32::from(QUEUE_SIZE), &completions)
+                    .map_err(engine_error)?;
+                (Some(completions), Some(ring))
+            }
+        };
         Ok(Self {
+            completions,
+            next_ring: Arc::new(Mutex::new(ring)),
             limiter: Arc::new(Mutex::new(limiter)),
             disk: Arc::new(Mutex::new(disk)),
             features,
@@ -178,7 +236,32 @@ impl Block {
             },
             metrics: self.metrics.clone(),
             limiter: self.limiter.clone(),
+            engine: None,
+            next_ring: self.next_ring.clone(),
+            reaped: Vec::new(),
         }
+    }
+
+    /// The Async engine for a device thread: the ring waiting for it, or a new one.
+    fn engine(&self) -> Result<Option<uring::Engine>, String> {
+        let Some(completions) = &self.completions else {
+            return Ok(None);
+        };
+        let ring = match crate::bus::lock(&self.next_ring).take() {
+            Some(ring) => ring,
+            None => Ring::new(
+                crate::bus::lock(&self.disk).file(),
+                u32::from(QUEUE_SIZE),
+                completions,
+            )
+            .map_err(|e| uring::explain(&e))?,
+        };
+        let completions = completions.try_clone().map_err(|e| e.to_string())?;
+        Ok(Some(uring::Engine::new(
+            ring,
+            usize::from(QUEUE_SIZE),
+            completions,
+        )))
     }
 
     fn id_bytes(&self) -> [u8; ID_BYTES] {
@@ -196,16 +279,50 @@ pub(crate) struct Handler {
     limits: Limits,
     metrics: std::sync::Arc<crate::metrics::DeviceMetrics>,
     limiter: Arc<Mutex<RateLimiter>>,
+    /// The Async engine; `None` runs each request at once (Sync).
+    engine: Option<uring::Engine>,
+    next_ring: Arc<Mutex<Option<Ring>>>,
+    /// Requests that ended while the engine switched rings, reported with the next batch.
+    reaped: Vec<uring::Finished>,
+}
+
+impl Handler {
+    /// Counts a request's outcome and writes its status byte; returns the used length.
+    fn report(
+        &self,
+        mem: &GuestMemoryMmap,
+        kind: u32,
+        data_len: u64,
+        (status, len): (u8, u32),
+        status_addr: vm_memory::GuestAddress,
+    ) -> u32 {
+        use crate::metrics::add;
+        if status != VIRTIO_BLK_S_OK as u8 {
+            add(&self.metrics.errors, 1);
+        } else {
+            match kind {
+                VIRTIO_BLK_T_IN => add(&self.metrics.read_bytes, u64::from(len - 1)),
+                VIRTIO_BLK_T_OUT => add(&self.metrics.write_bytes, data_len),
+                VIRTIO_BLK_T_FLUSH => add(&self.metrics.flushes, 1),
+                _ => {}
+            }
+        }
+        if mem.write_obj(status, status_addr).is_err() {
+            return 0;
+        }
+        len
+    }
 }
 
 impl QueueHandler for Handler {
     fn handle(
         &mut self,
-        _queue: usize,
+        queue: usize,
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
-    ) -> Option<u32> {
+    ) -> Served {
         use crate::metrics::add;
+        let head = chain.head_index();
         let request = match Request::parse(chain, mem) {
             Ok(r) => r,
             Err((e, status)) => {
@@ -217,7 +334,7 @@ impl QueueHandler for Handler {
                 );
                 // Fail it with IOERR if it has a writable last byte; otherwise nothing can be
                 // reported and the chain goes back with nothing written.
-                return Some(match status {
+                return Served::Used(match status {
                     Some(addr) if mem.write_obj(VIRTIO_BLK_S_IOERR as u8, addr).is_ok() => 1,
                     _ => 0,
                 });
@@ -231,30 +348,64 @@ impl QueueHandler for Handler {
         };
         if !crate::bus::lock(&self.limiter).consume(bytes) {
             add(&self.metrics.throttled, 1);
-            return None;
+            return Served::Throttled;
         }
         add(&self.metrics.requests, 1);
-        let (status, len) = request.execute(
+        if let Some(engine) = &mut self.engine {
+            // The disk and its ring change together, under the disk's lock.
+            let disk = crate::bus::lock(&self.disk);
+            if let Some(ring) = crate::bus::lock(&self.next_ring).take() {
+                // The image was replaced: what is in flight ends on the old one first.
+                engine.replace(ring, &mut self.reaped);
+                engine.poke();
+            }
+            let sectors = disk.sectors();
+            drop(disk);
+            if let Some(Ok(io)) = request.io(sectors, self.read_only, &self.limits) {
+                let status = request.status_addr();
+                let result = match engine.start(mem, queue, head, request.sector(), status, io) {
+                    Ok(()) => return Served::InFlight,
+                    Err(result) => outcome(io.kind(), request.sector(), io.data_len(), result),
+                };
+                return Served::Used(self.report(mem, io.kind(), io.data_len(), result, status));
+            }
+        }
+        let result = request.execute(
             &mut crate::bus::lock(&self.disk),
             mem,
             self.read_only,
             &self.id,
             &self.limits,
         );
-        if status != VIRTIO_BLK_S_OK as u8 {
-            add(&self.metrics.errors, 1);
-        } else {
-            match request.kind() {
-                VIRTIO_BLK_T_IN => add(&self.metrics.read_bytes, u64::from(len - 1)),
-                VIRTIO_BLK_T_OUT => add(&self.metrics.write_bytes, request.data_len()),
-                VIRTIO_BLK_T_FLUSH => add(&self.metrics.flushes, 1),
-                _ => {}
-            }
+        Served::Used(self.report(
+            mem,
+            request.kind(),
+            request.data_len(),
+            result,
+            request.status_addr(),
+        ))
+    }
+
+    fn submit(&mut self) {
+        if let Some(engine) = &mut self.engine {
+            engine.submit();
         }
-        if mem.write_obj(status, request.status_addr()).is_err() {
-            return Some(0);
+    }
+
+    fn completions(&self) -> Option<std::os::fd::RawFd> {
+        self.engine.as_ref().map(uring::Engine::completions_fd)
+    }
+
+    fn complete(&mut self, mem: &GuestMemoryMmap, wait: bool, done: &mut Vec<Completed>) {
+        let mut finished = std::mem::take(&mut self.reaped);
+        if let Some(engine) = &mut self.engine {
+            engine.reap(wait, &mut finished);
         }
-        Some(len)
+        for f in finished {
+            let result = outcome(f.kind, f.sector, f.len, f.result);
+            let used = self.report(mem, f.kind, f.len, result, f.status);
+            done.push((f.queue, f.head, used));
+        }
     }
 
     fn limiter_timer(&self) -> Option<std::os::fd::RawFd> {
@@ -286,7 +437,10 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let handler = self.handler();
+        let mut handler = self.handler();
+        handler.engine = self.engine().map_err(|e| {
+            ActivateError::EventLoop(format!("drive '{}': io_engine Async: {e}", self.config.id))
+        })?;
         self.worker = Some(Worker::spawn("virtio-blk", handler, ctx)?);
         Ok(())
     }
@@ -327,9 +481,26 @@ impl VirtioDevice for Block {
             .map_err(|e| format!("cannot open drive image {}: {e}", path.display()))?;
         let disk = Disk::new(file)
             .map_err(|e| format!("cannot read drive image {}: {e}", path.display()))?;
+        let ring = match &self.completions {
+            Some(completions) => Some(
+                Ring::new(disk.file(), u32::from(QUEUE_SIZE), completions).map_err(|e| {
+                    format!(
+                        "drive image {}: io_engine Async: {}",
+                        path.display(),
+                        uring::explain(&e)
+                    )
+                })?,
+            ),
+            None => None,
+        };
         self.config_space = Self::config_image(disk.sectors());
         self.config.path = path.to_owned();
-        *crate::bus::lock(&self.disk) = disk;
+        // The device thread takes the two together, under the disk's lock.
+        let mut current = crate::bus::lock(&self.disk);
+        *current = disk;
+        if ring.is_some() {
+            *crate::bus::lock(&self.next_ring) = ring;
+        }
         Ok(())
     }
 }

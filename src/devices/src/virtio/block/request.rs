@@ -32,6 +32,55 @@ pub struct Limits {
     pub max_range_sectors: u32,
 }
 
+/// A request's data transfer or flush, checked and ready to run on either engine.
+#[derive(Clone, Copy, Debug)]
+pub enum Io<'a> {
+    /// Read from this byte offset of the image into the guest buffers.
+    Read(u64, &'a [Segment]),
+    /// Write the guest buffers at this byte offset of the image.
+    Write(u64, &'a [Segment]),
+    /// Make written data durable.
+    Flush,
+}
+
+impl Io<'_> {
+    /// The request type (VIRTIO_BLK_T_IN, _OUT or _FLUSH).
+    pub fn kind(&self) -> u32 {
+        match self {
+            Io::Read(..) => VIRTIO_BLK_T_IN,
+            Io::Write(..) => VIRTIO_BLK_T_OUT,
+            Io::Flush => VIRTIO_BLK_T_FLUSH,
+        }
+    }
+
+    /// Data bytes moved.
+    pub fn data_len(&self) -> u64 {
+        match self {
+            Io::Read(_, s) | Io::Write(_, s) => total(s),
+            Io::Flush => 0,
+        }
+    }
+}
+
+/// The status and used length of a read, write or flush (`kind`) of `len` data bytes from
+/// `sector` that ended with `result`; failures are logged (rate-limited: a guest can cause them
+/// at will).
+pub fn outcome(kind: u32, sector: u64, len: u64, result: std::io::Result<()>) -> (u8, u32) {
+    match result {
+        Ok(()) if kind == VIRTIO_BLK_T_IN => (VIRTIO_BLK_S_OK as u8, len as u32 + 1),
+        Ok(()) => (VIRTIO_BLK_S_OK as u8, 1),
+        Err(e) => {
+            let what = match kind {
+                VIRTIO_BLK_T_IN => format!("read at sector {sector}"),
+                VIRTIO_BLK_T_OUT => format!("write at sector {sector}"),
+                _ => "flush".to_string(),
+            };
+            utils::warn_limited!("virtio_blk_io_error", "virtio-blk: {what} failed: {e}");
+            (VIRTIO_BLK_S_IOERR as u8, 1)
+        }
+    }
+}
+
 /// Why a chain is not a well-formed request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ParseError {
@@ -188,21 +237,45 @@ impl Request {
         total(&self.writable)
     }
 
+    /// The first sector the request names.
+    pub fn sector(&self) -> u64 {
+        self.sector
+    }
+
     /// Where the status byte goes.
     pub fn status_addr(&self) -> GuestAddress {
         self.status
-    }
-
-    /// Checks that `len` bytes from this request's sector lie inside the disk.
-    fn byte_range(&self, disk: &Disk, len: u64) -> Option<u64> {
-        let end = self.sector.checked_add(len.div_ceil(SECTOR_SIZE))?;
-        (end <= disk.sectors()).then(|| self.sector * SECTOR_SIZE)
     }
 
     fn data_ok(segments: &[Segment], limits: &Limits) -> bool {
         segments.len() as u64 <= u64::from(limits.seg_max)
             && segments.iter().all(|s| s.1 <= limits.size_max)
             && total(segments).is_multiple_of(SECTOR_SIZE)
+    }
+
+    /// The data transfer or flush this request asks for, checked against a disk of `sectors`
+    /// sectors: `None` for other request types, `Err` with the status to report for a request
+    /// that must fail without touching the disk.
+    pub fn io(&self, sectors: u64, read_only: bool, limits: &Limits) -> Option<Result<Io<'_>, u8>> {
+        let ioerr = Err(VIRTIO_BLK_S_IOERR as u8);
+        let data = |segments: &[Segment]| {
+            let len = total(segments);
+            let end = self.sector.checked_add(len.div_ceil(SECTOR_SIZE))?;
+            (Self::data_ok(segments, limits) && end <= sectors).then(|| self.sector * SECTOR_SIZE)
+        };
+        Some(match self.kind {
+            VIRTIO_BLK_T_IN => match data(&self.writable) {
+                Some(offset) => Ok(Io::Read(offset, &self.writable)),
+                None => ioerr,
+            },
+            VIRTIO_BLK_T_OUT if read_only => ioerr,
+            VIRTIO_BLK_T_OUT => match data(&self.readable) {
+                Some(offset) => Ok(Io::Write(offset, &self.readable)),
+                None => ioerr,
+            },
+            VIRTIO_BLK_T_FLUSH => Ok(Io::Flush),
+            _ => return None,
+        })
     }
 
     /// Runs the request against `disk`; returns the status and the number of bytes written to
@@ -216,54 +289,19 @@ impl Request {
         limits: &Limits,
     ) -> (u8, u32) {
         let status = |s: u32| s as u8;
+        match self.io(disk.sectors(), read_only, limits) {
+            Some(Ok(io)) => {
+                let result = match io {
+                    Io::Read(offset, segments) => disk.read(mem, offset, segments),
+                    Io::Write(offset, segments) => disk.write(mem, offset, segments),
+                    Io::Flush => disk.flush(),
+                };
+                return outcome(io.kind(), self.sector, io.data_len(), result);
+            }
+            Some(Err(s)) => return (s, 1),
+            None => {}
+        }
         match self.kind {
-            VIRTIO_BLK_T_IN => {
-                let len = total(&self.writable);
-                if !Self::data_ok(&self.writable, limits) {
-                    return (status(VIRTIO_BLK_S_IOERR), 1);
-                }
-                let Some(offset) = self.byte_range(disk, len) else {
-                    return (status(VIRTIO_BLK_S_IOERR), 1);
-                };
-                match disk.read(mem, offset, &self.writable) {
-                    Ok(()) => (status(VIRTIO_BLK_S_OK), len as u32 + 1),
-                    Err(e) => {
-                        utils::warn_limited!(
-                            "virtio_blk_io_error",
-                            "virtio-blk: read at sector {} failed: {e}",
-                            self.sector
-                        );
-                        (status(VIRTIO_BLK_S_IOERR), 1)
-                    }
-                }
-            }
-            VIRTIO_BLK_T_OUT => {
-                let len = total(&self.readable);
-                if read_only || !Self::data_ok(&self.readable, limits) {
-                    return (status(VIRTIO_BLK_S_IOERR), 1);
-                }
-                let Some(offset) = self.byte_range(disk, len) else {
-                    return (status(VIRTIO_BLK_S_IOERR), 1);
-                };
-                match disk.write(mem, offset, &self.readable) {
-                    Ok(()) => (status(VIRTIO_BLK_S_OK), 1),
-                    Err(e) => {
-                        utils::warn_limited!(
-                            "virtio_blk_io_error",
-                            "virtio-blk: write at sector {} failed: {e}",
-                            self.sector
-                        );
-                        (status(VIRTIO_BLK_S_IOERR), 1)
-                    }
-                }
-            }
-            VIRTIO_BLK_T_FLUSH => match disk.flush() {
-                Ok(()) => (status(VIRTIO_BLK_S_OK), 1),
-                Err(e) => {
-                    utils::warn_limited!("virtio_blk_io_error", "virtio-blk: flush failed: {e}");
-                    (status(VIRTIO_BLK_S_IOERR), 1)
-                }
-            },
             VIRTIO_BLK_T_GET_ID => {
                 let mut written = 0usize;
                 for &(addr, len) in &self.writable {

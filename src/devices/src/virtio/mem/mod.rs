@@ -413,7 +413,8 @@ impl super::worker::QueueHandler for Handler {
         _queue: usize,
         chain: virtio_queue::DescriptorChain<&super::GuestMemoryMmap>,
         mem: &super::GuestMemoryMmap,
-    ) -> Option<u32> {
+    ) -> super::worker::Served {
+        use super::worker::Served;
         use vm_memory::Bytes;
         let mut req = [0u8; REQUEST_SIZE];
         let mut got = None;
@@ -438,7 +439,7 @@ impl super::worker::QueueHandler for Handler {
                 "virtio_mem_bad_chain",
                 "virtio-mem: a request without room for its response"
             );
-            return Some(0);
+            return Served::Used(0);
         };
         let answer = match got {
             Some(r) => {
@@ -459,8 +460,8 @@ impl super::worker::QueueHandler for Handler {
             _ => {}
         }
         match mem.write_slice(&response_bytes(answer), at) {
-            Ok(()) => Some(RESPONSE_SIZE as u32),
-            Err(_) => Some(0),
+            Ok(()) => Served::Used(RESPONSE_SIZE as u32),
+            Err(_) => Served::Used(0),
         }
     }
 }

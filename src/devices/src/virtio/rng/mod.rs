@@ -1,7 +1,7 @@
 //! virtio-rng / entropy device (virtio 1.2, 5.4): fills the driver's buffers from the host's
 //! getrandom(2).
 
-use super::worker::{QueueHandler, Worker};
+use super::worker::{QueueHandler, Served, Worker};
 use super::{features, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice};
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
@@ -67,7 +67,7 @@ impl QueueHandler for Handler {
         _queue: usize,
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
-    ) -> Option<u32> {
+    ) -> Served {
         if let Some(limiter) = &self.limiter {
             let asked = chain
                 .clone()
@@ -76,7 +76,7 @@ impl QueueHandler for Handler {
                 .min(u64::from(MAX_REQUEST_BYTES));
             if !crate::bus::lock(limiter).consume(asked) {
                 crate::metrics::add(&self.metrics.throttled, 1);
-                return None;
+                return Served::Throttled;
             }
         }
         let mut written: u32 = 0;
@@ -104,7 +104,7 @@ impl QueueHandler for Handler {
         }
         crate::metrics::add(&self.metrics.requests, 1);
         crate::metrics::add(&self.metrics.read_bytes, u64::from(written));
-        Some(written)
+        Served::Used(written)
     }
 
     fn limiter_timer(&self) -> Option<std::os::fd::RawFd> {
