@@ -12,7 +12,7 @@ request parsing, the host file I/O and the completion interrupt. The image is a 
 file on tmpfs (/dev/shm) by default, so the host's storage does not dominate; --image-dir moves it.
 CPU is the whole VMM process (all threads) from /proc/<pid>/task/*/schedstat.
 
-    scripts/bench-blk.py [--runs N] [--image-dir DIR]
+    scripts/bench-blk.py [--runs N] [--image-dir DIR] [--only 'vireo,vireo, Async,firecracker']
 """
 
 import argparse
@@ -37,6 +37,10 @@ def commands(image, tmp):
         "vireo": [VIREO, "run", "--kernel", os.path.join(IMAGES, "vireo-guest-elf"),
                   "--memory", "256", "--serial", "stdio", "--cmdline", "vireo.blkbench",
                   "--drive", f"path={image}"],
+        # The io_uring engine (Firecracker's io_engine "Async").
+        "vireo, Async": [VIREO, "run", "--kernel", os.path.join(IMAGES, "vireo-guest-elf"),
+                         "--memory", "256", "--serial", "stdio", "--cmdline", "vireo.blkbench",
+                         "--drive", f"path={image},io_engine=async"],
         # seccomp filters on (the default) against off.
         "vireo --no-seccomp": [VIREO, "--no-seccomp", "run", "--kernel",
                                os.path.join(IMAGES, "vireo-guest-elf"), "--memory", "256",
@@ -65,12 +69,13 @@ def commands(image, tmp):
     fc = peer("FIRECRACKER", "firecracker")
     if fc:
         # The same limits as vireo's limited rows, in Firecracker's own rate limiter.
-        limits = {"": None,
-                  ", bw limit 256 MiB/s": {"bandwidth": {"size": 33554432, "refill_time": 125}},
-                  ", ops limit 5000/s": {"ops": {"size": 500, "refill_time": 100}}}
-        for n, (suffix, limit) in enumerate(limits.items()):
+        limits = {"": (None, "Sync"),
+                  ", Async": (None, "Async"),
+                  ", bw limit 256 MiB/s": ({"bandwidth": {"size": 33554432, "refill_time": 125}}, "Sync"),
+                  ", ops limit 5000/s": ({"ops": {"size": 500, "refill_time": 100}}, "Sync")}
+        for n, (suffix, (limit, engine)) in enumerate(limits.items()):
             drive = {"drive_id": "d0", "path_on_host": image, "is_root_device": False,
-                     "is_read_only": False}
+                     "is_read_only": False, "io_engine": engine}
             if limit:
                 drive["rate_limiter"] = limit
             cfg = os.path.join(tmp, f"fc{n}.json")
@@ -129,6 +134,7 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--image-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else "/tmp")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--only", help="comma-separated row names to run (default: all)")
     args = ap.parse_args()
     if not args.no_build:
         build(guest=True)
@@ -138,6 +144,12 @@ def main():
     tmp = tempfile.TemporaryDirectory()
     try:
         cmds = commands(image, tmp.name)
+        if args.only:
+            wanted = [w.strip() for w in args.only.split(",")]
+            missing = [w for w in wanted if w not in cmds]
+            if missing:
+                sys.exit(f"--only: no row {missing}; rows are {list(cmds)}")
+            cmds = {n: cmds[n] for n in wanted}
         results = {n: [] for n in cmds}
         for i in range(args.runs):
             # Alternate the order, and start each run from an empty sparse image so every VMM

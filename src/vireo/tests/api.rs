@@ -649,8 +649,9 @@ fn patching_a_drive_on_a_running_vm_changes_what_the_guest_sees() {
     );
     assert_eq!(v.req("PUT", "/boot-source", &boot).0, 204);
     let drive = format!(
-        r#"{{"drive_id":"data","path_on_host":"{}","is_root_device":false,"is_read_only":false}}"#,
-        small.display()
+        r#"{{"drive_id":"data","path_on_host":"{}","is_root_device":false,"is_read_only":false{}}}"#,
+        small.display(),
+        engine_field()
     );
     assert_eq!(v.req("PUT", "/drives/data", &drive).0, 204);
     assert_eq!(

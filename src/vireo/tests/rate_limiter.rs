@@ -36,6 +36,7 @@ fn blktest(tag: &str, rate_limiter: serde_json::Value) -> (Run, serde_json::Valu
         "path_on_host": disk,
         "is_root_device": false,
         "is_read_only": false,
+        "io_engine": io_engine(),
     });
     if !rate_limiter.is_null() {
         drive["rate_limiter"] = rate_limiter;
@@ -100,7 +101,11 @@ fn limits_on_the_command_line_and_bad_ones() {
         "--kernel",
         kernel.to_str().unwrap(),
         "--drive",
-        &format!("path={},bw=8192/10,ops=4/10+2", disk.display()),
+        &format!(
+            "path={},bw=8192/10,ops=4/10+2{}",
+            disk.display(),
+            engine_opt()
+        ),
         "--cmdline",
         "console=ttyS0 vireo.blktest",
     ]);
@@ -137,8 +142,9 @@ fn limits_change_on_a_running_vm() {
     );
     assert_eq!(v.req("PUT", "/boot-source", &boot).0, 204);
     let drive = format!(
-        r#"{{"drive_id":"data","path_on_host":"{}","is_root_device":false,"rate_limiter":{{"ops":{{"size":100,"refill_time":1000}}}}}}"#,
-        disk.display()
+        r#"{{"drive_id":"data","path_on_host":"{}","is_root_device":false,"rate_limiter":{{"ops":{{"size":100,"refill_time":1000}}}}{}}}"#,
+        disk.display(),
+        engine_field()
     );
     assert_eq!(v.req("PUT", "/drives/data", &drive).0, 204);
     // A malformed limiter is refused before boot, naming the field.

@@ -48,7 +48,8 @@ fn config(dir: &Path, args: &str) -> PathBuf {
             "drive_id": "data",
             "path_on_host": disk,
             "is_root_device": false,
-            "is_read_only": false
+            "is_read_only": false,
+            "io_engine": io_engine()
         }],
         "entropy": {}
     });
@@ -156,7 +157,7 @@ fn each_kind_of_thread_is_stopped_outside_its_list() {
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let drive = format!("path={}", disk.display());
+    let drive = format!("path={}{}", disk.display(), engine_opt());
     let vsock = format!("cid=3,uds={}", dir.join("v.sock").display());
     let boot = |extra: &[&str], cmdline: &str| {
         let mut a = vec!["run", "--kernel", kernel, "--cmdline", cmdline];

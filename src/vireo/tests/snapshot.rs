@@ -41,8 +41,9 @@ fn boot_counter(
             "PUT",
             "/drives/d0",
             &format!(
-                r#"{{"drive_id":"d0","path_on_host":"{}","is_root_device":false,"is_read_only":false}}"#,
-                d.display()
+                r#"{{"drive_id":"d0","path_on_host":"{}","is_root_device":false,"is_read_only":false{}}}"#,
+                d.display(),
+                engine_field()
             ),
         );
         assert_eq!(code, 204, "{body}");

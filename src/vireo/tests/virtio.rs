@@ -59,9 +59,9 @@ fn block_devices_read_write_flush_discard_and_read_only() {
         "--kernel",
         kernel.to_str().unwrap(),
         "--drive",
-        &format!("path={},id=scratch-disk", rw.display()),
+        &format!("path={},id=scratch-disk{}", rw.display(), engine_opt()),
         "--drive",
-        &format!("path={},readonly=on", ro.display()),
+        &format!("path={},readonly=on{}", ro.display(), engine_opt()),
         "--cmdline",
         "vireo.blktest",
     ]);
@@ -194,7 +194,7 @@ fn root_drive_goes_on_the_command_line() {
         "--cmdline",
         "console=ttyS0",
         "--drive",
-        &format!("path={},root=on,readonly=on", img.display()),
+        &format!("path={},root=on,readonly=on{}", img.display(), engine_opt()),
         "--rng",
     ]);
     assert_eq!(r.code(), 0, "{}", r.stderr);
@@ -276,6 +276,10 @@ fn bad_drive_options() {
             "'cache=none' is not a drive option",
         ),
         ("id=x".to_owned(), "a drive needs path=IMG"),
+        (
+            format!("path={p},io_engine=uring"),
+            "io_engine uring: expected Sync or Async",
+        ),
     ] {
         let r = run(&["--kernel", kernel.to_str().unwrap(), "--drive", &spec]);
         assert_eq!(r.code(), 2, "{spec}: {}", r.stderr);
@@ -306,9 +310,9 @@ fn hostile_register_traffic_does_not_break_vireo() {
             "--cpus",
             "2",
             "--drive",
-            &format!("path={}", rw.display()),
+            &format!("path={}{}", rw.display(), engine_opt()),
             "--drive",
-            &format!("path={},readonly=on", ro.display()),
+            &format!("path={},readonly=on{}", ro.display(), engine_opt()),
             "--rng",
             "--cmdline",
             &format!("vireo.chaos={count}"),
@@ -373,7 +377,7 @@ fn host_block_device_as_a_drive() {
         "--kernel",
         kernel.to_str().unwrap(),
         "--drive",
-        &format!("path={}", dev.0),
+        &format!("path={}{}", dev.0, engine_opt()),
         "--cmdline",
         "vireo.blktest",
     ]);

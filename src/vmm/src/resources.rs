@@ -4,7 +4,6 @@
 
 use crate::config::{DriveConfig, NetConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
 use devices::rate_limiter::RateLimiterConfig;
-use devices::virtio::block::IoEngine;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -692,12 +691,11 @@ impl VmResources {
             return err("socket: vhost-user block devices are not supported by vireo");
         }
         if let Some(e) = d.io_engine.as_deref() {
-            let engine = e.parse::<IoEngine>().map_err(ResourceError)?;
             // Firecracker's spelling only, on the API.
             if e != "Sync" && e != "Async" {
                 return err(format!("io_engine {e}: expected Sync or Async"));
             }
-            if engine == IoEngine::Async {
+            if e == "Async" {
                 devices::virtio::block::uring::probe().map_err(|e| {
                     ResourceError(format!(
                         "io_engine Async: {}",
@@ -1127,6 +1125,7 @@ impl ConfigFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use devices::virtio::block::IoEngine;
 
     fn scratch(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("vireo-res-{}-{name}", std::process::id()));
@@ -1172,6 +1171,34 @@ mod tests {
         .unwrap();
         let cfg = r.vm_config().unwrap();
         assert!(cfg.drives[0].root && !cfg.drives[1].root);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn io_engine_is_firecrackers_sync_or_async() {
+        let dir = scratch("engine");
+        let img = dir.join("img");
+        std::fs::write(&img, [0u8; 512]).unwrap();
+        let mut r = VmResources::default();
+        let with = |e: &str| Drive {
+            io_engine: Some(e.into()),
+            ..drive("d", &img, false)
+        };
+        r.insert_drive(with("Async")).unwrap();
+        r.set_boot_source(BootSource {
+            kernel_image_path: img.to_str().unwrap().into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(r.vm_config().unwrap().drives[0].io_engine, IoEngine::Async);
+        r.insert_drive(with("Sync")).unwrap();
+        assert_eq!(r.vm_config().unwrap().drives[0].io_engine, IoEngine::Sync);
+        r.insert_drive(drive("d", &img, false)).unwrap();
+        assert_eq!(r.vm_config().unwrap().drives[0].io_engine, IoEngine::Sync);
+        for bad in ["async", "Uring", ""] {
+            let e = r.insert_drive(with(bad)).unwrap_err();
+            assert!(e.0.contains("expected Sync or Async"), "{bad}: {e}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -115,6 +115,26 @@ pub fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
 
 /// The vireo binary under test: `VIREO_BIN` when set (to run the suite against another build,
 /// such as the static musl one), otherwise the one cargo built for these tests.
+/// The block engine the drive tests use: `VIREO_TEST_IO_ENGINE=Async` runs them on the
+/// io_uring engine (CI runs them under each engine).
+pub fn io_engine() -> &'static str {
+    match std::env::var("VIREO_TEST_IO_ENGINE").as_deref() {
+        Ok("Async") | Ok("async") => "Async",
+        Ok("Sync") | Ok("sync") | Err(_) => "Sync",
+        Ok(other) => panic!("VIREO_TEST_IO_ENGINE={other}: expected Sync or Async"),
+    }
+}
+
+/// `--drive` options choosing [`io_engine`].
+pub fn engine_opt() -> String {
+    format!(",io_engine={}", io_engine())
+}
+
+/// A `PUT /drives` body's field choosing [`io_engine`], to put after another field.
+pub fn engine_field() -> String {
+    format!(r#","io_engine":"{}""#, io_engine())
+}
+
 pub fn vireo_bin() -> PathBuf {
     std::env::var_os("VIREO_BIN")
         .map(PathBuf::from)
