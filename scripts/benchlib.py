@@ -9,12 +9,20 @@ import subprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def process_cpu_ns(pid):
-    """CPU time of every thread of `pid`, in nanoseconds (from /proc/<pid>/task/*/schedstat)."""
+def process_cpu_ns(pid, skip_vcpus=False):
+    """CPU time of every thread of `pid`, in nanoseconds (from /proc/<pid>/task/*/schedstat);
+    with `skip_vcpus`, leaving out vCPU threads (their time is mostly the guest's own), so that
+    what remains is the VMM's side of the work. vCPU threads are told by name: vireo's `vcpuN`,
+    Firecracker's `fc_vcpu N`, QEMU's `CPU N/KVM`."""
     total = 0
-    for f in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+    for task in glob.glob(f"/proc/{pid}/task/*"):
         try:
-            with open(f) as fh:
+            if skip_vcpus:
+                with open(f"{task}/comm") as fh:
+                    comm = fh.read().strip()
+                if comm.startswith(("vcpu", "fc_vcpu")) or comm.endswith("/KVM"):
+                    continue
+            with open(f"{task}/schedstat") as fh:
                 total += int(fh.read().split()[0])
         except OSError:
             pass

@@ -245,15 +245,19 @@ impl Engine {
     pub fn reap(&mut self, wait: bool, done: &mut Vec<Finished>) {
         let _ = self.completions.read();
         loop {
-            self.queued = 0;
+            // The completion queue is shared memory: only waiting, or entries not yet handed
+            // over, need the system call.
             let want = if wait { self.in_flight() } else { 0 };
-            if let Err(e) = self.ring.ring.submit_and_wait(want) {
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    utils::warn_limited!(
-                        "virtio_blk_uring_wait",
-                        "virtio-blk: waiting on io_uring failed: {e}"
-                    );
-                    return;
+            if want > 0 || self.queued > 0 {
+                self.queued = 0;
+                if let Err(e) = self.ring.ring.submit_and_wait(want) {
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        utils::warn_limited!(
+                            "virtio_blk_uring_wait",
+                            "virtio-blk: waiting on io_uring failed: {e}"
+                        );
+                        return;
+                    }
                 }
             }
             let ended: Vec<(u64, i32)> = self
