@@ -4,7 +4,9 @@ at that moment), and the latency of GET / and PUT /machine-config, for vireo, Fi
 ($FIRECRACKER, default ../shared/peers/firecracker) and Cloud Hypervisor ($CLOUD_HYPERVISOR,
 default ../shared/peers/cloud-hypervisor; an empty variable leaves a peer out) in the same run,
 runs interleaved. Cloud Hypervisor's API has no GET / or machine-config: its row times
-GET /api/v1/vmm.ping, the nearest request, and has no PUT figure.
+GET /api/v1/vmm.ping, the nearest request, and has no PUT figure. The "floor" row is a static C
+program (built here with gcc -static) that only binds and listens on the socket, then sleeps:
+no VMM can be ready sooner, measured the same way.
 
     scripts/bench-api.py [--runs N] [--requests N]
 """
@@ -46,7 +48,7 @@ def one(cmd_for, requests, get_path="/", put=True):
         ready_cpu = process_cpu_ns(p.pid) / 1e6
         c = UnixConnection(sock)
         get = []
-        for _ in range(requests):
+        for _ in range(requests if get_path else 0):
             t = time.perf_counter()
             c.request("GET", get_path)
             r = c.getresponse()
@@ -67,8 +69,38 @@ def one(cmd_for, requests, get_path="/", put=True):
         c.close()
         p.terminate()
         p.wait()
-        return (ready_ms, ready_cpu, statistics.median(get),
+        return (ready_ms, ready_cpu, statistics.median(get) if get else float("nan"),
                 statistics.median(lat) if lat else float("nan"))
+
+
+FLOOR_C = r"""
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    strncpy(a.sun_path, argv[1], sizeof a.sun_path - 1);
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 128)) return 1;
+    pause();
+    return 0;
+}
+"""
+
+
+def build_floor(tmp):
+    """The bind-and-listen floor, or None where no C compiler is found."""
+    src, exe = os.path.join(tmp, "floor.c"), os.path.join(tmp, "floor")
+    with open(src, "w") as f:
+        f.write(FLOOR_C)
+    try:
+        subprocess.run(["gcc", "-static", "-O2", "-o", exe, src], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except (OSError, subprocess.CalledProcessError):
+        print("floor: gcc -static failed; the floor row is left out", file=sys.stderr)
+        return None
+    return exe
 
 
 def main():
@@ -95,6 +127,10 @@ def main():
     if ch:
         vmms["cloud-hypervisor"] = (lambda s: [ch, "--api-socket", f"path={s}"],
                                     "/api/v1/vmm.ping", False)
+    floor_dir = tempfile.TemporaryDirectory()
+    floor = build_floor(floor_dir.name)
+    if floor:
+        vmms["floor (C bind+listen)"] = (lambda s: [floor, s], None, False)
     results = {name: [] for name in vmms}
     for _ in range(args.runs):
         for name, (cmd, get_path, put) in vmms.items():
@@ -108,7 +144,12 @@ def main():
         med[name] = [statistics.median(r[i] for r in rs) for i in range(4)]
         m = med[name]
         put = f"{m[3]:.0f}" if m[3] == m[3] else "n/a"
-        print(f"| {name} | {m[0]:.2f} | {m[1]:.2f} | {m[2]:.0f} | {put} |")
+        get = f"{m[2]:.0f}" if m[2] == m[2] else "n/a"
+        print(f"| {name} | {m[0]:.2f} | {m[1]:.2f} | {get} | {put} |")
+    if floor:
+        f = med["floor (C bind+listen)"]
+        print("\nabove the floor (wall ms): " + ", ".join(
+            f"{n} +{m[0] - f[0]:.2f}" for n, m in med.items() if not n.startswith("floor")))
     for peer_name, label in (("firecracker", "Firecracker"), ("cloud-hypervisor", "Cloud Hypervisor")):
         if peer_name not in med:
             continue
