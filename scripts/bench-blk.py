@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""virtio-blk benchmark: sequential read and write MiB/s with 1 MiB requests, 4 KiB random-read
-IOPS at queue depth 8, and CPU seconds per GiB moved, for vireo, QEMU's microvm machine
+"""virtio-blk benchmark: sequential read and write MiB/s with 1 MiB requests at queue depth 1 and
+8, 4 KiB random-read IOPS at queue depth 8, and CPU seconds per GiB moved, for vireo, QEMU's microvm machine
 (virtio-blk-device) and Firecracker ($FIRECRACKER, default ../shared/peers/firecracker; empty to
 leave it out), driven by the same test guest (`vireo.blkbench`). QEMU runs with acpi=off so that
 it announces its virtio-mmio devices on the kernel command line, as vireo and Firecracker do.
@@ -10,7 +10,9 @@ virtio-mmio.
 The guest never touches the data, so the figures are the VMM's data path: notification,
 request parsing, the host file I/O and the completion interrupt. The image is a 1 GiB sparse
 file on tmpfs (/dev/shm) by default, so the host's storage does not dominate; --image-dir moves it.
-CPU is the whole VMM process (all threads) from /proc/<pid>/task/*/schedstat.
+CPU is the whole VMM process (all threads) from /proc/<pid>/task/*/schedstat, and the "VMM side"
+leaves out the vCPU threads. Each VMM runs with its default block engine, and vireo and
+Firecracker again with their io_uring engines (io_engine Async).
 
     scripts/bench-blk.py [--runs N] [--image-dir DIR] [--only 'vireo;vireo, Async;firecracker']
 """
@@ -90,6 +92,9 @@ def commands(image, tmp):
     return cmds
 
 
+PHASES = ["seqread", "seqwrite", "seqread8", "seqwrite8", "randread"]
+
+
 def one_run(cmd):
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, bufsize=0)
@@ -125,7 +130,7 @@ def one_run(cmd):
             elif "error" in line:
                 raise RuntimeError(f"{cmd[0]}: {line}")
     p.wait()
-    if len(phases) != 3:
+    if len(phases) != len(PHASES):
         raise RuntimeError(f"{cmd[0]}: incomplete run (exit {p.returncode}), phases {list(phases)}")
     return phases
 
@@ -165,23 +170,30 @@ def main():
         tmp.cleanup()
     print(f"virtio-blk, 1 GiB image in {args.image_dir}; medians of {args.runs} runs\n")
     print("CPU is the whole process; 'VMM side' leaves out the vCPU threads, whose time is mostly")
-    print("the guest's (its kernel code is emulated on this host).\n")
-    print("| VMM | seq read MiB/s | seq write MiB/s | 4K rand read IOPS (QD8) | CPU s/GiB read | CPU s/GiB write | CPU µs/IO rand | VMM side s/GiB read / write | VMM side µs/IO rand |")
+    print("the guest's (its kernel code is emulated on this host). QD1 / QD8: requests in flight.\n")
+    print("| VMM | seq read MiB/s QD1 / QD8 | seq write MiB/s QD1 / QD8 | 4K rand read IOPS (QD8) "
+          "| CPU s/GiB read / write (QD1) | CPU µs/IO rand | VMM side s/GiB read / write QD1 "
+          "| VMM side s/GiB read / write QD8 | VMM side µs/IO rand |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, runs in results.items():
         def med(phase, f):
             return statistics.median(f(r[phase]) for r in runs)
-        rd = med("seqread", lambda p: p["bytes"] / p["seconds"] / (1 << 20))
-        wr = med("seqwrite", lambda p: p["bytes"] / p["seconds"] / (1 << 20))
+
+        def rate(phase):
+            return med(phase, lambda p: p["bytes"] / p["seconds"] / (1 << 20))
+
+        def per_gib(phase, key):
+            return med(phase, lambda p: p[key] / (p["bytes"] / GIB))
+
         iops = med("randread", lambda p: p["requests"] / p["seconds"])
-        crd = med("seqread", lambda p: p["cpu_s"] / (p["bytes"] / GIB))
-        cwr = med("seqwrite", lambda p: p["cpu_s"] / (p["bytes"] / GIB))
         cio = med("randread", lambda p: p["cpu_s"] / p["requests"] * 1e6)
-        hrd = med("seqread", lambda p: p["host_cpu_s"] / (p["bytes"] / GIB))
-        hwr = med("seqwrite", lambda p: p["host_cpu_s"] / (p["bytes"] / GIB))
         hio = med("randread", lambda p: p["host_cpu_s"] / p["requests"] * 1e6)
-        print(f"| {n} | {rd:.0f} | {wr:.0f} | {iops:.0f} | {crd:.3f} | {cwr:.3f} | {cio:.1f} "
-              f"| {hrd:.3f} / {hwr:.3f} | {hio:.1f} |")
+        print(f"| {n} | {rate('seqread'):.0f} / {rate('seqread8'):.0f} "
+              f"| {rate('seqwrite'):.0f} / {rate('seqwrite8'):.0f} | {iops:.0f} "
+              f"| {per_gib('seqread', 'cpu_s'):.3f} / {per_gib('seqwrite', 'cpu_s'):.3f} | {cio:.1f} "
+              f"| {per_gib('seqread', 'host_cpu_s'):.3f} / {per_gib('seqwrite', 'host_cpu_s'):.3f} "
+              f"| {per_gib('seqread8', 'host_cpu_s'):.3f} / {per_gib('seqwrite8', 'host_cpu_s'):.3f} "
+              f"| {hio:.1f} |")
     return 0
 
 
