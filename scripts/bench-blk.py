@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import build, peer, process_cpu_ns
+from benchlib import build, only_rows, peer, process_cpu_ns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = os.path.join(ROOT, "guest/target/x86_64-unknown-none/release")
@@ -150,12 +150,7 @@ def main():
     tmp = tempfile.TemporaryDirectory()
     try:
         cmds = commands(image, tmp.name)
-        if args.only:
-            wanted = [w.strip() for w in args.only.split(";")]
-            missing = [w for w in wanted if w not in cmds]
-            if missing:
-                sys.exit(f"--only: no row {missing}; rows are {list(cmds)}")
-            cmds = {n: cmds[n] for n in wanted}
+        cmds = only_rows(cmds, args.only)
         results = {n: [] for n in cmds}
         for i in range(args.runs):
             # Alternate the order, and start each run from an empty sparse image so every VMM

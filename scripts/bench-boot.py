@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 
-from benchlib import build, peer
+from benchlib import build, only_rows, peer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = os.path.join(ROOT, "guest/target/x86_64-unknown-none/release")
@@ -73,18 +73,13 @@ def vmm_commands(tmp):
     cmds["floor (printf !)"] = ["/usr/bin/printf", "!"]
     fc = peer("FIRECRACKER", "firecracker")
     if fc:
-        cfg = os.path.join(tmp, "fc.json")
-        with open(cfg, "w") as f:
-            json.dump({"boot-source": {"kernel_image_path": GUEST, "boot_args": CMDLINE},
-                       "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
-                       "drives": []}, f)
-        cmds["firecracker"] = [fc, "--no-api", "--config-file", cfg, "--level", "Error"]
-        cfg4 = os.path.join(tmp, "fc4.json")
-        with open(cfg4, "w") as f:
-            json.dump({"boot-source": {"kernel_image_path": GUEST, "boot_args": CMDLINE},
-                       "machine-config": {"vcpu_count": 1, "mem_size_mib": 4096},
-                       "drives": []}, f)
-        cmds["firecracker 4 GiB"] = [fc, "--no-api", "--config-file", cfg4, "--level", "Error"]
+        for name, mib in (("firecracker", 128), ("firecracker 4 GiB", 4096)):
+            cfg = os.path.join(tmp, f"fc{mib}.json")
+            with open(cfg, "w") as f:
+                json.dump({"boot-source": {"kernel_image_path": GUEST, "boot_args": CMDLINE},
+                           "machine-config": {"vcpu_count": 1, "mem_size_mib": mib},
+                           "drives": []}, f)
+            cmds[name] = [fc, "--no-api", "--config-file", cfg, "--level", "Error"]
     ch = peer("CLOUD_HYPERVISOR", "cloud-hypervisor")
     if ch:
         cmds["cloud-hypervisor"] = [ch, "--kernel", GUEST, "--cmdline", CMDLINE,
@@ -142,12 +137,7 @@ def main():
         build_all()
     with tempfile.TemporaryDirectory() as tmp:
         cmds = vmm_commands(tmp)
-        if args.only:
-            wanted = [w.strip() for w in args.only.split(";")]
-            missing = [w for w in wanted if w not in cmds]
-            if missing:
-                sys.exit(f"--only: no row {missing}; rows are {list(cmds)}")
-            cmds = {n: cmds[n] for n in wanted}
+        cmds = only_rows(cmds, args.only)
         results = {name: [] for name in cmds}
         for _ in range(args.runs):
             for name, cmd in cmds.items():

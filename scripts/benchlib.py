@@ -5,6 +5,7 @@ import http.client
 import os
 import socket
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,6 +28,18 @@ def process_cpu_ns(pid, skip_vcpus=False):
         except OSError:
             pass
     return total
+
+
+def only_rows(cmds, only):
+    """The rows of `cmds` named in `only` (names separated by semicolons, as row names hold
+    commas), in that order; all of them when `only` is empty. An unknown name ends the run."""
+    if not only:
+        return cmds
+    wanted = [w.strip() for w in only.split(";")]
+    missing = [w for w in wanted if w not in cmds]
+    if missing:
+        sys.exit(f"--only: no row {missing}; rows are {list(cmds)}")
+    return {n: cmds[n] for n in wanted}
 
 
 def peer(env, name):

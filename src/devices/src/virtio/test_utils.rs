@@ -134,11 +134,18 @@ impl Driver {
 
     /// Publishes the chain starting at `head` and notifies queue 0.
     pub fn publish(&mut self, head: u16) {
-        let slot = u64::from(self.avail_idx % self.size);
-        self.mem
-            .write_obj(head, GuestAddress(AVAIL + 4 + slot * 2))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.make_available(&[head]);
+    }
+
+    /// Puts `heads` in the available ring, then moves its index once and notifies queue 0.
+    fn make_available(&mut self, heads: &[u16]) {
+        for &head in heads {
+            let slot = u64::from(self.avail_idx % self.size);
+            self.mem
+                .write_obj(head, GuestAddress(AVAIL + 4 + slot * 2))
+                .unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+        }
         self.mem
             .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
             .unwrap();
@@ -170,18 +177,8 @@ impl Driver {
     /// Makes every chain of `chains` available at once, with one notification, as a driver
     /// with many requests queued does.
     pub fn submit_batch(&mut self, chains: &[Vec<(u64, u32, u16)>]) {
-        for descs in chains {
-            let head = self.write_chain(descs);
-            let slot = u64::from(self.avail_idx % self.size);
-            self.mem
-                .write_obj(head, GuestAddress(AVAIL + 4 + slot * 2))
-                .unwrap();
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-        }
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
-            .unwrap();
-        self.write(0x50, 0);
+        let heads: Vec<u16> = chains.iter().map(|d| self.write_chain(d)).collect();
+        self.make_available(&heads);
     }
 
     /// Waits for the next used-ring entry; returns (id, len).
