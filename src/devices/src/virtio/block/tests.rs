@@ -464,6 +464,77 @@ fn pause_leaves_nothing_in_flight(engine: IoEngine) {
     }
 }
 
+/// A drive's image replaced while requests are in flight: each of them ends (whole, on one image
+/// or the other) and everything after the swap goes to the new image.
+fn replacing_the_image_moves_requests_to_the_new_one(engine: IoEngine) {
+    let mut f = fixture("swap-a", false, engine);
+    let b = image(&format!("swap-b-{engine:?}"), 1 << 20);
+    std::fs::write(&b, vec![0x5b; 1 << 20]).unwrap();
+    const N: u64 = 20;
+    const LEN: u32 = 4096;
+    let mut chains = Vec::new();
+    for i in 0..N {
+        let header = DATA + 0x10 * i;
+        f.d.mem
+            .write_obj(VIRTIO_BLK_T_IN, GuestAddress(header))
+            .unwrap();
+        f.d.mem.write_obj(i * 8, GuestAddress(header + 8)).unwrap();
+        chains.push(vec![
+            (header, 16, 0),
+            (BUF + i * u64::from(LEN), LEN, F_WRITE),
+            (DATA + 0x800 + i, 1, F_WRITE),
+        ]);
+    }
+    f.d.mem
+        .write_slice(
+            &vec![0xee; (N * u64::from(LEN)) as usize],
+            GuestAddress(BUF),
+        )
+        .unwrap();
+    f.d.submit_batch(&chains);
+    f.d.transport.replace_backing(&b).unwrap();
+    for _ in 0..N {
+        assert_eq!(f.d.wait_used().map(|u| u.1), Some(LEN + 1));
+    }
+    for i in 0..N {
+        assert_eq!(
+            f.d.mem
+                .read_obj::<u8>(GuestAddress(DATA + 0x800 + i))
+                .unwrap(),
+            OK
+        );
+        let mut got = vec![0u8; LEN as usize];
+        f.d.mem
+            .read_slice(&mut got, GuestAddress(BUF + i * u64::from(LEN)))
+            .unwrap();
+        assert!(
+            got.iter().all(|&x| x == 0) || got.iter().all(|&x| x == 0x5b),
+            "read {i} is not wholly from one image"
+        );
+    }
+    // After the swap: a write lands in the new image only, and reads come from it.
+    f.d.mem
+        .write_slice(&pattern(512, 7), GuestAddress(BUF))
+        .unwrap();
+    assert_eq!(f.request(VIRTIO_BLK_T_OUT, 100, &[(BUF, 512, 0)]), (OK, 1));
+    assert_eq!(
+        f.request(VIRTIO_BLK_T_IN, 0, &[(BUF, 512, F_WRITE)]),
+        (OK, 513)
+    );
+    let mut got = vec![0u8; 512];
+    f.d.mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+    assert_eq!(got, vec![0x5b; 512], "read from the new image");
+    let new = std::fs::read(&b).unwrap();
+    assert_eq!(
+        &new[100 * 512..101 * 512],
+        pattern(512, 7),
+        "write reached the new image"
+    );
+    let old = std::fs::read(&f.path).unwrap();
+    assert!(old.iter().all(|&x| x == 0), "the old image was not written");
+    let _ = std::fs::remove_file(b);
+}
+
 macro_rules! under_each_engine {
     ($($name:ident),* $(,)?) => {
         mod sync_engine {
@@ -487,6 +558,7 @@ under_each_engine!(
     host_io_error_is_reported_to_the_guest,
     a_batch_of_requests_completes,
     pause_leaves_nothing_in_flight,
+    replacing_the_image_moves_requests_to_the_new_one,
 );
 
 /// The Async engine's ring runs only vectored I/O and fsync on the image: anything else a
