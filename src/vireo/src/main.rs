@@ -164,25 +164,135 @@ fn parse_id(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
-#[derive(Subcommand, Debug)]
+/// vireo's subcommands (their descriptions are in [`SUBCOMMANDS`]).
+#[derive(Debug)]
 enum Command {
-    /// Boot a kernel and run it until the guest powers off or resets.
     Run(Box<RunArgs>),
-    /// Snapshot the VM of a running vireo (through its API socket) into a directory.
     Snapshot(SnapshotArgs),
-    /// Start a VM from a snapshot directory and run it until it ends.
     Restore(RestoreArgs),
-    /// Merge a diff snapshot's memory file into the full memory file it was taken after, as
-    /// Firecracker's rebase-snap does; the state file of the diff then loads with it.
     RebaseSnap(RebaseArgs),
-    /// Run a command in the guest through its agent (vireo-agent), with its output, input,
-    /// signals and exit status.
     Exec(guest::ExecArgs),
-    /// Copy a file into (`vm:PATH` as DST) or out of (`vm:PATH` as SRC) the guest.
     Cp(guest::CpArgs),
-    /// Root file system images for Linux guests.
-    #[command(subcommand)]
     Rootfs(kit::RootfsCommand),
+}
+
+/// What adds a subcommand's arguments to its `clap::Command`.
+type AddArgs = fn(clap::Command) -> clap::Command;
+
+/// Each subcommand's name, description and arguments. The arguments are added only when that
+/// subcommand is the one given (clap's `defer`): a Firecracker-style `vireo --api-sock PATH`
+/// start, which waits on this parse before it binds its socket, builds none of them.
+const SUBCOMMANDS: [(&str, &str, AddArgs); 7] = [
+    (
+        "run",
+        "Boot a kernel and run it until the guest powers off or resets",
+        args::<RunArgs>,
+    ),
+    (
+        "snapshot",
+        "Snapshot the VM of a running vireo (through its API socket) into a directory",
+        args::<SnapshotArgs>,
+    ),
+    (
+        "restore",
+        "Start a VM from a snapshot directory and run it until it ends",
+        args::<RestoreArgs>,
+    ),
+    (
+        "rebase-snap",
+        "Merge a diff snapshot's memory file into the full memory file it was taken after, as \
+         Firecracker's rebase-snap does; the state file of the diff then loads with it",
+        args::<RebaseArgs>,
+    ),
+    (
+        "exec",
+        "Run a command in the guest through its agent (vireo-agent), with its output, input, \
+         signals and exit status",
+        args::<guest::ExecArgs>,
+    ),
+    (
+        "cp",
+        "Copy a file into (`vm:PATH` as DST) or out of (`vm:PATH` as SRC) the guest",
+        args::<guest::CpArgs>,
+    ),
+    ("rootfs", "Root file system images for Linux guests", |c| {
+        <kit::RootfsCommand as Subcommand>::augment_subcommands(
+            c.subcommand_required(true).arg_required_else_help(true),
+        )
+    }),
+];
+
+/// A subcommand's arguments, added when it is used; its description stays the one in
+/// [`SUBCOMMANDS`] (an argument struct's own doc comment would otherwise replace it).
+fn args<A: Args>(cmd: clap::Command) -> clap::Command {
+    let about = cmd.get_about().cloned();
+    let cmd = A::augment_args(cmd);
+    match about {
+        Some(about) => cmd.about(about),
+        None => cmd,
+    }
+}
+
+impl Subcommand for Command {
+    fn augment_subcommands(mut cmd: clap::Command) -> clap::Command {
+        for (name, about, args) in SUBCOMMANDS {
+            cmd = cmd.subcommand(clap::Command::new(name).about(about).defer(args));
+        }
+        cmd
+    }
+
+    fn augment_subcommands_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_subcommands(cmd)
+    }
+
+    fn has_subcommand(name: &str) -> bool {
+        SUBCOMMANDS.iter().any(|(n, ..)| *n == name)
+    }
+}
+
+impl clap::FromArgMatches for Command {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        Self::from_arg_matches_mut(&mut matches.clone())
+    }
+
+    fn from_arg_matches_mut(matches: &mut clap::ArgMatches) -> Result<Self, clap::Error> {
+        use clap::error::ErrorKind;
+        let Some((name, mut m)) = matches.remove_subcommand() else {
+            return Err(clap::Error::raw(
+                ErrorKind::MissingSubcommand,
+                "a subcommand is required",
+            ));
+        };
+        let m = &mut m;
+        Ok(match name.as_str() {
+            "run" => Command::Run(Box::new(RunArgs::from_arg_matches_mut(m)?)),
+            "snapshot" => Command::Snapshot(SnapshotArgs::from_arg_matches_mut(m)?),
+            "restore" => Command::Restore(RestoreArgs::from_arg_matches_mut(m)?),
+            "rebase-snap" => Command::RebaseSnap(RebaseArgs::from_arg_matches_mut(m)?),
+            "exec" => Command::Exec(guest::ExecArgs::from_arg_matches_mut(m)?),
+            "cp" => Command::Cp(guest::CpArgs::from_arg_matches_mut(m)?),
+            "rootfs" => Command::Rootfs(kit::RootfsCommand::from_arg_matches_mut(m)?),
+            other => {
+                return Err(clap::Error::raw(
+                    ErrorKind::InvalidSubcommand,
+                    format!("unknown subcommand '{other}'"),
+                ))
+            }
+        })
+    }
+
+    fn update_from_arg_matches_mut(
+        &mut self,
+        matches: &mut clap::ArgMatches,
+    ) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches_mut(matches)?;
+        Ok(())
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
 }
 
 /// File names inside a snapshot directory.
@@ -1022,5 +1132,67 @@ fn control_plane(cli: &Cli, mut telemetry: ProcessTelemetry, restore: Option<&Re
             reason.exit_code()
         }
         None => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks, with every deferred subcommand built.
+    #[test]
+    fn the_command_line_is_consistent() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        for sub in cmd.get_subcommands_mut() {
+            sub.build();
+        }
+        Cli::command().debug_assert();
+    }
+
+    /// Every subcommand in the table parses into its own variant, with its arguments.
+    #[test]
+    fn each_subcommand_reaches_its_variant() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["vireo"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).map(|c| c.command)
+        };
+        assert!(matches!(parse(&["--api-sock", "a"]), Ok(None)));
+        assert!(matches!(
+            parse(&["run", "--kernel", "k", "--memory", "64"]),
+            Ok(Some(Command::Run(r))) if r.memory.mib == 64
+        ));
+        assert!(matches!(
+            parse(&["snapshot", "--api-sock", "a", "--out", "d"]),
+            Ok(Some(Command::Snapshot(_)))
+        ));
+        assert!(matches!(
+            parse(&["restore", "--snapshot", "d"]),
+            Ok(Some(Command::Restore(_)))
+        ));
+        assert!(matches!(
+            parse(&["rebase-snap", "--base-file", "b", "--diff-file", "d"]),
+            Ok(Some(Command::RebaseSnap(_)))
+        ));
+        assert!(matches!(
+            parse(&["exec", "--api-sock", "a", "--", "true"]),
+            Ok(Some(Command::Exec(_)))
+        ));
+        assert!(matches!(
+            parse(&["cp", "--api-sock", "a", "x", "vm:/y"]),
+            Ok(Some(Command::Cp(_)))
+        ));
+        assert!(matches!(
+            parse(&["rootfs", "build", "dir"]),
+            Ok(Some(Command::Rootfs(_)))
+        ));
+        for (name, ..) in SUBCOMMANDS {
+            let err = parse(&[name, "--help"]).err().expect("help");
+            assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp, "{name}");
+        }
+        let err = parse(&["run", "--no-such-flag"]).err().expect("refused");
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
     }
 }
