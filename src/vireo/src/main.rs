@@ -1189,10 +1189,10 @@ mod tests {
             Ok(Some(Command::Rootfs(_)))
         ));
         for (name, ..) in SUBCOMMANDS {
-            let err = parse(&[name, "--help"]).err().expect("help");
+            let err = parse(&[name, "--help"]).expect_err("help");
             assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp, "{name}");
         }
-        let err = parse(&["run", "--no-such-flag"]).err().expect("refused");
+        let err = parse(&["run", "--no-such-flag"]).expect_err("refused");
         assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
     }
 }
