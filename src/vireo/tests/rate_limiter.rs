@@ -186,12 +186,14 @@ fn console_output_beyond_its_limit_is_dropped() {
     let free = run(&["--kernel", kernel.to_str().unwrap()]);
     assert_eq!(free.code(), 0, "{}", free.stderr);
     assert!(free.stdout.len() > 200, "{}", free.stdout);
-    // 64 bytes per 10 s: the guest's first 64 bytes, then nothing until it powers off.
+    // 64 bytes per 1000 s: the guest's first 64 bytes, then nothing until it powers off (a
+    // refill of one byte takes 15 s, far beyond the run even on a slow machine; at 64 bytes
+    // per 10 s a run longer than 156 ms let one more byte through).
     let r = run(&[
         "--kernel",
         kernel.to_str().unwrap(),
         "--serial-limit",
-        "bw=64/10000",
+        "bw=64/1000000",
     ]);
     assert_eq!(r.code(), 0, "{}", r.stderr);
     assert_eq!(r.stdout.as_bytes(), &free.stdout.as_bytes()[..64]);
