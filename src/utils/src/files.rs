@@ -67,7 +67,9 @@ pub const OPEN_SECCOMP: crate::seccomp::Allow = crate::seccomp::Allow {
 
 /// Opens an input file of `kind` (read-only, or read-write when `write`), refusing anything
 /// else before it is opened. The open itself is non-blocking, and the opened file is checked
-/// again, so a path swapped for a FIFO between the two checks cannot block either.
+/// again, so a path swapped for a FIFO between the two checks cannot block either. Once it is
+/// known to be a regular file or a block device the file is made blocking again: io_uring
+/// would otherwise end a read of uncached data with EAGAIN instead of waiting for the disk.
 pub fn open_input(path: &Path, kind: Kind, write: bool) -> std::io::Result<File> {
     let meta = std::fs::metadata(path)?;
     if !allowed(kind, &meta) {
@@ -82,6 +84,8 @@ pub fn open_input(path: &Path, kind: Kind, write: bool) -> std::io::Result<File>
     if !allowed(kind, &meta) {
         return Err(refusal(kind, &meta));
     }
+    let flags = rustix::fs::fcntl_getfl(&file)?;
+    rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK)?;
     Ok(file)
 }
 
@@ -134,6 +138,13 @@ mod tests {
         assert!(e.to_string().contains("block device"), "{e}");
         let e = open_input(&dir, Kind::Regular, false).unwrap_err();
         assert!(e.to_string().contains("directory"), "{e}");
+        // A file that passed the checks is blocking again (io_uring reads would otherwise end
+        // with EAGAIN).
+        let image = dir.join("image");
+        std::fs::write(&image, [0u8; 512]).unwrap();
+        let f = open_input(&image, Kind::Image, true).unwrap();
+        let flags = rustix::fs::fcntl_getfl(&f).unwrap();
+        assert!(!flags.contains(rustix::fs::OFlags::NONBLOCK), "{flags:?}");
         // No reader: still opens at once.
         open_output(&fifo, true).unwrap();
         let file = dir.join("out");

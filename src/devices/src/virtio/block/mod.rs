@@ -144,8 +144,8 @@ fn feature(bit: u32) -> u64 {
     1 << bit
 }
 
-/// A drive image: a regular file or a block device, opened without blocking; I/O on it is
-/// positioned (pread/pwrite), which O_NONBLOCK does not affect for these kinds of file.
+/// A drive image: a regular file or a block device, checked before and after a non-blocking
+/// open, then used in blocking mode (see [`utils::files::open_input`]).
 fn open_image(path: &std::path::Path, read_only: bool) -> std::io::Result<std::fs::File> {
     utils::files::open_input(path, utils::files::Kind::Image, !read_only)
 }
