@@ -354,7 +354,34 @@ fn bad_config_is_refused() {
     let _ = std::fs::remove_file(path);
 }
 
-/// 32 writes made available at once, then 32 reads: each lands where it should whatever order
+/// `n` requests of `kind` with `len` bytes each, request `i` at `sector(i)`: header at
+/// DATA + 16i, data at BUF + i*len, status at STATUS + i. Three descriptors each, so at most
+/// 21 fit the test driver's 64-entry table.
+fn batch(
+    f: &Fixture,
+    kind: u32,
+    n: u64,
+    len: u32,
+    sector: impl Fn(u64) -> u64,
+) -> Vec<Vec<(u64, u32, u16)>> {
+    let data_flags = if kind == VIRTIO_BLK_T_IN { F_WRITE } else { 0 };
+    (0..n)
+        .map(|i| {
+            let header = DATA + 0x10 * i;
+            f.d.mem.write_obj(kind, GuestAddress(header)).unwrap();
+            f.d.mem
+                .write_obj(sector(i), GuestAddress(header + 8))
+                .unwrap();
+            vec![
+                (header, 16, 0),
+                (BUF + i * u64::from(len), len, data_flags),
+                (STATUS + i, 1, F_WRITE),
+            ]
+        })
+        .collect()
+}
+
+/// 20 writes made available at once, then 20 reads: each lands where it should whatever order
 /// the engine finishes them in.
 fn a_batch_of_requests_completes(engine: IoEngine) {
     let mut f = fixture("batch", false, engine);
@@ -362,25 +389,12 @@ fn a_batch_of_requests_completes(engine: IoEngine) {
     const N: u64 = 20;
     const LEN: u32 = 16 << 10;
     let at = |i: u64| BUF + i * u64::from(LEN);
-    let header = |i: u64| DATA + 0x10 * i;
-    let status = |i: u64| DATA + 0x800 + i;
-    let mut chains = Vec::new();
     for i in 0..N {
         f.d.mem
             .write_slice(&pattern(LEN as usize, i as u8), GuestAddress(at(i)))
             .unwrap();
-        f.d.mem
-            .write_obj(VIRTIO_BLK_T_OUT, GuestAddress(header(i)))
-            .unwrap();
-        f.d.mem
-            .write_obj(i * 32, GuestAddress(header(i) + 8))
-            .unwrap();
-        chains.push(vec![
-            (header(i), 16, 0),
-            (at(i), LEN, 0),
-            (status(i), 1, F_WRITE),
-        ]);
     }
+    let chains = batch(&f, VIRTIO_BLK_T_OUT, N, LEN, |i| i * 32);
     f.d.submit_batch(&chains);
     for _ in 0..N {
         assert_eq!(f.d.wait_used().map(|u| u.1), Some(1));
@@ -394,27 +408,17 @@ fn a_batch_of_requests_completes(engine: IoEngine) {
             pattern(LEN as usize, i as u8),
             "write {i}"
         );
-        assert_eq!(f.d.mem.read_obj::<u8>(GuestAddress(status(i))).unwrap(), OK);
+        assert_eq!(
+            f.d.mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
+            OK
+        );
     }
 
     f.d.mem
         .write_slice(&vec![0u8; (N * u64::from(LEN)) as usize], GuestAddress(BUF))
         .unwrap();
-    let mut chains = Vec::new();
-    for i in 0..N {
-        // Read each block into the slot of its mirror image, so order mix-ups show.
-        f.d.mem
-            .write_obj(VIRTIO_BLK_T_IN, GuestAddress(header(i)))
-            .unwrap();
-        f.d.mem
-            .write_obj((N - 1 - i) * 32, GuestAddress(header(i) + 8))
-            .unwrap();
-        chains.push(vec![
-            (header(i), 16, 0),
-            (at(i), LEN, F_WRITE),
-            (status(i), 1, F_WRITE),
-        ]);
-    }
+    // Read each block into the slot of its mirror image, so order mix-ups show.
+    let chains = batch(&f, VIRTIO_BLK_T_IN, N, LEN, |i| (N - 1 - i) * 32);
     f.d.submit_batch(&chains);
     for _ in 0..N {
         assert_eq!(f.d.wait_used().map(|u| u.1), Some(LEN + 1));
@@ -433,19 +437,7 @@ fn pause_leaves_nothing_in_flight(engine: IoEngine) {
     // Three descriptors each, in the test driver's 64-entry table.
     const N: u64 = 20;
     const LEN: u32 = 64 << 10;
-    let mut chains = Vec::new();
-    for i in 0..N {
-        let header = DATA + 0x10 * i;
-        f.d.mem
-            .write_obj(VIRTIO_BLK_T_IN, GuestAddress(header))
-            .unwrap();
-        f.d.mem.write_obj(0u64, GuestAddress(header + 8)).unwrap();
-        chains.push(vec![
-            (header, 16, 0),
-            (BUF + i * u64::from(LEN), LEN, F_WRITE),
-            (DATA + 0x800 + i, 1, F_WRITE),
-        ]);
-    }
+    let chains = batch(&f, VIRTIO_BLK_T_IN, N, LEN, |_| 0);
     for round in 0..20 {
         f.d.submit_batch(&chains);
         // Let the device thread start on them, then stop it mid-batch if it can be.
@@ -472,19 +464,7 @@ fn replacing_the_image_moves_requests_to_the_new_one(engine: IoEngine) {
     std::fs::write(&b, vec![0x5b; 1 << 20]).unwrap();
     const N: u64 = 20;
     const LEN: u32 = 4096;
-    let mut chains = Vec::new();
-    for i in 0..N {
-        let header = DATA + 0x10 * i;
-        f.d.mem
-            .write_obj(VIRTIO_BLK_T_IN, GuestAddress(header))
-            .unwrap();
-        f.d.mem.write_obj(i * 8, GuestAddress(header + 8)).unwrap();
-        chains.push(vec![
-            (header, 16, 0),
-            (BUF + i * u64::from(LEN), LEN, F_WRITE),
-            (DATA + 0x800 + i, 1, F_WRITE),
-        ]);
-    }
+    let chains = batch(&f, VIRTIO_BLK_T_IN, N, LEN, |i| i * 8);
     f.d.mem
         .write_slice(
             &vec![0xee; (N * u64::from(LEN)) as usize],
@@ -498,9 +478,7 @@ fn replacing_the_image_moves_requests_to_the_new_one(engine: IoEngine) {
     }
     for i in 0..N {
         assert_eq!(
-            f.d.mem
-                .read_obj::<u8>(GuestAddress(DATA + 0x800 + i))
-                .unwrap(),
+            f.d.mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
             OK
         );
         let mut got = vec![0u8; LEN as usize];
