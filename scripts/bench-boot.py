@@ -82,9 +82,10 @@ def vmm_commands(tmp):
             cmds[name] = [fc, "--no-api", "--config-file", cfg, "--level", "Error"]
     ch = peer("CLOUD_HYPERVISOR", "cloud-hypervisor")
     if ch:
-        cmds["cloud-hypervisor"] = [ch, "--kernel", GUEST, "--cmdline", CMDLINE,
-                                    "--memory", "size=128M", "--cpus", "boot=1",
-                                    "--serial", "tty", "--console", "off"]
+        for name, size in (("cloud-hypervisor", "128M"), ("cloud-hypervisor 4 GiB", "4096M")):
+            cmds[name] = [ch, "--kernel", GUEST, "--cmdline", CMDLINE,
+                          "--memory", f"size={size}", "--cpus", "boot=1",
+                          "--serial", "tty", "--console", "off"]
     return cmds
 
 

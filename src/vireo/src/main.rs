@@ -1,6 +1,6 @@
 //! The `vireo` command: parses the command line into a VM configuration and runs it.
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vmm::{DriveConfig, ExitReason, SerialConfig, VmConfig};
@@ -178,48 +178,65 @@ enum Command {
 
 /// What adds a subcommand's arguments to its `clap::Command`.
 type AddArgs = fn(clap::Command) -> clap::Command;
+/// What makes the [`Command`] from a subcommand's matches.
+type FromMatches = fn(&mut clap::ArgMatches) -> Result<Command, clap::Error>;
 
-/// Each subcommand's name, description and arguments. The arguments are added only when that
+/// Each subcommand's name, description, arguments and variant. The arguments are added only when that
 /// subcommand is the one given (clap's `defer`): a Firecracker-style `vireo --api-sock PATH`
 /// start, which waits on this parse before it binds its socket, builds none of them.
-const SUBCOMMANDS: [(&str, &str, AddArgs); 7] = [
+const SUBCOMMANDS: [(&str, &str, AddArgs, FromMatches); 7] = [
     (
         "run",
         "Boot a kernel and run it until the guest powers off or resets",
         args::<RunArgs>,
+        |m| Ok(Command::Run(Box::new(RunArgs::from_arg_matches_mut(m)?))),
     ),
     (
         "snapshot",
         "Snapshot the VM of a running vireo (through its API socket) into a directory",
         args::<SnapshotArgs>,
+        |m| Ok(Command::Snapshot(SnapshotArgs::from_arg_matches_mut(m)?)),
     ),
     (
         "restore",
         "Start a VM from a snapshot directory and run it until it ends",
         args::<RestoreArgs>,
+        |m| Ok(Command::Restore(RestoreArgs::from_arg_matches_mut(m)?)),
     ),
     (
         "rebase-snap",
         "Merge a diff snapshot's memory file into the full memory file it was taken after, as \
          Firecracker's rebase-snap does; the state file of the diff then loads with it",
         args::<RebaseArgs>,
+        |m| Ok(Command::RebaseSnap(RebaseArgs::from_arg_matches_mut(m)?)),
     ),
     (
         "exec",
         "Run a command in the guest through its agent (vireo-agent), with its output, input, \
          signals and exit status",
         args::<guest::ExecArgs>,
+        |m| Ok(Command::Exec(guest::ExecArgs::from_arg_matches_mut(m)?)),
     ),
     (
         "cp",
         "Copy a file into (`vm:PATH` as DST) or out of (`vm:PATH` as SRC) the guest",
         args::<guest::CpArgs>,
+        |m| Ok(Command::Cp(guest::CpArgs::from_arg_matches_mut(m)?)),
     ),
-    ("rootfs", "Root file system images for Linux guests", |c| {
-        <kit::RootfsCommand as Subcommand>::augment_subcommands(
-            c.subcommand_required(true).arg_required_else_help(true),
-        )
-    }),
+    (
+        "rootfs",
+        "Root file system images for Linux guests",
+        |c| {
+            <kit::RootfsCommand as Subcommand>::augment_subcommands(
+                c.subcommand_required(true).arg_required_else_help(true),
+            )
+        },
+        |m| {
+            Ok(Command::Rootfs(kit::RootfsCommand::from_arg_matches_mut(
+                m,
+            )?))
+        },
+    ),
 ];
 
 /// A subcommand's arguments, added when it is used; its description stays the one in
@@ -235,7 +252,7 @@ fn args<A: Args>(cmd: clap::Command) -> clap::Command {
 
 impl Subcommand for Command {
     fn augment_subcommands(mut cmd: clap::Command) -> clap::Command {
-        for (name, about, args) in SUBCOMMANDS {
+        for (name, about, args, _) in SUBCOMMANDS {
             cmd = cmd.subcommand(clap::Command::new(name).about(about).defer(args));
         }
         cmd
@@ -250,7 +267,7 @@ impl Subcommand for Command {
     }
 }
 
-impl clap::FromArgMatches for Command {
+impl FromArgMatches for Command {
     fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
         Self::from_arg_matches_mut(&mut matches.clone())
     }
@@ -263,30 +280,13 @@ impl clap::FromArgMatches for Command {
                 "a subcommand is required",
             ));
         };
-        let m = &mut m;
-        Ok(match name.as_str() {
-            "run" => Command::Run(Box::new(RunArgs::from_arg_matches_mut(m)?)),
-            "snapshot" => Command::Snapshot(SnapshotArgs::from_arg_matches_mut(m)?),
-            "restore" => Command::Restore(RestoreArgs::from_arg_matches_mut(m)?),
-            "rebase-snap" => Command::RebaseSnap(RebaseArgs::from_arg_matches_mut(m)?),
-            "exec" => Command::Exec(guest::ExecArgs::from_arg_matches_mut(m)?),
-            "cp" => Command::Cp(guest::CpArgs::from_arg_matches_mut(m)?),
-            "rootfs" => Command::Rootfs(kit::RootfsCommand::from_arg_matches_mut(m)?),
-            other => {
-                return Err(clap::Error::raw(
-                    ErrorKind::InvalidSubcommand,
-                    format!("unknown subcommand '{other}'"),
-                ))
-            }
-        })
-    }
-
-    fn update_from_arg_matches_mut(
-        &mut self,
-        matches: &mut clap::ArgMatches,
-    ) -> Result<(), clap::Error> {
-        *self = Self::from_arg_matches_mut(matches)?;
-        Ok(())
+        match SUBCOMMANDS.iter().find(|(n, ..)| *n == name) {
+            Some((.., make)) => make(&mut m),
+            None => Err(clap::Error::raw(
+                ErrorKind::InvalidSubcommand,
+                format!("unknown subcommand '{name}'"),
+            )),
+        }
     }
 
     fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
