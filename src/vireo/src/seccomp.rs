@@ -38,6 +38,7 @@ fn lists(kind: ThreadKind) -> Vec<Allow> {
             block::REPLACE_SECCOMP,
             block::uring::SETUP_SECCOMP,
             vmm::console::RESTORE_SECCOMP,
+            vmm::vstate::vm::SECCOMP,
             // Device threads start under this filter.
             worker::SECCOMP,
             block::SECCOMP,
@@ -198,6 +199,7 @@ pub fn setup(off: bool, file: Option<&Path>, log: bool) -> Result<(), String> {
                 );
             }
             let programs = from_file(path)?;
+            utils::seccomp::mark_foreign_filters();
             Box::new(move |kind| programs.get(&kind).cloned())
         }
         None => {

@@ -219,6 +219,20 @@ pub fn set_filters(source: FilterSource) {
     let _ = SOURCE.set(source);
 }
 
+static FOREIGN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records that the filters come from a file (Firecracker's), which allow only the calls
+/// Firecracker makes.
+pub fn mark_foreign_filters() {
+    FOREIGN.store(true, Ordering::Relaxed);
+}
+
+/// Whether vireo may make the calls it needs only to be faster (not in Firecracker's filters):
+/// false under a `--seccomp-filter` file, where such a call would end the process.
+pub fn optional_calls_allowed() -> bool {
+    !FOREIGN.load(Ordering::Relaxed)
+}
+
 /// The filter threads of `kind` install.
 pub fn filter(kind: ThreadKind) -> ThreadFilter {
     let index = ThreadKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);

@@ -258,7 +258,7 @@ mod tests {
     #[test]
     fn a_diff_holds_the_pages_vireo_wrote() {
         let size = 4u64 << 20;
-        let vm = Vm::new().unwrap();
+        let mut vm = Vm::new().unwrap();
         let mem = Memory::anonymous(size, true).unwrap();
         vm.register_memory(&mem.guest, true, None).unwrap();
         reset_dirty(&mem, &vm).unwrap();
@@ -305,7 +305,7 @@ mod tests {
     #[test]
     fn full_dumps_are_sparse_and_a_merged_diff_updates_them() {
         let size = 4u64 << 20;
-        let vm = Vm::new().unwrap();
+        let mut vm = Vm::new().unwrap();
         let mem = Memory::anonymous(size, true).unwrap();
         vm.register_memory(&mem.guest, true, None).unwrap();
         mem.guest.write_obj(7u64, GuestAddress(0x1000)).unwrap();
