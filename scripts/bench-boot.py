@@ -12,6 +12,10 @@ Cloud Hypervisor ($CLOUD_HYPERVISOR; default: ../shared/peers/, empty to leave o
 (/usr/bin/time, Debian package `time`) and python3.
 
     scripts/bench-boot.py [--runs N] [--only 'vireo (ELF 64-bit entry);firecracker']
+                          [--baseline OLD-VIREO-BINARY]
+
+--baseline adds a "baseline" row beside each ELF-entry vireo row, run by another vireo binary
+(say, one built from an earlier commit): a before/after in one run.
 """
 
 import argparse
@@ -46,7 +50,7 @@ def build_all():
     build(guest=True, musl=True)
 
 
-def vmm_commands(tmp):
+def vmm_commands(tmp, baseline=None):
     cmds = {
         "vireo (PVH)": [VIREO, "run", "--kernel", GUEST, "--memory", "128", "--cpus", "1",
                         "--serial", "stdio", "--cmdline", CMDLINE],
@@ -76,6 +80,9 @@ def vmm_commands(tmp):
     # vireo ends on the power port (the guest's default), with and without the PIT.
     for name in ("vireo (ELF 64-bit entry)", "vireo (ELF 64-bit entry) --no-pit"):
         cmds[name + LONG_ROW] = [LONG if a == CMDLINE else a for a in cmds[name]]
+    if baseline:
+        for name in [n for n in cmds if n.startswith("vireo (ELF 64-bit entry)")]:
+            cmds[name.replace("vireo", "baseline", 1)] = [baseline] + cmds[name][1:]
     if not os.path.exists(VIREO_MUSL):
         cmds = {k: v for k, v in cmds.items() if "musl" not in k}
     # The harness's own floor: spawning GNU time and a program that prints one byte.
@@ -149,11 +156,12 @@ def main():
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--only", help="row names to run, separated by semicolons (default: all)")
+    ap.add_argument("--baseline", help="another vireo binary, run beside the ELF-entry rows")
     args = ap.parse_args()
     if not args.no_build:
         build_all()
     with tempfile.TemporaryDirectory() as tmp:
-        cmds = vmm_commands(tmp)
+        cmds = vmm_commands(tmp, args.baseline)
         cmds = only_rows(cmds, args.only)
         results = {name: [] for name in cmds}
         for _ in range(args.runs):

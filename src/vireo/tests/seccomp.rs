@@ -328,11 +328,9 @@ fn firecracker_filter_files_are_used_and_checked() {
     assert_eq!(r.code(), 0, "{}", r.stderr);
     assert_eq!(r.report("end").as_deref(), Some("poweroff"));
     // A file allows only what Firecracker makes: vireo leaves out the calls that only make it
-    // faster (turning off the PIT's reinjection, deleting memory slots at exit) instead of
-    // dying on them.
+    // faster (deleting the memory slots at exit) instead of dying on them.
     let strict = dir.join("strict.bpf");
     let no_extras = r#"{"default_action": "allow", "filter_action": "trap", "filter": [
-        {"syscall": "ioctl", "args": [{"index": 1, "type": "dword", "op": "eq", "val": 44657}]},
         {"syscall": "ioctl", "args": [{"index": 1, "type": "dword", "op": "eq", "val": 1075883590}]}]}"#;
     filter_file(
         &strict,

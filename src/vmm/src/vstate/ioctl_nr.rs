@@ -38,7 +38,6 @@ pub const KVM_GET_TSC_KHZ: u64 = io(0xa3);
 pub const KVM_GET_XSAVE: u64 = ior(0xa4, size_of::<kvm_xsave>());
 pub const KVM_GET_XCRS: u64 = ior(0xa6, size_of::<kvm_xcrs>());
 pub const KVM_KVMCLOCK_CTRL: u64 = io(0xad);
-pub const KVM_REINJECT_CONTROL: u64 = io(0x71);
 
 #[cfg(test)]
 mod tests {
@@ -48,7 +47,6 @@ mod tests {
     fn numbers_match_the_kernel_headers() {
         assert_eq!(KVM_RUN, 0xae80);
         assert_eq!(KVM_KVMCLOCK_CTRL, 0xaead);
-        assert_eq!(KVM_REINJECT_CONTROL, 0xae71);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
         assert_eq!(KVM_GET_MSRS, 0xc008_ae88);

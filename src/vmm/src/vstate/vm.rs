@@ -1,6 +1,6 @@
 //! A KVM virtual machine: memory slots, the in-kernel interrupt controllers and irqfds.
 
-use super::ioctl_nr::{KVM_REINJECT_CONTROL, KVM_SET_USER_MEMORY_REGION};
+use super::ioctl_nr::KVM_SET_USER_MEMORY_REGION;
 use crate::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
@@ -16,15 +16,11 @@ const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// PIT flag: the speaker port dummy, so guest probes of port 0x61 stay in the kernel.
 const KVM_PIT_SPEAKER_DUMMY: u32 = 1;
 
-/// What the VMM thread asks of KVM beyond building the VM: deleting the memory slots when a
-/// [`Vm`] is dropped, and turning off PIT tick reinjection on the thread it starts for that.
+/// What dropping a [`Vm`] asks of the VMM thread: deleting its memory slots.
 pub const SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
-    by: "deleting the VM's memory slots, and the PIT's reinjection",
+    by: "deleting the VM's memory slots before it is destroyed",
     syscalls: &[],
-    with_arg: &[
-        utils::seccomp::ioctl(KVM_SET_USER_MEMORY_REGION),
-        utils::seccomp::ioctl(KVM_REINJECT_CONTROL),
-    ],
+    with_arg: &[utils::seccomp::ioctl(KVM_SET_USER_MEMORY_REGION)],
 };
 
 /// Errors creating or setting up the VM.
@@ -255,44 +251,8 @@ impl Vm {
         if pit_wanted {
             self.fd.create_pit2(pit).map_err(Error::Pit)?;
             self.has_pit = true;
-            self.discard_lost_pit_ticks();
         }
         Ok(())
-    }
-
-    /// Turns off the PIT's reinjection of ticks the guest missed (QEMU's lost-tick policy
-    /// "discard"; Linux keeps time by its clocksource, not by counting PIT ticks), on a thread
-    /// of its own, since it waits two SRCU grace periods, the second a normal one: ~13 ms here.
-    /// KVM's destruction of the VM would otherwise turn it off itself and wait as long at every
-    /// exit; done now, a VM that lives longer than that exits without the wait.
-    fn discard_lost_pit_ticks(&self) {
-        if !utils::seccomp::optional_calls_allowed() {
-            return;
-        }
-        let vm = match self.try_clone_fd() {
-            Ok(vm) => vm,
-            Err(err) => return tracing::debug!("PIT reinjection stays on: {err}"),
-        };
-        let spawned = std::thread::Builder::new()
-            .name("pit-reinject".into())
-            .spawn(move || {
-                // Under the VMM thread's filter even when started before that thread confines
-                // itself (a `run` builds the VM first).
-                utils::seccomp::filter(utils::seccomp::ThreadKind::Vmm).install();
-                let off = kvm_bindings::kvm_reinject_control::default();
-                // SAFETY: KVM_REINJECT_CONTROL reads one `kvm_reinject_control`, which
-                // outlives the call.
-                let r = unsafe {
-                    vmm_sys_util::ioctl::ioctl_with_ref(&vm, KVM_REINJECT_CONTROL as _, &off)
-                };
-                if r < 0 {
-                    let err = io::Error::last_os_error();
-                    tracing::debug!("turning off PIT reinjection: {err}");
-                }
-            });
-        if let Err(err) = spawned {
-            tracing::debug!("PIT reinjection stays on: {err}");
-        }
     }
 
     /// Makes every write to `evt` raise interrupt line `gsi`, without a trip through vireo.
