@@ -206,16 +206,6 @@ fn memory_above_the_mmio_gap() {
     boot_and_check("pvh", 1, 4096, None);
 }
 
-/// Whether KVM's PIT worker thread for the VMM process `pid` exists (KVM names it
-/// `kvm-pit/<pid>`; it exists exactly while the VM has an in-kernel PIT).
-fn has_pit_thread(pid: u32) -> bool {
-    let want = format!("kvm-pit/{pid}");
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .any(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == want))
-}
-
 #[test]
 fn no_pit_leaves_out_the_pit_and_the_guest_boots() {
     for (flags, want_pit) in [(&[][..], true), (&["--no-pit"][..], false)] {

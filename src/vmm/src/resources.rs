@@ -53,6 +53,18 @@ pub struct MachineConfig {
     /// Huge page backing: "None", "Transparent" or "2M".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huge_pages: Option<String>,
+    /// KVM's 8254 PIT (vireo's own field; Firecracker always has one). `false` leaves it out,
+    /// as `vireo run --no-pit` does: shown only then.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub pit: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl Default for MachineConfig {
@@ -64,6 +76,7 @@ impl Default for MachineConfig {
             track_dirty_pages: false,
             cpu_template: None,
             huge_pages: None,
+            pit: true,
         }
     }
 }
@@ -84,6 +97,8 @@ pub struct MachineConfigUpdate {
     pub cpu_template: Option<String>,
     /// Huge pages.
     pub huge_pages: Option<String>,
+    /// The PIT.
+    pub pit: Option<bool>,
 }
 
 /// `PUT /drives/{id}`.
@@ -676,6 +691,7 @@ impl VmResources {
             track_dirty_pages: u.track_dirty_pages.unwrap_or(m.track_dirty_pages),
             cpu_template: u.cpu_template.or(m.cpu_template),
             huge_pages: u.huge_pages.or(m.huge_pages),
+            pit: u.pit.unwrap_or(m.pit),
         })
     }
 
@@ -948,7 +964,7 @@ impl VmResources {
             })
             .collect();
         Ok(VmConfig {
-            pit: true,
+            pit: self.machine.pit,
             huge_pages: match self.machine.huge_pages.as_deref() {
                 Some(h) => crate::config::HugePages::parse(h).map_err(ResourceError)?,
                 None => crate::config::HugePages::None,

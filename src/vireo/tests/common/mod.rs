@@ -389,6 +389,16 @@ pub fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) 
     api::client::request(sock, method, path, body).expect("an answer from the API socket")
 }
 
+/// Whether KVM's PIT worker thread for the VMM process `pid` exists (KVM names it
+/// `kvm-pit/<pid>`; it exists exactly while the VM has an in-kernel PIT).
+pub fn has_pit_thread(pid: u32) -> bool {
+    let want = format!("kvm-pit/{pid}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == want))
+}
+
 /// A vireo serving its API on a socket in a scratch directory, its stdout read line by line.
 pub struct Vireo {
     pub child: Child,
