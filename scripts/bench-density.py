@@ -10,7 +10,7 @@ with the parts of it that /proc/meminfo breaks out (anonymous pages, page tables
 stacks, unreclaimable slab, per-CPU) and the mean PSS of the processes.
 
 VMMs: Cloud Hypervisor ($CLOUD_HYPERVISOR, default ../shared/peers/cloud-hypervisor, without
-an API socket), vireo (static musl build) without an API socket and with one, with --no-pit,
+an API socket), vireo (static musl build) without an API socket and with one, with --pit,
 non-PIE, and with
 `--memory 16,merge=on` while the kernel's same-page merging runs (KSM is switched on, fast, for
 that run only, everything unmerged after, and the host's settings restored), Firecracker
@@ -18,7 +18,7 @@ that run only, everything unmerged after, and the host's settings restored), Fir
 QEMU's microvm machine (qemu-system-x86_64). Needs root (it raises kernel.pid_max for the run
 and restores it).
 
-    scripts/bench-density.py [--vireo N] [--vireo-api N] [--nopit N] [--firecracker N] [--qemu N]
+    scripts/bench-density.py [--vireo N] [--vireo-api N] [--pit N] [--firecracker N] [--qemu N]
 """
 
 import argparse
@@ -70,10 +70,10 @@ def pss_kib(pid):
 
 def command(vmm, tmp, i):
     serial = os.path.join(tmp, f"serial{i}")
-    if vmm in ("vireo", "vireo-nopie", "vireo-merge", "vireo-nopie-merge", "vireo-nopit"):
+    if vmm in ("vireo", "vireo-nopie", "vireo-merge", "vireo-nopie-merge", "vireo-pit"):
         binary = VIREO_NOPIE if "nopie" in vmm else VIREO
         memory = f"{MEM_MIB},merge=on" if vmm.endswith("merge") else str(MEM_MIB)
-        extra = ["--no-pit"] if vmm == "vireo-nopit" else []
+        extra = ["--pit"] if vmm == "vireo-pit" else []
         return [binary, "run", "--kernel", GUEST, "--memory", memory, "--serial",
                 f"file:{serial}", "--cmdline", CMDLINE] + extra, serial, None
     if vmm == "vireo-api":
@@ -244,7 +244,7 @@ def main():
     ap.add_argument("--vireo", type=int, default=10000)
     ap.add_argument("--vireo-api", type=int, default=1000)
     ap.add_argument("--nopie", type=int, default=1000)
-    ap.add_argument("--nopit", type=int, default=1000, help="VMs of vireo run --no-pit")
+    ap.add_argument("--pit", type=int, default=1000, help="VMs of vireo run --pit")
     ap.add_argument("--merge", type=int, default=1000,
                     help="VMs with --memory ...,merge=on while the kernel's KSM runs")
     ap.add_argument("--firecracker", type=int, default=1000)
@@ -264,7 +264,7 @@ def main():
                             "x86_64-unknown-linux-musl"], cwd=ROOT, env=env, check=True)
     FC = peer("FIRECRACKER", "firecracker")
     CH = peer("CLOUD_HYPERVISOR", "cloud-hypervisor")
-    runs = [("vireo", args.vireo), ("vireo-api", args.vireo_api), ("vireo-nopit", args.nopit)]
+    runs = [("vireo", args.vireo), ("vireo-api", args.vireo_api), ("vireo-pit", args.pit)]
     if os.path.exists(VIREO_NOPIE):
         runs.append(("vireo-nopie", args.nopie))
     if os.path.exists(KSM):

@@ -1447,21 +1447,21 @@ fn mmds_store_and_config_through_the_api() {
     assert_eq!(v.stop(libc::SIGTERM), Some(143));
 }
 
-/// `"pit": false` in `machine-config` (vireo's field) leaves KVM's PIT out, as `--no-pit` does;
+/// `"pit": true` in `machine-config` (vireo's field) gives the guest KVM's PIT, as `--pit` does;
 /// GET shows the field only then, so Firecracker's view of a default VM is unchanged.
 #[test]
-fn machine_config_can_leave_out_the_pit() {
-    let v = Vireo::start("api-no-pit");
+fn machine_config_can_ask_for_the_pit() {
+    let v = Vireo::start("api-pit");
     let kernel = guest("elf");
     let boot = format!(
         r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 vireo.end=hang"}}"#,
         kernel.display()
     );
     assert_eq!(v.req("PUT", "/boot-source", &boot).0, 204);
-    assert_eq!(v.req("PATCH", "/machine-config", r#"{"pit":false}"#).0, 204);
+    assert_eq!(v.req("PATCH", "/machine-config", r#"{"pit":true}"#).0, 204);
     assert_eq!(
         v.req("GET", "/machine-config", "").1,
-        r#"{"mem_size_mib":128,"pit":false,"smt":false,"track_dirty_pages":false,"vcpu_count":1}"#
+        r#"{"mem_size_mib":128,"pit":true,"smt":false,"track_dirty_pages":false,"vcpu_count":1}"#
     );
     let m = fault(&v.req("PATCH", "/machine-config", r#"{"pit":"no"}"#));
     assert!(m.contains("expected a boolean"), "{m}");
@@ -1471,14 +1471,14 @@ fn machine_config_can_leave_out_the_pit() {
         204
     );
     v.wait_line("@end hang");
-    assert!(!has_pit_thread(v.child.id()));
+    assert!(has_pit_thread(v.child.id()));
     let (_, body) = v.req("GET", "/vm/config", "");
     let cfg: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(cfg["machine-config"]["pit"], false, "{cfg}");
+    assert_eq!(cfg["machine-config"]["pit"], true, "{cfg}");
     assert_eq!(v.stop(libc::SIGTERM), Some(143));
 
-    // The default keeps it.
-    let v = Vireo::start("api-pit");
+    // The default leaves it out.
+    let v = Vireo::start("api-no-pit");
     assert_eq!(v.req("PUT", "/boot-source", &boot).0, 204);
     assert_eq!(
         v.req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#)
@@ -1486,6 +1486,6 @@ fn machine_config_can_leave_out_the_pit() {
         204
     );
     v.wait_line("@end hang");
-    assert!(has_pit_thread(v.child.id()));
+    assert!(!has_pit_thread(v.child.id()));
     assert_eq!(v.stop(libc::SIGTERM), Some(143));
 }

@@ -207,8 +207,12 @@ fn memory_above_the_mmio_gap() {
 }
 
 #[test]
-fn no_pit_leaves_out_the_pit_and_the_guest_boots() {
-    for (flags, want_pit) in [(&[][..], true), (&["--no-pit"][..], false)] {
+fn the_pit_is_there_only_when_asked_for_and_the_guest_boots_either_way() {
+    for (flags, want_pit) in [
+        (&[][..], false),
+        (&["--no-pit"][..], false),
+        (&["--pit"][..], true),
+    ] {
         let kernel = guest("pvh");
         let mut args = vec![
             "--kernel",
@@ -224,9 +228,12 @@ fn no_pit_leaves_out_the_pit_and_the_guest_boots() {
         let _ = child.kill();
         let _ = child.wait();
     }
-    // Without the PIT, the guest's own end (power off) still works.
+    // With the PIT, the guest's own end (power off) still works; both flags contradict.
     let kernel = guest("elf");
-    let r = run(&["--no-pit", "--kernel", kernel.to_str().unwrap()]);
+    let r = run(&["--pit", "--kernel", kernel.to_str().unwrap()]);
     assert_eq!(r.code(), 0, "{r:?}");
     assert!(r.report("boot").is_some(), "{r:?}");
+    let r = run(&["--pit", "--no-pit", "--kernel", kernel.to_str().unwrap()]);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("cannot be used with"), "{r:?}");
 }

@@ -17,6 +17,18 @@ fn boot_counter(
     track_dirty: bool,
     drive: Option<&Path>,
 ) -> Vireo {
+    boot_counter_pit(name, extra, mem_mib, track_dirty, drive, false)
+}
+
+/// [`boot_counter`], with KVM's PIT when `pit` (whose state snapshots carry).
+fn boot_counter_pit(
+    name: &str,
+    extra: &str,
+    mem_mib: u64,
+    track_dirty: bool,
+    drive: Option<&Path>,
+    pit: bool,
+) -> Vireo {
     let v = Vireo::start(name);
     let elf = guest("elf");
     let (code, body) = v.req(
@@ -32,7 +44,7 @@ fn boot_counter(
         "PUT",
         "/machine-config",
         &format!(
-            r#"{{"vcpu_count":1,"mem_size_mib":{mem_mib},"track_dirty_pages":{track_dirty}}}"#
+            r#"{{"vcpu_count":1,"mem_size_mib":{mem_mib},"track_dirty_pages":{track_dirty},"pit":{pit}}}"#
         ),
     );
     assert_eq!(code, 204, "{body}");
@@ -139,7 +151,8 @@ fn kill9(mut v: Vireo) {
 
 #[test]
 fn two_clones_continue_the_count_with_the_timer_ticking() {
-    let v = boot_counter("snap-clones", "", 128, false, None);
+    // With the PIT, so that its state goes through the snapshot and back as well.
+    let v = boot_counter_pit("snap-clones", "", 128, false, None, true);
     let seen = wait_tick(&v, 5);
     let genid = |lines: &[String]| -> Vec<String> {
         lines
@@ -199,6 +212,7 @@ fn two_clones_continue_the_count_with_the_timer_ticking() {
     let mut ids = vec![original[0].clone()];
     for c in clones {
         let seen = wait_tick(&c, last + 10);
+        assert!(has_pit_thread(c.child.id()), "the restore has the PIT");
         // Each restore gives the VM a new generation ID, so clones reseed their RNGs.
         let after: Vec<String> = genid(&seen);
         let id = after.last().unwrap().clone();

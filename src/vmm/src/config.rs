@@ -44,9 +44,10 @@ pub struct VmConfig {
     /// Whether KVM logs the pages the guest writes, so that diff snapshots can be taken.
     #[serde(default)]
     pub track_dirty_pages: bool,
-    /// Whether the VM has KVM's in-kernel 8254 PIT. Linux under vireo's hardware-reduced ACPI
-    /// (kvmclock, the LAPIC timer) never uses it; without it the VM takes about 40 KiB less and
-    /// KVM destroys it in well under half the time (docs/benchmarks.md).
+    /// Whether the VM has KVM's in-kernel 8254 PIT (off unless asked for). Linux under vireo's
+    /// hardware-reduced ACPI (kvmclock, the LAPIC timer) never uses it; without it the VM takes
+    /// about 60 KiB less and KVM destroys it ~15 ms sooner (docs/benchmarks.md). State files
+    /// from before the field had one.
     #[serde(default = "yes")]
     pub pit: bool,
     /// What backs guest RAM: normal pages, transparent huge pages, or 2 MiB hugetlbfs pages.

@@ -53,18 +53,14 @@ pub struct MachineConfig {
     /// Huge page backing: "None", "Transparent" or "2M".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huge_pages: Option<String>,
-    /// KVM's 8254 PIT (vireo's own field; Firecracker always has one). `false` leaves it out,
-    /// as `vireo run --no-pit` does: shown only then.
-    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    /// KVM's 8254 PIT (vireo's own field; left out unless asked for, as `vireo run` leaves it
+    /// out without `--pit`; Firecracker always has one): shown only when true.
+    #[serde(default, skip_serializing_if = "is_false")]
     pub pit: bool,
 }
 
-fn yes() -> bool {
-    true
-}
-
-fn is_true(b: &bool) -> bool {
-    *b
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Default for MachineConfig {
@@ -76,7 +72,7 @@ impl Default for MachineConfig {
             track_dirty_pages: false,
             cpu_template: None,
             huge_pages: None,
-            pit: true,
+            pit: false,
         }
     }
 }
