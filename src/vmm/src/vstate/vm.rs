@@ -23,6 +23,11 @@ pub const SECCOMP: utils::seccomp::Allow = utils::seccomp::Allow {
     with_arg: &[utils::seccomp::ioctl(KVM_SET_USER_MEMORY_REGION)],
 };
 
+/// How long after its registrations KVM may still hold normal-grace-period callbacks for a VM:
+/// a few scheduler ticks (~15 ms at HZ=250 here), with room for HZ=100 hosts. An older VM has
+/// none left for its destruction to wait on.
+const SRCU_SETTLED: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Errors creating or setting up the VM.
 #[derive(Debug, Error)]
 pub enum Error {
@@ -104,8 +109,10 @@ pub struct Vm {
     saveable_msrs: Vec<u32>,
     /// Whether the in-kernel PIT was created.
     has_pit: bool,
-    /// The memory slots [`Vm::register_memory`] made, deleted again when the VM is dropped.
+    /// The memory slots [`Vm::register_memory`] made, deleted again when a young VM is dropped.
     slots: Vec<u32>,
+    /// When KVM made the VM; its devices and ioeventfds are registered within milliseconds.
+    created: std::time::Instant,
 }
 
 impl Vm {
@@ -151,6 +158,7 @@ impl Vm {
             saveable_msrs,
             has_pit: false,
             slots: Vec::new(),
+            created: std::time::Instant::now(),
         })
     }
 
@@ -283,10 +291,11 @@ impl Drop for Vm {
     // normal SRCU grace period (call_srcu, Linux 6.18), and KVM's destruction of the VM waits
     // for those (srcu_barrier): ~15 ms after the last registration here, paid in full at exit
     // by a VM that lived less than that. Deleting a memory slot first waits for an expedited
-    // grace period instead, which ends theirs in about half the time and costs ~0.1 ms on an
-    // older VM (docs/benchmarks.md, "Exit").
+    // grace period instead, which ends theirs in about half the time. An older VM skips it:
+    // there is nothing left to wait for, and the deletion's own grace periods cost ~0.25 ms
+    // (docs/benchmarks.md, "Exit").
     fn drop(&mut self) {
-        if !utils::seccomp::optional_calls_allowed() {
+        if !utils::seccomp::optional_calls_allowed() || self.created.elapsed() > SRCU_SETTLED {
             return;
         }
         for &slot in &self.slots {
@@ -339,5 +348,21 @@ mod tests {
         drop(vm);
         // The VM lives on through `other`, without the slot.
         assert_eq!(dirty_log(&other, 0, &mut bitmap), libc::ENOENT);
+    }
+
+    #[test]
+    fn an_old_vm_is_dropped_without_deleting_its_slots() {
+        let mut vm = Vm::new().unwrap();
+        let mem = Memory::anonymous(4 << 20, true).unwrap();
+        vm.register_memory(&mem.guest, true, None).unwrap();
+        let other = vm.try_clone_fd().unwrap();
+        vm.created -= SRCU_SETTLED * 2;
+        drop(vm);
+        let mut bitmap = [0u64; 16];
+        assert_eq!(
+            dirty_log(&other, 0, &mut bitmap),
+            0,
+            "slot 0 is still there"
+        );
     }
 }
