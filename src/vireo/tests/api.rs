@@ -120,11 +120,7 @@ fn firecracker_getting_started_sequence() {
     let metrics = v.dir.join("metrics.json");
     let body = format!(r#"{{"metrics_path":"{}"}}"#, metrics.display());
     assert_eq!(v.req("PUT", "/metrics", &body).0, 204);
-    assert_eq!(
-        v.req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#)
-            .0,
-        204
-    );
+    v.start_instance();
     // Ctrl+Alt+Del reaches the guest's keyboard controller and interrupts it on IRQ 1.
     let mut seen = v.wait_line("@kbd ready");
     assert_eq!(
@@ -654,11 +650,7 @@ fn patching_a_drive_on_a_running_vm_changes_what_the_guest_sees() {
         engine_field()
     );
     assert_eq!(v.req("PUT", "/drives/data", &drive).0, 204);
-    assert_eq!(
-        v.req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#)
-            .0,
-        204
-    );
+    v.start_instance();
     v.wait_line("@blk dev=0 watch capacity=2048 generation=0");
     let patch = format!(
         r#"{{"drive_id":"data","path_on_host":"{}"}}"#,
@@ -939,11 +931,7 @@ fn fifos_never_block_the_vmm() {
         img.display()
     );
     assert_eq!(v.req("PUT", "/drives/d", &drive).0, 204);
-    assert_eq!(
-        v.req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#)
-            .0,
-        204
-    );
+    v.start_instance();
     let m = fault(&v.req(
         "PATCH",
         "/drives/d",
@@ -1378,11 +1366,7 @@ fn network_interfaces_through_the_api() {
         guest("elf").display()
     );
     assert_eq!(v.req("PUT", "/boot-source", &boot).0, 204);
-    assert_eq!(
-        v.req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#)
-            .0,
-        204
-    );
+    v.start_instance();
     let host_mac = ns.mac("tap0");
     let lines = v.wait_line(&format!("@net arp-reply ip=10.0.0.1 mac={host_mac}"));
     let config = lines.iter().find(|l| l.starts_with("@net dev=0")).unwrap();
@@ -1465,11 +1449,7 @@ fn machine_config_can_ask_for_the_pit() {
     );
     let m = fault(&v.req("PATCH", "/machine-config", r#"{"pit":"no"}"#));
     assert!(m.contains("expected a boolean"), "{m}");
-    assert_eq!(
-        v.req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#)
-            .0,
-        204
-    );
+    v.start_instance();
     v.wait_line("@end hang");
     assert!(has_pit_thread(v.child.id()));
     let (_, body) = v.req("GET", "/vm/config", "");
@@ -1480,11 +1460,7 @@ fn machine_config_can_ask_for_the_pit() {
     // The default leaves it out.
     let v = Vireo::start("api-no-pit");
     assert_eq!(v.req("PUT", "/boot-source", &boot).0, 204);
-    assert_eq!(
-        v.req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#)
-            .0,
-        204
-    );
+    v.start_instance();
     v.wait_line("@end hang");
     assert!(!has_pit_thread(v.child.id()));
     assert_eq!(v.stop(libc::SIGTERM), Some(143));

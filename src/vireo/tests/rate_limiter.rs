@@ -155,11 +155,7 @@ fn limits_change_on_a_running_vm() {
     );
     assert_eq!(code, 400);
     assert!(body.contains("colour"), "{body}");
-    assert_eq!(
-        v.req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#)
-            .0,
-        204
-    );
+    v.start_instance();
     v.wait_line("@ticker start");
     let patch = r#"{"drive_id":"data","rate_limiter":{"bandwidth":{"size":1048576,"one_time_burst":0,"refill_time":100}}}"#;
     assert_eq!(v.req("PATCH", "/drives/data", patch).0, 204);

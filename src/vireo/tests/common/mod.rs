@@ -443,6 +443,12 @@ impl Vireo {
     }
 
     /// Waits for a stdout line containing `want`; returns the lines seen.
+    /// `PUT /actions` InstanceStart, which must succeed.
+    pub fn start_instance(&self) {
+        let (code, body) = self.req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+        assert_eq!(code, 204, "InstanceStart: {body}");
+    }
+
     pub fn wait_line(&self, want: &str) -> Vec<String> {
         let mut seen = Vec::new();
         wait_line(&self.lines, want, &mut seen);

@@ -337,12 +337,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn dropping_the_vm_deletes_its_memory_slots() {
+    /// A VM with one 4 MiB slot, the memory behind it, and another descriptor of the VM.
+    fn vm_with_a_slot() -> (Vm, Memory, std::fs::File) {
         let mut vm = Vm::new().unwrap();
         let mem = Memory::anonymous(4 << 20, true).unwrap();
         vm.register_memory(&mem.guest, true, None).unwrap();
         let other = vm.try_clone_fd().unwrap();
+        (vm, mem, other)
+    }
+
+    #[test]
+    fn dropping_the_vm_deletes_its_memory_slots() {
+        let (vm, _mem, other) = vm_with_a_slot();
         let mut bitmap = [0u64; 16];
         assert_eq!(dirty_log(&other, 0, &mut bitmap), 0, "slot 0 is registered");
         drop(vm);
@@ -352,10 +358,7 @@ mod tests {
 
     #[test]
     fn an_old_vm_is_dropped_without_deleting_its_slots() {
-        let mut vm = Vm::new().unwrap();
-        let mem = Memory::anonymous(4 << 20, true).unwrap();
-        vm.register_memory(&mem.guest, true, None).unwrap();
-        let other = vm.try_clone_fd().unwrap();
+        let (mut vm, _mem, other) = vm_with_a_slot();
         vm.created -= SRCU_SETTLED * 2;
         drop(vm);
         let mut bitmap = [0u64; 16];
