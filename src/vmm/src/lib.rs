@@ -280,7 +280,7 @@ impl RunningVm {
 
         register_signal_handler(SIGRTMIN(), kick_handler)
             .map_err(|e| Error::EventLoop(std::io::Error::from_raw_os_error(e.errno())))?;
-        let console = console::attach(
+        let mut console = console::attach(
             serial,
             machine.devices.serial(),
             quit_evt.try_clone().map_err(Error::EventFd)?,
@@ -326,6 +326,7 @@ impl RunningVm {
             threads.push(handle);
         }
         tracing::debug!("vCPUs started");
+        console.start_input();
         // Every thread the VM needs from the start exists: from here on the VMM thread handles
         // what the guest causes, so it is confined too.
         utils::seccomp::filter(utils::seccomp::ThreadKind::Vmm).install();
