@@ -70,7 +70,7 @@ pub fn restore_terminal() {
 pub struct Console {
     raw_mode: bool,
     /// What the input thread takes, until [`Console::start_input`] starts it.
-    input: Option<(Arc<Mutex<Serial>>, EventFd, bool)>,
+    input: Option<(Arc<Mutex<Serial>>, EventFd)>,
 }
 
 impl Drop for Console {
@@ -119,7 +119,7 @@ pub fn attach(
     }
     Ok(Console {
         raw_mode: interactive,
-        input: Some((serial, quit, interactive)),
+        input: Some((serial, quit)),
     })
 }
 
@@ -128,9 +128,11 @@ impl Console {
     /// first, so that this thread (its filter's installation takes ~0.15 ms) does not hold a
     /// CPU a vCPU is waiting for on its way to the guest's first instruction.
     pub fn start_input(&mut self) {
-        let Some((serial, quit, interactive)) = self.input.take() else {
+        let Some((serial, quit)) = self.input.take() else {
             return;
         };
+        // Input is a terminal exactly when attach put it in raw mode.
+        let interactive = self.raw_mode;
         // Blocked in read() for the VM's whole life; it ends with the process.
         let filter = utils::seccomp::filter(utils::seccomp::ThreadKind::Console);
         let _ = std::thread::Builder::new()

@@ -55,12 +55,8 @@ pub struct MachineConfig {
     pub huge_pages: Option<String>,
     /// KVM's 8254 PIT (vireo's own field; left out unless asked for, as `vireo run` leaves it
     /// out without `--pit`; Firecracker always has one): shown only when true.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pit: bool,
-}
-
-fn is_false(b: &bool) -> bool {
-    !*b
 }
 
 impl Default for MachineConfig {

@@ -109,8 +109,9 @@ pub struct Vm {
     saveable_msrs: Vec<u32>,
     /// Whether the in-kernel PIT was created.
     has_pit: bool,
-    /// The memory slots [`Vm::register_memory`] made, deleted again when a young VM is dropped.
-    slots: Vec<u32>,
+    /// How many memory slots (0, 1, ...) [`Vm::register_memory`] made; a young VM deletes them
+    /// when it is dropped.
+    ram_slots: u32,
     /// When KVM made the VM; its devices and ioeventfds are registered within milliseconds.
     created: std::time::Instant,
 }
@@ -157,7 +158,7 @@ impl Vm {
             max_vcpus,
             saveable_msrs,
             has_pit: false,
-            slots: Vec::new(),
+            ram_slots: 0,
             created: std::time::Instant::now(),
         })
     }
@@ -216,7 +217,7 @@ impl Vm {
                 size,
                 err,
             })?;
-            self.slots.push(slot);
+            self.ram_slots = slot + 1;
         }
         Ok(())
     }
@@ -298,7 +299,7 @@ impl Drop for Vm {
         if !utils::seccomp::optional_calls_allowed() || self.created.elapsed() > SRCU_SETTLED {
             return;
         }
-        for &slot in &self.slots {
+        for slot in 0..self.ram_slots {
             let delete = kvm_userspace_memory_region {
                 slot,
                 ..Default::default()
