@@ -88,8 +88,9 @@ def vmm_commands(tmp, baseline=None):
     for name in ("vireo (ELF 64-bit entry)", "vireo (ELF 64-bit entry) --pit"):
         cmds[name + LONG_ROW] = [LONG if a == CMDLINE else a for a in cmds[name]]
     if baseline:
+        knows_pit = baseline_knows_pit(baseline)
         for name in [n for n in cmds if n.startswith("vireo (ELF 64-bit entry)")]:
-            old = [a for a in cmds[name][1:] if a != "--pit" or baseline_knows_pit(baseline)]
+            old = [a for a in cmds[name][1:] if a != "--pit" or knows_pit]
             cmds[name.replace("vireo", "baseline", 1)] = [baseline] + old
     if not os.path.exists(VIREO_MUSL):
         cmds = {k: v for k, v in cmds.items() if "musl" not in k}
